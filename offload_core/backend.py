@@ -1,0 +1,91 @@
+"""Expert backends: who computes an expert. `LocalExperts` runs them here, through store, loader and cache.
+
+The interface (shared with the coordinator's `RemoteExperts`): `submit(layer, groups)` starts the work
+and returns a `Pending` whose `result()` gives `{expert: [t, D] outputs}`; `run` does both; `prefetch`
+is a hint and never an error; `stats()` returns counters. The worker wraps a `LocalExperts` too.
+"""
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import torch
+from transformers.activations import ACT2FN
+
+from .cache import LayerCache, Loader
+from .store import DiskStore, RamStore
+
+# t = tokens routed to one expert, D = hidden size
+
+
+class Pending(Protocol):
+    def result(self) -> dict[int, torch.Tensor]: ...
+
+
+class ExpertBackend(Protocol):
+    name: str
+
+    def submit(self, layer: int, groups: dict[int, torch.Tensor]) -> Pending: ...
+
+    def prefetch(self, layer: int, experts: list[int]) -> None: ...
+
+    def stats(self) -> dict: ...
+
+
+class _LocalPending:
+    def __init__(self, backend: LocalExperts, layer: int, groups: dict[int, torch.Tensor], order: list[int]):
+        self.backend, self.layer, self.groups, self.order = backend, layer, groups, order
+
+    def result(self) -> dict[int, torch.Tensor]:
+        return self.backend._compute(self.layer, self.groups, self.order)
+
+
+class LocalExperts:
+    """Experts computed on `device`, each layer with its own LRU of `slots_per_layer` slots."""
+
+    name = "local"
+
+    def __init__(self, source, adapter, fmt, device: torch.device, slots_per_layer: int, layers: list[int],
+                 store: str = "ram", act_name: str = "silu"):
+        if store not in ("ram", "disk"):
+            raise ValueError(f"store must be 'ram' or 'disk', got {store!r}")
+        self.adapter, self.format, self.device = adapter, fmt, device
+        self.store = RamStore(source, pin_memory=device.type == "cuda") if store == "ram" else DiskStore(source)
+        self.loader = Loader(self.store, device)
+        self.caches = {layer: LayerCache(layer, slots_per_layer, self.loader, source.nbytes) for layer in layers}
+        self.act = ACT2FN[act_name]
+
+    def submit(self, layer: int, groups: dict[int, torch.Tensor]) -> _LocalPending:
+        order = self.caches[layer].begin(groups)  # starts the loads now; compute happens in result()
+        return _LocalPending(self, layer, groups, order)
+
+    def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return self.submit(layer, groups).result()
+
+    def _compute(self, layer: int, groups: dict[int, torch.Tensor], order: list[int]) -> dict[int, torch.Tensor]:
+        cache = self.caches[layer]
+        outputs = {}
+        for expert in order:
+            buf = cache.acquire(expert)
+            start = time.perf_counter()
+            x = groups[expert].to(self.device, non_blocking=True)
+            outputs[expert] = self.adapter.expert_forward(self.format.decode(buf), x, self.act)
+            cache.stats.compute_s += time.perf_counter() - start
+            cache.release(expert)
+        return outputs
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        cache = self.caches.get(layer)
+        if cache is not None:
+            cache.prefetch(experts)
+
+    def stats(self) -> dict:
+        return {
+            "layers": {layer: cache.stats.as_dict() for layer, cache in self.caches.items()},
+            "loader_busy_s": self.loader.busy_s,
+            "store": self.store.kind,
+            "store_resident_bytes": self.store.resident_bytes,
+        }
+
+    def close(self) -> None:
+        self.loader.close()

@@ -1,0 +1,194 @@
+"""The device tier: a per-layer LRU of k expert slots, and the loader that fills them off the compute path.
+
+`LayerCache` decides (on the compute thread) which expert sits in which slot; `Loader` moves bytes from
+the host store into a slot on its own thread and, on CUDA, its own stream, so that loads overlap
+compute. An expert the current layer still needs is pinned and never evicted; a prefetch never evicts
+a pinned expert or another expert of the same prefetch. On CPU the slots are RAM buffers and the same
+code runs. Stats are counted here, per layer.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .store import ExpertKey
+
+_STAGING_BUFFERS = 2  # pinned bounce buffers for a disk store on CUDA: read one while the other copies
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0  # needed experts already resident (or loading) when the layer asked for them
+    misses: int = 0  # needed experts that had to be loaded on demand
+    prefetch_issued: int = 0  # loads started by a prefetch
+    prefetch_used: int = 0  # prefetched experts that were then needed before being evicted
+    evictions: int = 0
+    bytes_loaded: int = 0
+    wait_s: float = 0.0  # compute thread blocked on a load
+    compute_s: float = 0.0  # expert FFN time (on CUDA: launch time unless synchronised)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Loader:
+    """Copies packed experts from a store into slot buffers on one background thread (and stream)."""
+
+    def __init__(self, store, device: torch.device):
+        self.store, self.device = store, device
+        self.cuda = device.type == "cuda"
+        self.busy_s = 0.0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeshard-loader")
+        if self.cuda:
+            self._stream = torch.cuda.Stream(device=device)
+            self._staging = [torch.empty(store.nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(_STAGING_BUFFERS)]
+            self._staging_done: list[torch.cuda.Event | None] = [None] * _STAGING_BUFFERS
+            self._next_staging = 0
+
+    def submit(self, key: ExpertKey, dst: torch.Tensor, free_event) -> Future:
+        return self._pool.submit(self._load, key, dst, free_event)
+
+    def _load(self, key: ExpertKey, dst: torch.Tensor, free_event):
+        start = time.perf_counter()
+        try:
+            if not self.cuda:
+                self.store.read_into(key, dst)
+                return None
+            src = self.store.host_buffer(key)
+            staging = None
+            if src is None:  # disk store: read into a pinned bounce buffer, then copy
+                staging = self._next_staging
+                self._next_staging = (staging + 1) % _STAGING_BUFFERS
+                if self._staging_done[staging] is not None:
+                    self._staging_done[staging].synchronize()
+                src = self._staging[staging]
+                self.store.read_into(key, src)
+            with torch.cuda.stream(self._stream):
+                if free_event is not None:  # the slot's previous expert may still be in use by a kernel
+                    self._stream.wait_event(free_event)
+                dst.copy_(src, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            if staging is not None:
+                self._staging_done[staging] = done
+            return done
+        finally:
+            self.busy_s += time.perf_counter() - start
+
+    def wait(self, pending: Future) -> None:
+        done = pending.result()
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class _Slot:
+    __slots__ = ("buffer", "expert", "pending", "prefetched", "free_event")
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+        self.expert: int | None = None
+        self.pending: Future | None = None
+        self.prefetched = False
+        self.free_event = None
+
+
+class LayerCache:
+    """k slots for one layer's experts, least recently used evicted first.
+
+    Protocol for one layer call: `order = begin(needed)`, then for each expert in `order`:
+    `acquire(e)` (waits for its load), compute, `release(e)`. `begin` counts hits and misses and starts
+    as many loads as there are evictable slots; the rest start in `acquire` once slots are released.
+    Recency: hits are touched in ascending expert order, then misses in ascending order.
+    """
+
+    def __init__(self, layer: int, capacity: int, loader: Loader, nbytes: int):
+        if capacity < 1:
+            raise ValueError(f"slots per layer must be >= 1, got {capacity}")
+        self.layer, self.capacity, self.loader = layer, capacity, loader
+        self._free = [_Slot(torch.empty(nbytes, dtype=torch.uint8, device=loader.device)) for _ in range(capacity)]
+        self._resident: OrderedDict[int, _Slot] = OrderedDict()  # LRU first, MRU last
+        self._pinned: set[int] = set()
+        self.nbytes = nbytes
+        self.stats = LayerStats()
+
+    def resident(self) -> list[int]:
+        """Resident experts, least recently used first."""
+        return list(self._resident)
+
+    def begin(self, needed) -> list[int]:
+        needed = sorted(set(needed))
+        hits = [e for e in needed if e in self._resident]
+        misses = [e for e in needed if e not in self._resident]
+        self.stats.hits += len(hits)
+        self.stats.misses += len(misses)
+        self._pinned = set(needed)
+        for e in hits:
+            slot = self._resident[e]
+            self._resident.move_to_end(e)
+            if slot.prefetched:
+                slot.prefetched = False
+                self.stats.prefetch_used += 1
+        for e in misses:
+            if not self._start_load(e, prefetched=False):
+                break  # every slot holds a pinned expert: acquire() loads it after a release
+        return hits + misses
+
+    def acquire(self, expert: int) -> torch.Tensor:
+        slot = self._resident.get(expert)
+        if slot is None:
+            if not self._start_load(expert, prefetched=False):
+                raise RuntimeError(f"layer {self.layer}: no evictable slot for expert {expert} (release() missing?)")
+            slot = self._resident[expert]
+        if slot.pending is not None:
+            start = time.perf_counter()
+            self.loader.wait(slot.pending)
+            slot.pending = None
+            self.stats.wait_s += time.perf_counter() - start
+        return slot.buffer
+
+    def release(self, expert: int) -> None:
+        self._pinned.discard(expert)
+        if self.loader.cuda:
+            slot = self._resident[expert]
+            slot.free_event = torch.cuda.Event()
+            slot.free_event.record(torch.cuda.current_stream(self.loader.device))
+
+    def prefetch(self, experts) -> int:
+        """Start loading `experts` (a hint); returns how many loads it started."""
+        wanted = list(dict.fromkeys(experts))[: self.capacity]
+        protect = set(wanted)
+        issued = 0
+        for e in wanted:
+            if e in self._resident:
+                self._resident.move_to_end(e)
+            elif self._start_load(e, prefetched=True, protect=protect):
+                issued += 1
+        self.stats.prefetch_issued += issued
+        return issued
+
+    def _victim(self, protect: set[int]) -> _Slot | None:
+        if self._free:
+            return self._free.pop()
+        for e, slot in self._resident.items():
+            if e not in self._pinned and e not in protect:
+                del self._resident[e]
+                self.stats.evictions += 1
+                return slot
+        return None
+
+    def _start_load(self, expert: int, prefetched: bool, protect: set[int] = frozenset()) -> bool:
+        slot = self._victim(protect)
+        if slot is None:
+            return False
+        slot.expert, slot.prefetched = expert, prefetched
+        slot.pending = self.loader.submit(ExpertKey(self.layer, expert), slot.buffer, slot.free_event)
+        self._resident[expert] = slot
+        self.stats.bytes_loaded += self.nbytes
+        return True

@@ -1,0 +1,258 @@
+"""Train moeshard's bundled demo model: a tiny Mixtral MoE on CPython's stdlib.
+
+Builds a byte-level BPE tokenizer and a ~5 M parameter Mixtral (8 experts,
+top-2) from the stdlib ``*.py`` sources, trains it deterministically on CPU in
+about 20 minutes, and saves a bf16 checkpoint plus ``heldout.txt`` and
+``training_report.json`` so tests can check quality without the stdlib.
+
+    python -m offload_core.demo.train --out offload_core/demo/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
+
+from offload_core.demo.heldout import evaluate_heldout
+
+logger = logging.getLogger(__name__)
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+# Directories whose sources are tests, GUI tools, codec tables or data blobs
+# rather than representative Python code.
+EXCLUDED_DIRS = frozenset(
+    {"test", "tests", "idlelib", "site-packages", "encodings", "pydoc_data",
+     "turtledemo", "__phello__", "__pycache__"}
+)
+PROMPT = "def fibonacci(n):"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--minutes", type=float, default=25.0,
+                   help="wall-clock cap on the training loop; stops early if exceeded")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--heldout-every", type=int, default=20,
+                   help="every N-th stdlib file (sorted order) is held out")
+    p.add_argument("--heldout-chars", type=int, default=64_000)
+    p.add_argument("--max-file-bytes", type=int, default=200_000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=50)
+    return p.parse_args(argv)
+
+
+def load_stdlib_sources(max_bytes: int) -> list[tuple[str, str]]:
+    """(relative path, text) of every usable stdlib ``*.py`` file, sorted by path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    sources = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if EXCLUDED_DIRS.intersection(rel.parts[:-1]) or path.stat().st_size > max_bytes:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text.strip():
+            sources.append((rel.as_posix(), text))
+    logger.info("stdlib %s: %d usable source files", root, len(sources))
+    return sources
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD],
+        # Seeding all 256 bytes guarantees any text is encodable, even bytes unseen in training.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+def build_config(tokenizer: PreTrainedTokenizerFast, seq_len: int) -> MixtralConfig:
+    return MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=192,
+        intermediate_size=224,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=2 * seq_len,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.02,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def heldout_sample(sources: list[tuple[str, str]], max_chars: int) -> str:
+    """Concatenated held-out files, cut at the last full line within ``max_chars``."""
+    text = "\n".join(src for _, src in sources)
+    if len(text) <= max_chars:
+        return text
+    return text[: text.rfind("\n", 0, max_chars) + 1]
+
+
+def train(model: MixtralForCausalLM, stream: torch.Tensor, args: argparse.Namespace) -> dict:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )
+    sched = get_cosine_with_min_lr_schedule_with_warmup(
+        opt, args.warmup, args.steps, min_lr_rate=0.1
+    )
+    # A dedicated generator keeps the data order a function of the seed alone.
+    gen = torch.Generator().manual_seed(args.seed)
+    offsets = torch.arange(args.seq_len)
+    model.train()
+    start, step, recent = time.monotonic(), 0, []
+    budget_s = args.minutes * 60
+    while step < args.steps:
+        if time.monotonic() - start > budget_s:
+            logger.warning("time budget of %.1f min reached after %d steps", args.minutes, step)
+            break
+        starts = torch.randint(0, len(stream) - args.seq_len, (args.batch_size,), generator=gen)
+        batch = stream[starts[:, None] + offsets]
+        out = model(input_ids=batch, labels=batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        lm_loss = out.loss.item() - model.config.router_aux_loss_coef * out.aux_loss.item()
+        recent = (recent + [lm_loss])[-args.log_every :]
+        if step % args.log_every == 0 or step == args.steps:
+            elapsed = time.monotonic() - start
+            logger.info(
+                "step %d/%d  lm loss %.3f  aux %.3f  lr %.2e  %.0f tok/s  %.1f min",
+                step, args.steps, sum(recent) / len(recent), out.aux_loss.item(),
+                sched.get_last_lr()[0], step * batch.numel() / elapsed, elapsed / 60,
+            )
+    return {
+        "steps": step,
+        "tokens_seen": step * args.batch_size * args.seq_len,
+        "train_wall_time_s": round(time.monotonic() - start, 1),
+        # Mean over the last logging window: a single batch's loss is too noisy to report.
+        "train_loss_end": round(sum(recent) / len(recent), 4),
+    }
+
+
+def generate_samples(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, seed: int) -> dict[str, str]:
+    inputs = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(seed)
+    samples = {}
+    for name, kwargs in {"greedy": {"do_sample": False},
+                         "sampled": {"do_sample": True, "temperature": 0.8, "top_k": 50}}.items():
+        ids = model.generate(**inputs, max_new_tokens=80, pad_token_id=tokenizer.pad_token_id, **kwargs)
+        samples[name] = tokenizer.decode(ids[0], skip_special_tokens=True)
+        logger.info("%s sample:\n%s", name, samples[name])
+    return samples
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    wall_start = time.monotonic()
+
+    sources = load_stdlib_sources(args.max_file_bytes)
+    heldout = [s for i, s in enumerate(sources) if i % args.heldout_every == 0]
+    train_src = [s for i, s in enumerate(sources) if i % args.heldout_every != 0]
+    heldout_text = heldout_sample(heldout, args.heldout_chars)
+    logger.info("%d training files, %d held-out files (%d chars sampled)",
+                len(train_src), len(heldout), len(heldout_text))
+
+    tokenizer = train_tokenizer([text for _, text in train_src], args.vocab_size)
+    encoded = tokenizer.backend_tokenizer.encode_batch([text for _, text in train_src], add_special_tokens=False)
+    # EOS between files marks document boundaries inside the flat token stream.
+    stream = torch.tensor([t for enc in encoded for t in (*enc.ids, tokenizer.eos_token_id)])
+    logger.info("tokenizer: %d tokens; training stream: %d tokens", len(tokenizer), len(stream))
+
+    config = build_config(tokenizer, args.seq_len)
+    model = MixtralForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %d parameters, experts implementation %r",
+                n_params, model.config._experts_implementation)
+
+    stats = train(model, stream, args)
+    logger.info("held-out loss before bf16 cast: %.4f", evaluate_heldout(model, tokenizer, heldout_text, args.seq_len))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Router logits are only needed for the training aux loss; inference should not pay for them.
+    model.config.output_router_logits = False
+    # transformers >= 5 always writes safetensors, so no safe_serialization flag is needed.
+    model.to(torch.bfloat16).save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    (args.out / "heldout.txt").write_text(heldout_text, encoding="utf-8")
+
+    # Score what was actually shipped: the bf16 weights, upcast to float32 on load.
+    reloaded = MixtralForCausalLM.from_pretrained(args.out, dtype=torch.float32)
+    heldout_loss = evaluate_heldout(reloaded, tokenizer, heldout_text, args.seq_len)
+    samples = generate_samples(reloaded, tokenizer, args.seed)
+
+    report = {
+        "command": shlex.join(["python", "-m", "offload_core.demo.train",
+                               *(sys.argv[1:] if argv is None else argv)]),
+        "seed": args.seed,
+        **stats,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "wall_time_s": round(time.monotonic() - wall_start, 1),
+        "parameter_count": n_params,
+        "heldout_loss": round(heldout_loss, 4),
+        "heldout_perplexity": round(math.exp(heldout_loss), 2),
+        "heldout_files": len(heldout),
+        "heldout_chars": len(heldout_text),
+        "train_files": len(train_src),
+        "train_stream_tokens": len(stream),
+        "corpus_python_version": sys.version,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "samples": {"prompt": PROMPT, **samples},
+    }
+    (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    size_mb = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
+    print(f"done: {stats['steps']} steps in {report['wall_time_s'] / 60:.1f} min, "
+          f"train loss {stats['train_loss_end']:.3f}, held-out loss {heldout_loss:.3f}, "
+          f"{n_params:,} params, {size_mb:.1f} MB in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

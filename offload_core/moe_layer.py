@@ -1,0 +1,90 @@
+"""The offloaded MoE layer, plugged into transformers through its experts interface.
+
+transformers' MoE block routes (ROUTE: router logits, top-k, weights, the family's own rule) and then
+calls the function registered under `config._experts_implementation`. moeshard registers "moeshard",
+whose `MoELayer` does DISPATCH (group tokens by expert, one request per owner), EXPERTS (the owners
+compute) and COMBINE (weighted sum in token order, the same arithmetic as transformers' grouped_mm,
+so the result does not depend on who ran an expert). It also predicts the next layer's experts from
+the current residual stream and sends prefetch hints.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from .runtime import ExpertRuntime
+
+# T = tokens, K = experts per token, E = experts per layer, D = hidden size
+
+IMPLEMENTATION = "moeshard"
+_ATTR = "_moeshard_layer"
+
+
+def _moeshard_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                              top_k_weights: torch.Tensor) -> torch.Tensor:
+    layer = getattr(experts, _ATTR, None)
+    if layer is None:
+        raise RuntimeError(
+            f"experts_implementation={IMPLEMENTATION!r} only works on a model built by offload_core.load_model"
+        )
+    return layer(hidden_states, top_k_index, top_k_weights)
+
+
+def register_experts_implementation() -> None:
+    """Register moeshard in transformers' experts registry (idempotent; the registry is meant for this)."""
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _moeshard_experts_forward)
+
+
+class MoELayer:
+    """DISPATCH, EXPERTS and COMBINE for one layer; attached to that layer's experts module."""
+
+    def __init__(self, layer: int, num_experts: int, runtime: ExpertRuntime, predictor=None,
+                 prefetch: int = 0, prefetch_cap: int = 0):
+        self.layer, self.num_experts, self.runtime = layer, num_experts, runtime
+        self.predictor = predictor  # residual [T, D] -> next MoE layer's router logits [T, E], or None
+        self.next_layer: int | None = None
+        self.prefetch, self.prefetch_cap = prefetch, prefetch_cap
+        self._residual: torch.Tensor | None = None
+
+    def attach(self, experts: nn.Module, pre_moe_norm: nn.Module | None) -> None:
+        setattr(experts, _ATTR, self)
+        if pre_moe_norm is not None and self.predictor is not None and self.prefetch > 0:
+            # The norm's input is the residual stream right before this layer's MoE: the state from which
+            # the next layer's router is applied speculatively.
+            pre_moe_norm.register_forward_pre_hook(self._capture_residual)
+
+    def _capture_residual(self, module: nn.Module, args) -> None:
+        self._residual = args[0]
+
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        T, K = top_k_index.shape
+        flat = top_k_index.reshape(-1)  # [T*K]
+        order = torch.argsort(flat, stable=True)  # [T*K] positions grouped by expert, token order within
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # the one host sync per layer
+        experts = [e for e, c in enumerate(counts) if c]
+        routed = hidden[order // K]  # [T*K, D] token states in expert order
+        groups = dict(zip(experts, routed.split([counts[e] for e in experts])))
+
+        pending = self.runtime.submit(self.layer, groups)  # loads and remote requests start now
+        self._prefetch_next()
+        outputs = pending.result()
+
+        out = torch.cat([outputs[e] for e in experts])  # [T*K, D] in expert order
+        weighted = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)  # float32 like transformers
+        combined = torch.empty_like(weighted)
+        combined[order] = weighted  # back to (token, k) order
+        return combined.view(T, K, -1).sum(dim=1).to(hidden.dtype)  # [T, D]
+
+    def _prefetch_next(self) -> None:
+        residual, self._residual = self._residual, None
+        if residual is None or self.next_layer is None:
+            return
+        with torch.no_grad():
+            logits = self.predictor(residual.reshape(-1, residual.shape[-1]))  # [T, E]
+            top = torch.topk(logits, self.prefetch, dim=-1).indices  # [T, m]
+            ids, votes = torch.unique(top, return_counts=True)
+        # Most-voted first (ties: lower expert id), at most as many as the next layer has slots.
+        ranked = sorted(zip(votes.tolist(), ids.tolist()), key=lambda vc: (-vc[0], vc[1]))
+        self.runtime.prefetch(self.next_layer, [e for _, e in ranked[: self.prefetch_cap]])

@@ -1,0 +1,83 @@
+"""The host tier: where an expert waits when it is not in a device slot.
+
+`CheckpointSource` reads one expert from the checkpoint (or a quantized cache) and packs it.
+`RamStore` keeps packed experts in host RAM (pinned when CUDA is present), filled on first use;
+`DiskStore` keeps nothing and reads from the source on every load, for machines with less RAM
+than the model. Neither knows about slots or the device.
+"""
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple, Protocol
+
+import torch
+
+from .checkpoint import Checkpoint
+
+
+class ExpertKey(NamedTuple):
+    layer: int
+    expert: int
+
+
+class ExpertSource(Protocol):
+    nbytes: int
+
+    def read_into(self, key: ExpertKey, out: torch.Tensor) -> None: ...
+
+
+class CheckpointSource:
+    """Reads one expert's tensors from the checkpoint through the family adapter and packs them."""
+
+    def __init__(self, ckpt: Checkpoint, adapter, fmt):
+        self.ckpt, self.adapter, self.format = ckpt, adapter, fmt
+        self.nbytes: int = fmt.layout.nbytes
+
+    def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
+        self.format.encode(self.adapter.read_expert(self.ckpt, key.layer, key.expert), out)
+
+
+class RamStore:
+    """Packed experts in host RAM, one contiguous (pinned) buffer each, read from the source once."""
+
+    kind = "ram"
+
+    def __init__(self, source: ExpertSource, pin_memory: bool = False):
+        self.source, self.pin_memory = source, pin_memory
+        self.nbytes = source.nbytes
+        self._buffers: dict[ExpertKey, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def host_buffer(self, key: ExpertKey) -> torch.Tensor:
+        with self._lock:
+            buf = self._buffers.get(key)
+            if buf is None:
+                buf = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+                self.source.read_into(key, buf)
+                self._buffers[key] = buf
+            return buf
+
+    def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
+        out.copy_(self.host_buffer(key))
+
+    @property
+    def resident_bytes(self) -> int:
+        return len(self._buffers) * self.nbytes
+
+
+class DiskStore:
+    """No host copy: every load reads the expert from the source (the page cache may still keep it)."""
+
+    kind = "disk"
+
+    def __init__(self, source: ExpertSource):
+        self.source = source
+        self.nbytes = source.nbytes
+
+    def host_buffer(self, key: ExpertKey) -> None:
+        return None
+
+    def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
+        self.source.read_into(key, out)
+
+    resident_bytes = 0
