@@ -118,12 +118,15 @@ def build_config(tokenizer: PreTrainedTokenizerFast, seq_len: int) -> MixtralCon
     )
 
 
-def heldout_sample(sources: list[tuple[str, str]], max_chars: int) -> str:
-    """Concatenated held-out files, cut at the last full line within ``max_chars``."""
-    text = "\n".join(src for _, src in sources)
-    if len(text) <= max_chars:
-        return text
-    return text[: text.rfind("\n", 0, max_chars) + 1]
+def heldout_sample(texts: list[str], max_chars: int) -> str:
+    """Head of every held-out file, each cut at a line end, joined within ``max_chars``.
+
+    An equal share per file keeps the sample representative of all held-out
+    files instead of being dominated by the first few in sorted order.
+    """
+    share = max_chars // len(texts)
+    heads = [text if len(text) <= share else text[: text.rfind("\n", 0, share) + 1] for text in texts]
+    return "\n".join(head for head in heads if head.strip())
 
 
 def train(model: MixtralForCausalLM, stream: torch.Tensor, args: argparse.Namespace) -> dict:
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     sources = load_stdlib_sources(args.max_file_bytes)
     heldout = [s for i, s in enumerate(sources) if i % args.heldout_every == 0]
     train_src = [s for i, s in enumerate(sources) if i % args.heldout_every != 0]
-    heldout_text = heldout_sample(heldout, args.heldout_chars)
+    heldout_text = heldout_sample([text for _, text in heldout], args.heldout_chars)
     logger.info("%d training files, %d held-out files (%d chars sampled)",
                 len(train_src), len(heldout), len(heldout_text))
 

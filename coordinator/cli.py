@@ -1,0 +1,231 @@
+"""`moe-coordinator`: generate, chat and demo on an offloaded MoE model.
+
+argparse builds the options; errors from bad input are one line on stderr and a non-zero exit.
+The model defaults to the bundled demo model, so every command works on a fresh install.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from offload_core import CheckpointError
+from offload_core.demo import demo_model_path
+
+from .engine import Engine, SamplingParams
+
+logger = logging.getLogger("moeshard")
+
+DEMO_PROMPT = "def fibonacci(n):"
+
+
+class UsageError(Exception):
+    """Bad input from the user; printed as one line."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and offloading")
+    g.add_argument("--model", type=Path, default=None,
+                   help="Hugging Face MoE checkpoint folder (config.json, *.safetensors, tokenizer); "
+                        "default: the bundled demo model")
+    g.add_argument("--device", default=None,
+                   help="primary device for attention, routers and expert slots: cpu, cuda, cuda:N "
+                        "(default: cuda if available, else cpu)")
+    g.add_argument("--slots-per-layer", type=_positive_int, default=2, metavar="K",
+                   help="experts kept on the device per layer, an LRU cache (1..experts per layer; default 2)")
+    g.add_argument("--prefetch", type=_nonnegative_int, default=1, metavar="M",
+                   help="experts of the next layer to load speculatively per step (0 = off; default 1)")
+    g.add_argument("--store", choices=["ram", "disk"], default=None,
+                   help="where experts wait when not in a slot (default: ram on CUDA, disk on CPU)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: the checkpoint's)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    g.add_argument("--verbose", action="store_true", help="log lifecycle details (and tracebacks on errors)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, metavar="N",
+                   help=f"tokens to generate at most (default {max_new_tokens})")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default 0)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-coordinator",
+        description="Run Mixture-of-Experts models that do not fit on one GPU: experts offloaded to RAM or disk "
+                    "behind a per-layer LRU cache with speculative prefetch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal",
+                       description="Generate text from a prompt; ends with tokens/s, cache hit rate and prefetch recall.")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    add_sampling_args(p)
+    p.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"} instead')
+    add_model_args(p)
+
+    p = sub.add_parser("chat", help="interactive chat (the tokenizer's chat template, or plain continuation)",
+                       description="Interactive chat on stdin/stdout; an empty line or /exit ends it.")
+    add_sampling_args(p, max_new_tokens=128)
+    add_model_args(p)
+
+    p = sub.add_parser("demo", help="the main job on the demo model: generate, then print expert-cache stats",
+                       description="Generate from a Python prompt on the bundled demo model and show how the "
+                                   "expert cache and prefetch behaved.")
+    p.add_argument("--prompt", default=DEMO_PROMPT, help=f"the prompt (default {DEMO_PROMPT!r})")
+    add_sampling_args(p, max_new_tokens=96)
+    add_model_args(p)
+    return parser
+
+
+def configure_logging(args) -> None:
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    if args.quiet:
+        transformers.utils.logging.disable_progress_bar()
+
+
+def resolve_model(path: Path | None) -> Path:
+    path = demo_model_path() if path is None else path.expanduser()
+    if not path.is_dir():
+        raise UsageError(f"model folder {str(path)!r} does not exist: expected a Hugging Face MoE checkpoint folder "
+                         "(config.json, *.safetensors, tokenizer files)")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise UsageError(f"no tokenizer in {str(path)!r}: expected tokenizer.json or tokenizer_config.json "
+                         "beside config.json")
+    return path
+
+
+def load_engine(args) -> Engine:
+    return Engine.load(resolve_model(args.model), device=args.device or default_device(),
+                       slots_per_layer=args.slots_per_layer, prefetch=args.prefetch, store=args.store,
+                       dtype=args.dtype, progress=not args.quiet)
+
+
+def sampling(args) -> SamplingParams:
+    return SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def summary_line(stats: dict) -> str:
+    return (f"{stats['new_tokens']} tokens in {stats['wall_s']:.2f} s | prefill {_fmt(stats['prefill_tok_s'], '.1f')} tok/s"
+            f" | decode {_fmt(stats['decode_tok_s'], '.1f')} tok/s | expert cache hit rate {_fmt(stats['hit_rate'])}"
+            f" | prefetch recall {_fmt(stats['prefetch_recall'])}")
+
+
+def cmd_generate(args) -> int:
+    engine = load_engine(args)
+    params = sampling(args)
+    prompt_ids = engine.encode_prompt(args.prompt)
+    if args.json:
+        result = engine.generate(prompt_ids, params)
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats}))
+        return 0
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    result = engine.generate(prompt_ids, params, on_text=lambda t: (out.write(t), out.flush()))
+    out.write("\n\n" + summary_line(result.stats) + "\n")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    engine = load_engine(args)
+    print(f"moeshard demo: {engine.name} on {engine.device}, {args.slots_per_layer} expert slots per layer, "
+          f"prefetch {args.prefetch}\n")
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    result = engine.generate(engine.encode_prompt(args.prompt), sampling(args),
+                             on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    print("\n\n" + summary_line(result.stats) + "\n")
+    print("Expert cache, per layer (this run):")
+    print(engine.model.moeshard.format_stats())
+    return 0
+
+
+def cmd_chat(args) -> int:
+    engine = load_engine(args)
+    params = sampling(args)
+    templated = bool(getattr(engine.tokenizer, "chat_template", None))
+    messages: list[dict] = []
+    transcript = ""
+    print(f"moeshard chat on {engine.name} ({'chat template' if templated else 'plain continuation'}); "
+          "an empty line or /exit ends it.", file=sys.stderr)
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("", "/exit"):
+            return 0
+        if templated:
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            ids = engine.encode_chat(messages)
+        else:
+            transcript += line
+            ids = engine.encode_prompt(transcript)
+        budget = engine.context_length - params.max_new_tokens if engine.context_length else len(ids)
+        ids = ids[-max(budget, 1):]  # keep the most recent context
+        result = engine.generate(ids, params, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if templated:
+            messages.append({"role": "assistant", "content": result.text})
+        else:
+            transcript += result.text + "\n"
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, CheckpointError, ValueError, OSError) as exc:
+        if args.verbose:
+            logger.exception("failed")
+        print(f"moe-coordinator: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

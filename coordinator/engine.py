@@ -1,0 +1,167 @@
+"""The generation engine: one offloaded model, its tokenizer, and timed, streamed generation.
+
+It owns no network and no CLI: the CLI and the HTTP server call `Engine.generate`. Generation is
+transformers' own `generate()`; moeshard only times it and streams the text. One generation runs at a
+time per engine (a lock), so concurrent callers never share a KV cache.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
+
+from offload_core import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64  # tokens to generate at most
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass, 0 < top_p <= 1
+    seed: int | None = None  # makes sampling repeatable
+    stop: tuple[str, ...] = ()  # stop when the text ends with one of these
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    stats: dict = field(default_factory=dict)
+
+
+class _TimedStreamer(TextStreamer):
+    """transformers' TextStreamer, sending finished text to a callback and timing each token."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+        self.token_times: list[float] = []
+
+    def put(self, value):
+        if not self.next_tokens_are_prompt:
+            self.token_times.append(time.perf_counter())
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if self.on_text is not None and text:
+            self.on_text(text)
+
+
+class Engine:
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, name: str):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path, *, progress: bool = True, **load_kwargs) -> Engine:
+        model = load_model(path, progress=progress, **load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(Path(path))
+        return cls(model, tokenizer, Path(path).name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Chat messages through the tokenizer's chat template, or plain concatenation when it has none."""
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        text = "".join(m["content"] if isinstance(m["content"], str) else "" for m in messages)
+        return self.encode_prompt(text)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: expected at least one token")
+        if self.context_length and len(prompt_ids) + params.max_new_tokens > self.context_length:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+                f"context length of {self.context_length} tokens"
+            )
+        with self._lock:
+            return self._generate(prompt_ids, params, on_text)
+
+    def _generate(self, prompt_ids, params, on_text) -> GenerationResult:
+        runtime = self.model.moeshard
+        before = runtime.stats()["total"]
+        streamer = _TimedStreamer(self.tokenizer, on_text)
+        kwargs = dict(max_new_tokens=params.max_new_tokens, streamer=streamer,
+                      pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                      else self.model.generation_config.eos_token_id)
+        if params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        input_ids = torch.tensor([prompt_ids], device=self.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        end = time.perf_counter()
+        runtime.reset_prediction()
+        new_ids = output[0, len(prompt_ids):].tolist()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        finish = "stop" if len(new_ids) < params.max_new_tokens or (new_ids and new_ids[-1] in eos_ids) else "length"
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        if params.stop:
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        return GenerationResult(text, new_ids, len(prompt_ids), finish,
+                                _generation_stats(streamer.token_times, start, end, len(prompt_ids), before,
+                                                  runtime.stats()))
+
+
+def _generation_stats(times: list[float], start: float, end: float, prompt_tokens: int, before: dict,
+                      after: dict) -> dict:
+    total = after["total"]
+    delta = {k: total[k] - before.get(k, 0) for k in ("hits", "misses", "predicted", "predicted_needed",
+                                                       "needed_after_prediction", "bytes_loaded")}
+    n = len(times)
+    prefill_s = (times[0] - start) if times else end - start
+    decode_s = (times[-1] - times[0]) if n > 1 else 0.0
+    hits, misses = delta["hits"], delta["misses"]
+    return {
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": n,
+        "wall_s": end - start,
+        "prefill_s": prefill_s,
+        "prefill_tok_s": prompt_tokens / prefill_s if prefill_s > 0 else None,
+        "decode_tok_s": (n - 1) / decode_s if decode_s > 0 else None,
+        "hit_rate": hits / (hits + misses) if hits + misses else None,
+        "prefetch_recall": (delta["predicted_needed"] / delta["needed_after_prediction"]
+                            if delta["needed_after_prediction"] else None),
+        "prefetch_precision": delta["predicted_needed"] / delta["predicted"] if delta["predicted"] else None,
+        "bytes_loaded": delta["bytes_loaded"],
+        "experts": after,
+    }
