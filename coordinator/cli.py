@@ -16,7 +16,9 @@ import torch
 from offload_core import CheckpointError
 from offload_core.demo import demo_model_path
 
+from .cluster import ClusterSpec
 from .engine import Engine, SamplingParams
+from .local_workers import LocalWorkers
 
 logger = logging.getLogger("moeshard")
 
@@ -67,6 +69,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where experts wait when not in a slot (default: ram on CUDA, disk on CPU)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the checkpoint's)")
+    g = p.add_argument_group("remote workers")
+    g.add_argument("--workers", default=None, metavar="HOST:PORT[,...]",
+                   help="moe-worker addresses; experts are spread over them by the memory each reports")
+    g.add_argument("--cluster", type=Path, default=None, metavar="FILE",
+                   help="JSON cluster file: workers and, optionally, which experts each hosts (see deploy/)")
+    g.add_argument("--local-share", type=float, default=0.0, metavar="F",
+                   help="share of experts the coordinator computes itself when workers are used (default 0)")
+    g = p.add_argument_group("output")
     g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     g.add_argument("--verbose", action="store_true", help="log lifecycle details (and tracebacks on errors)")
 
@@ -103,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate from a Python prompt on the bundled demo model and show how the "
                                    "expert cache and prefetch behaved.")
     p.add_argument("--prompt", default=DEMO_PROMPT, help=f"the prompt (default {DEMO_PROMPT!r})")
+    p.add_argument("--local-workers", type=_nonnegative_int, default=2, metavar="N",
+                   help="moe-worker processes to start on this machine and spread experts over (default 2; 0 = none)")
     add_sampling_args(p, max_new_tokens=96)
     add_model_args(p)
     return parser
@@ -129,10 +141,19 @@ def resolve_model(path: Path | None) -> Path:
     return path
 
 
-def load_engine(args) -> Engine:
-    return Engine.load(resolve_model(args.model), device=args.device or default_device(),
-                       slots_per_layer=args.slots_per_layer, prefetch=args.prefetch, store=args.store,
-                       dtype=args.dtype, progress=not args.quiet)
+def cluster_spec(args, extra_workers: list[str] = ()) -> ClusterSpec | None:
+    if args.workers and args.cluster:
+        raise UsageError("give --workers or --cluster, not both")
+    if args.cluster:
+        return ClusterSpec.from_file(args.cluster)
+    addresses = ",".join([*(extra_workers or []), *([args.workers] if args.workers else [])])
+    return ClusterSpec.from_addresses(addresses, args.local_share) if addresses else None
+
+
+def load_engine(args, extra_workers: list[str] = ()) -> Engine:
+    return Engine.load(resolve_model(args.model), cluster=cluster_spec(args, extra_workers),
+                       device=args.device or default_device(), slots_per_layer=args.slots_per_layer,
+                       prefetch=args.prefetch, store=args.store, dtype=args.dtype, progress=not args.quiet)
 
 
 def sampling(args) -> SamplingParams:
@@ -144,9 +165,15 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 
 def summary_line(stats: dict) -> str:
-    return (f"{stats['new_tokens']} tokens in {stats['wall_s']:.2f} s | prefill {_fmt(stats['prefill_tok_s'], '.1f')} tok/s"
+    line = (f"{stats['new_tokens']} tokens in {stats['wall_s']:.2f} s | prefill {_fmt(stats['prefill_tok_s'], '.1f')} tok/s"
             f" | decode {_fmt(stats['decode_tok_s'], '.1f')} tok/s | expert cache hit rate {_fmt(stats['hit_rate'])}"
             f" | prefetch recall {_fmt(stats['prefetch_recall'])}")
+    for address, w in stats.get("workers", {}).items():
+        worker = w.get("worker", {})
+        line += (f"\n  worker {address}: {w['requests']} requests, {w['tokens']} tokens, RPC p50 {_fmt(w['rpc_p50_ms'])} ms"
+                 f" p99 {_fmt(w['rpc_p99_ms'])} ms, {(w['bytes_sent'] + w['bytes_received']) / 1e6:.2f} MB on the wire,"
+                 f" worker hits {worker.get('hits', 'n/a')} misses {worker.get('misses', 'n/a')}")
+    return line
 
 
 def cmd_generate(args) -> int:
@@ -166,16 +193,29 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    engine = load_engine(args)
+    model = resolve_model(args.model)
+    if args.workers or args.cluster or args.local_workers == 0:
+        return _run_demo(args, load_engine(args))
+    print(f"starting {args.local_workers} local moe-worker processes on 127.0.0.1 ...", flush=True)
+    with LocalWorkers(args.local_workers, model, extra_args=("--slots-per-layer", str(args.slots_per_layer))) as w:
+        args.local_share = args.local_share or 1.0 / (args.local_workers + 1)
+        return _run_demo(args, load_engine(args, extra_workers=w.addresses))
+
+
+def _run_demo(args, engine: Engine) -> int:
+    remote = [n for n in engine.model.moeshard.backends if n != "local"]
+    placement = engine.model.moeshard.placement
+    where = ", ".join(f"{sum(1 for o in placement.values() if o == n)} experts on worker {n}" for n in remote)
     print(f"moeshard demo: {engine.name} on {engine.device}, {args.slots_per_layer} expert slots per layer, "
-          f"prefetch {args.prefetch}\n")
+          f"prefetch {args.prefetch}" + (f"; {where}, the rest local" if remote else "") + "\n")
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     result = engine.generate(engine.encode_prompt(args.prompt), sampling(args),
                              on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
     print("\n\n" + summary_line(result.stats) + "\n")
-    print("Expert cache, per layer (this run):")
+    print("Expert cache on the coordinator, per layer (this run):")
     print(engine.model.moeshard.format_stats())
+    engine.close()
     return 0
 
 
@@ -218,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args)
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, CheckpointError, ValueError, OSError) as exc:
+    except (UsageError, CheckpointError, ValueError, OSError, RuntimeError) as exc:
         if args.verbose:
             logger.exception("failed")
         print(f"moe-coordinator: error: {exc}", file=sys.stderr)

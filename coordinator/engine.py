@@ -18,6 +18,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
 
 from offload_core import load_model
 
+from .cluster import LOCAL, ClusterSpec, attach_workers
+
 logger = logging.getLogger(__name__)
 
 
@@ -71,10 +73,34 @@ class Engine:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path, *, progress: bool = True, **load_kwargs) -> Engine:
+    def load(cls, path: str | Path, *, cluster: ClusterSpec | None = None, progress: bool = True,
+             **load_kwargs) -> Engine:
         model = load_model(path, progress=progress, **load_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(Path(path))
-        return cls(model, tokenizer, Path(path).name)
+        engine = cls(model, tokenizer, Path(path).name)
+        if cluster is not None:
+            try:
+                attach_workers(model, cluster)
+            except BaseException:
+                engine.close()
+                raise
+        return engine
+
+    def close(self) -> None:
+        self.model.moeshard.close()
+
+    def worker_stats(self) -> dict:
+        """Per worker: the coordinator's view (requests, RPC latency, bytes) and the worker's own counters."""
+        out = {}
+        for name, backend in self.model.moeshard.backends.items():
+            if name == LOCAL:
+                continue
+            out[name] = {k: v for k, v in backend.stats().items() if k != "layers"}
+            try:
+                out[name]["worker"] = backend.worker_stats()
+            except Exception as exc:  # stats are best effort: a worker that went away must not fail a reply
+                out[name]["worker"] = {"error": str(exc)}
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -137,9 +163,9 @@ class Engine:
             cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
-        return GenerationResult(text, new_ids, len(prompt_ids), finish,
-                                _generation_stats(streamer.token_times, start, end, len(prompt_ids), before,
-                                                  runtime.stats()))
+        stats = _generation_stats(streamer.token_times, start, end, len(prompt_ids), before, runtime.stats())
+        stats["workers"] = self.worker_stats()
+        return GenerationResult(text, new_ids, len(prompt_ids), finish, stats)
 
 
 def _generation_stats(times: list[float], start: float, end: float, prompt_tokens: int, before: dict,

@@ -1,8 +1,9 @@
 """Expert backends: who computes an expert. `LocalExperts` runs them here, through store, loader and cache.
 
-The interface (shared with the coordinator's `RemoteExperts`): `submit(layer, groups)` starts the work
-and returns a `Pending` whose `result()` gives `{expert: [t, D] outputs}`; `run` does both; `prefetch`
-is a hint and never an error; `stats()` returns counters. The worker wraps a `LocalExperts` too.
+The interface (shared with the coordinator's `RemoteExperts`): `submit(layer, groups, hint)` starts the
+work (and then the prefetch `hint` for the next layer, so demand loads go first) and returns a `Pending`
+whose `result()` gives `{expert: [t, D] outputs}`; `run` does both; `prefetch` is a hint and never an
+error; `stats()` returns counters. The worker wraps a `LocalExperts` too.
 """
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ class Pending(Protocol):
     def result(self) -> dict[int, torch.Tensor]: ...
 
 
+Hint = tuple[int, list[int]]  # (layer, experts) to prefetch
+
+
 class ExpertBackend(Protocol):
     name: str
 
-    def submit(self, layer: int, groups: dict[int, torch.Tensor]) -> Pending: ...
+    def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: Hint | None = None) -> Pending: ...
 
     def prefetch(self, layer: int, experts: list[int]) -> None: ...
 
@@ -55,8 +59,10 @@ class LocalExperts:
         self.caches = {layer: LayerCache(layer, slots_per_layer, self.loader, source.nbytes) for layer in layers}
         self.act = ACT2FN[act_name]
 
-    def submit(self, layer: int, groups: dict[int, torch.Tensor]) -> _LocalPending:
+    def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: Hint | None = None) -> _LocalPending:
         order = self.caches[layer].begin(groups)  # starts the loads now; compute happens in result()
+        if hint is not None:
+            self.prefetch(*hint)
         return _LocalPending(self, layer, groups, order)
 
     def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -69,15 +75,15 @@ class LocalExperts:
             buf = cache.acquire(expert)
             start = time.perf_counter()
             x = groups[expert].to(self.device, non_blocking=True)
-            outputs[expert] = self.adapter.expert_forward(self.format.decode(buf), x, self.act)
+            weights = self.format.decode(buf)
+            outputs[expert] = self.adapter.expert_forward(weights, x.to(self.format.dtype), self.act).to(x.dtype)
             cache.stats.compute_s += time.perf_counter() - start
             cache.release(expert)
         return outputs
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
+    def prefetch(self, layer: int, experts: list[int]) -> int:
         cache = self.caches.get(layer)
-        if cache is not None:
-            cache.prefetch(experts)
+        return cache.prefetch(experts) if cache is not None else 0
 
     def stats(self) -> dict:
         return {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors import safe_open
 logger = logging.getLogger(__name__)
 
 _INDEX = "model.safetensors.index.json"
+_SAMPLE_ELEMENTS = 1 << 18  # fingerprint sample tensors up to this size are hashed whole, larger ones by row 0
 # Keys that change with the writer, not the model: they must not change the fingerprint.
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures", "output_router_logits", "use_cache")
 
@@ -111,12 +113,21 @@ class Checkpoint:
             self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
-    def fingerprint(self, extra: dict | None = None) -> str:
-        """Hash of the config, every tensor's name, shape and dtype, and `extra` (e.g. quantization settings)."""
+    def fingerprint(self, extra: dict | None = None, sample: list[str] = ()) -> str:
+        """Hash of the config, every tensor's name, shape and dtype, `extra` (e.g. quantization settings),
+        and the bytes of the `sample` tensors (their first row when large), so that two fine-tunes of one
+        architecture differ. Sample reads are not counted in `bytes_read`."""
         config = {k: v for k, v in self.config_dict.items() if k not in _VOLATILE_CONFIG_KEYS}
         payload = {
             "config": config,
             "tensors": [[n, list(self._meta[n][0]), self._meta[n][1]] for n in self.names],
             "extra": extra or {},
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
+        for name in sample:
+            self._require(name)
+            with self._lock:
+                sl = self._handle(self._where[name]).get_slice(name)
+                tensor = sl[:] if math.prod(sl.get_shape()) <= _SAMPLE_ELEMENTS else sl[0]
+            digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:32]

@@ -100,6 +100,17 @@ class MixtralAdapter:
         w1, w3, w2 = (ckpt.get(names[k]) for k in ("w1", "w3", "w2"))
         return {"gate_up": torch.cat([w1, w3], dim=0), "down": w2}
 
+    def fingerprint_sample(self, ckpt: Checkpoint) -> list[str]:
+        """Tensors whose bytes go into the fingerprint: every router, and the first layer's experts."""
+        names = [n for n in ckpt.names if n.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight"))]
+        first = self.moe_layers()[0]
+        fused = self._fused_names(first)
+        if fused["gate_up"] in ckpt:
+            return names + list(fused.values())
+        for e in range(self.num_experts):
+            names += list(self._per_expert_names(first, e).values())
+        return names
+
     def expert_forward(self, weights: dict[str, torch.Tensor], x: torch.Tensor, act: Callable) -> torch.Tensor:
         """x [T, D] -> [T, D]; the same arithmetic as transformers' MixtralExperts on one expert."""
         gate, up = F.linear(x, weights["gate_up"]).chunk(2, dim=-1)  # [T, I] each

@@ -59,7 +59,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def _resolve_dtype(name: str | None, config) -> torch.dtype:
+def resolve_dtype(name: str | None, config) -> torch.dtype:
     if name is not None:
         return _DTYPES[name]
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -87,7 +87,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_pe
     if opts.prefetch > adapter.num_experts:
         raise ValueError(f"prefetch must be <= {adapter.num_experts} (experts per layer), got {opts.prefetch}")
     adapter.validate(ckpt)
-    compute_dtype = _resolve_dtype(opts.dtype, config)
+    compute_dtype = resolve_dtype(opts.dtype, config)
     store_kind = opts.store or ("ram" if device.type == "cuda" else "disk")
 
     register_experts_implementation()
@@ -98,18 +98,31 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_pe
     if (ckpt.path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(ckpt.path)
 
-    fmt = DenseFormat(adapter.expert_shape().tensors, compute_dtype)
-    local = LocalExperts(CheckpointSource(ckpt, adapter, fmt), adapter, fmt, device, opts.slots_per_layer,
-                         adapter.moe_layers(), store=store_kind, act_name=config.hidden_act)
+    local = build_local_experts(ckpt, config, adapter, device, opts.slots_per_layer, store_kind, compute_dtype)
     runtime = ExpertRuntime({"local": local})
     attach_moe_layers(model, adapter, runtime, opts.prefetch, opts.slots_per_layer)
     model.moeshard = runtime
     model.expert_stats = runtime.stats
     model.moeshard_checkpoint = ckpt
+    model.moeshard_fingerprint = expert_fingerprint(ckpt, adapter, local.format)
     logger.info("loaded %s: %d MoE layers x %d experts, k=%d slots/layer, prefetch=%d, store=%s, device=%s",
                 ckpt.path, len(adapter.moe_layers()), adapter.num_experts, opts.slots_per_layer, opts.prefetch,
                 store_kind, device)
     return model
+
+
+def build_local_experts(ckpt: Checkpoint, config, adapter, device: torch.device, slots_per_layer: int,
+                        store: str, dtype: torch.dtype) -> LocalExperts:
+    """The expert side of a model: format, source, store and per-layer caches (shared with the worker)."""
+    fmt = DenseFormat(adapter.expert_shape().tensors, dtype)
+    return LocalExperts(CheckpointSource(ckpt, adapter, fmt), adapter, fmt, device, slots_per_layer,
+                        adapter.moe_layers(), store=store, act_name=config.hidden_act)
+
+
+def expert_fingerprint(ckpt: Checkpoint, adapter, fmt) -> str:
+    """What a coordinator and a worker must agree on: the checkpoint (a sample of its bytes too) and the
+    expert format."""
+    return ckpt.fingerprint({"experts": fmt.describe()}, sample=adapter.fingerprint_sample(ckpt))
 
 
 def attach_moe_layers(model: PreTrainedModel, adapter, runtime: ExpertRuntime, prefetch: int, prefetch_cap: int) -> None:

@@ -67,8 +67,8 @@ class MoELayer:
         routed = hidden[order // K]  # [T*K, D] token states in expert order
         groups = dict(zip(experts, routed.split([counts[e] for e in experts])))
 
-        pending = self.runtime.submit(self.layer, groups)  # loads and remote requests start now
-        self._prefetch_next()
+        hint = self._predict_next()
+        pending = self.runtime.submit(self.layer, groups, hint)  # loads and remote requests start now
         outputs = pending.result()
 
         out = torch.cat([outputs[e] for e in experts])  # [T*K, D] in expert order
@@ -77,14 +77,15 @@ class MoELayer:
         combined[order] = weighted  # back to (token, k) order
         return combined.view(T, K, -1).sum(dim=1).to(hidden.dtype)  # [T, D]
 
-    def _prefetch_next(self) -> None:
+    def _predict_next(self) -> tuple[int, list[int]] | None:
+        """The next MoE layer's likely experts: its norm and router applied to this layer's residual stream."""
         residual, self._residual = self._residual, None
         if residual is None or self.next_layer is None:
-            return
+            return None
         with torch.no_grad():
             logits = self.predictor(residual.reshape(-1, residual.shape[-1]))  # [T, E]
             top = torch.topk(logits, self.prefetch, dim=-1).indices  # [T, m]
             ids, votes = torch.unique(top, return_counts=True)
         # Most-voted first (ties: lower expert id), at most as many as the next layer has slots.
         ranked = sorted(zip(votes.tolist(), ids.tolist()), key=lambda vc: (-vc[0], vc[1]))
-        self.runtime.prefetch(self.next_layer, [e for _, e in ranked[: self.prefetch_cap]])
+        return self.next_layer, [e for _, e in ranked[: self.prefetch_cap]]

@@ -38,21 +38,26 @@ class ExpertRuntime:
     def owner(self, layer: int, expert: int) -> str:
         return self.placement.get(ExpertKey(layer, expert), self.local)
 
-    def submit(self, layer: int, groups: dict[int, torch.Tensor]) -> _MergedPending:
+    def submit(self, layer: int, groups: dict[int, torch.Tensor],
+               hint: tuple[int, list[int]] | None = None) -> _MergedPending:
+        """Send each owner its groups (remote first, local last), each with its share of the prefetch hint."""
         self._score_prediction(layer, groups.keys())
         by_owner: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
         for expert, x in groups.items():
             by_owner[self.owner(layer, expert)][expert] = x
-        names = sorted(by_owner, key=lambda name: name == self.local)  # remote first, local last
-        return _MergedPending([self.backends[name].submit(layer, by_owner[name]) for name in names])
-
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        self._predicted[layer] = set(experts)
-        by_owner: dict[str, list[int]] = defaultdict(list)
-        for expert in experts:
-            by_owner[self.owner(layer, expert)].append(expert)
-        for name, owned in by_owner.items():
-            self.backends[name].prefetch(layer, owned)
+        hints: dict[str, list[int]] = defaultdict(list)
+        if hint is not None:
+            self._predicted[hint[0]] = set(hint[1])
+            for expert in hint[1]:
+                hints[self.owner(hint[0], expert)].append(expert)
+        pendings = []
+        for name in sorted(set(by_owner) | set(hints), key=lambda n: n == self.local):  # remote first
+            owned_hint = (hint[0], hints[name]) if hints.get(name) else None
+            if name in by_owner:
+                pendings.append(self.backends[name].submit(layer, by_owner[name], owned_hint))
+            else:
+                self.backends[name].prefetch(*owned_hint)
+        return _MergedPending(pendings)
 
     def _score_prediction(self, layer: int, needed) -> None:
         predicted = self._predicted.pop(layer, None)

@@ -60,6 +60,13 @@ class RamStore:
     def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
         out.copy_(self.host_buffer(key))
 
+    def retain(self, keys) -> None:
+        """Drop every buffer whose key is not in `keys` (a worker given a new assignment)."""
+        keep = set(keys)
+        with self._lock:
+            for key in [k for k in self._buffers if k not in keep]:
+                del self._buffers[key]
+
     @property
     def resident_bytes(self) -> int:
         return len(self._buffers) * self.nbytes
@@ -79,5 +86,8 @@ class DiskStore:
 
     def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
         self.source.read_into(key, out)
+
+    def retain(self, keys) -> None:
+        pass
 
     resident_bytes = 0

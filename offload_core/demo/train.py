@@ -48,9 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=1400)
     p.add_argument("--minutes", type=float, default=25.0,
-                   help="wall-clock cap on the training loop; stops early if exceeded")
+                   help="wall-clock cap on the training loop alone; stops early if exceeded")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -176,6 +176,19 @@ def train(model: MixtralForCausalLM, stream: torch.Tensor, args: argparse.Namesp
     }
 
 
+@torch.no_grad()
+def expert_load(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, text: str, seq_len: int) -> list[list[float]]:
+    """Per layer, the share of top-k routing slots each expert receives on ``text``."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    usable = len(ids) // seq_len * seq_len
+    out = model(input_ids=ids[:usable].view(-1, seq_len), output_router_logits=True)
+    k, n = model.config.num_experts_per_tok, model.config.num_local_experts
+    return [
+        [round(c, 4) for c in (torch.bincount(logits.topk(k, dim=-1).indices.flatten(), minlength=n) / (logits.shape[0] * k)).tolist()]
+        for logits in out.router_logits
+    ]
+
+
 def generate_samples(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, seed: int) -> dict[str, str]:
     inputs = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(seed)
@@ -228,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     # Score what was actually shipped: the bf16 weights, upcast to float32 on load.
     reloaded = MixtralForCausalLM.from_pretrained(args.out, dtype=torch.float32)
     heldout_loss = evaluate_heldout(reloaded, tokenizer, heldout_text, args.seq_len)
+    load = expert_load(reloaded, tokenizer, heldout_text, args.seq_len)
+    logger.info("held-out expert load per layer (uniform = %.3f): %s", 1 / config.num_local_experts, load)
     samples = generate_samples(reloaded, tokenizer, args.seed)
 
     report = {
@@ -242,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_loss": round(heldout_loss, 4),
         "heldout_perplexity": round(math.exp(heldout_loss), 2),
         "heldout_files": len(heldout),
+        "heldout_expert_load": load,
         "heldout_chars": len(heldout_text),
         "train_files": len(train_src),
         "train_stream_tokens": len(stream),

@@ -1,0 +1,211 @@
+"""Mixed HQQ quantization (Eliseev & Mazur 2023): attention modules and packed expert buffers.
+
+`QuantConfig` holds the settings; `HQQExpertFormat` packs one quantized expert (bit-packed codes, scales,
+zeros) into one byte buffer and dequantizes it on whatever device the buffer is on; `quantize_attention`
+swaps a model's q/k/v/o projections for hqq's `HQQLinear`. The quantizer, bit packing and dequantization
+are hqq's own; this module only lays their outputs out. It does no caching (see `qcache.py`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from hqq.core.quantize import HQQLinear, Quantizer, hqq_base_quant_config
+from torch import nn
+
+from .packing import DenseFormat, PackedLayout
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_BITS = (16, 8, 4, 3, 2)  # 16 = not quantized (kept in the compute dtype)
+# The paper's expert groups: 2-bit needs small groups to stay usable; 3-bit and up use 64.
+DEFAULT_EXPERT_GROUP = {2: 16, 3: 64, 4: 64, 8: 64}
+# hqq's packers split the code rows into 8/bits equal slices (3-bit packs 10 rows per int32 and pads).
+_ROWS_MULTIPLE = {8: 1, 4: 2, 3: 1, 2: 4}
+_FORMAT_VERSION = 1  # bump when the packed layout changes, so that old caches are rebuilt
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    attn_bits: int = 16  # q/k/v/o projections; the paper uses 4
+    attn_group: int = 64  # weights sharing one (scale, zero) pair in attention; the paper uses 64
+    expert_bits: int = 16  # expert FFN weights; the paper uses 3 or 2
+    expert_group: int | None = None  # None = the paper's group for expert_bits (2-bit: 16, 3/4/8-bit: 64)
+
+    def __post_init__(self):
+        for field, bits in (("attn_bits", self.attn_bits), ("expert_bits", self.expert_bits)):
+            if bits not in ALLOWED_BITS:
+                raise ValueError(f"{field} must be one of {list(ALLOWED_BITS)} (16 = not quantized), got {bits!r}")
+        for field, group in (("attn_group", self.attn_group), ("expert_group", self.expert_group)):
+            # hqq's config builder accepts only multiples of 8.
+            if group is not None and (not isinstance(group, int) or group <= 0 or group % 8):
+                raise ValueError(f"{field} must be a positive multiple of 8 (e.g. 16, 64, 128), got {group!r}")
+
+    @property
+    def attention_quantized(self) -> bool:
+        return self.attn_bits < 16
+
+    @property
+    def experts_quantized(self) -> bool:
+        return self.expert_bits < 16
+
+    @property
+    def expert_group_size(self) -> int | None:
+        """The group actually used for experts (None when they are not quantized)."""
+        if not self.experts_quantized:
+            return None
+        return self.expert_group or DEFAULT_EXPERT_GROUP[self.expert_bits]
+
+    def describe(self) -> dict:
+        """Settings that change results, for fingerprints and manifests (groups of 16-bit parts are moot)."""
+        return {
+            "attn_bits": self.attn_bits,
+            "attn_group": self.attn_group if self.attention_quantized else None,
+            "expert_bits": self.expert_bits,
+            "expert_group": self.expert_group_size,
+        }
+
+
+# Named settings for a CLI switch (one enum, not a flag per mode).
+PRESETS: dict[str, QuantConfig] = {
+    "none": QuantConfig(),
+    "int8": QuantConfig(attn_bits=8, expert_bits=8),
+    "paper-3bit": QuantConfig(attn_bits=4, expert_bits=3),
+    "paper-2bit": QuantConfig(attn_bits=4, expert_bits=2),
+}
+
+
+def _weight_params(bits: int, group: int) -> dict:
+    # axis=1: each group is `group` consecutive weights along the input dim, hqq's choice for quality.
+    # (hqq's ATen kernel needs axis=0, but it is a separate CUDA build, absent from the hqq wheel.)
+    return hqq_base_quant_config(nbits=bits, group_size=group, axis=1)["weight_quant_params"]
+
+
+def _check_groupable(name: str, shape: tuple[int, ...], bits: int, group: int) -> int:
+    numel = math.prod(shape)
+    if numel % group:
+        raise ValueError(f"tensor {name!r} of shape {list(shape)} has {numel} weights, not a multiple of group {group}")
+    rows = numel // group
+    if rows % _ROWS_MULTIPLE[bits]:
+        raise ValueError(f"tensor {name!r} of shape {list(shape)} splits into {rows} groups of {group}; {bits}-bit "
+                         f"packing needs a multiple of {_ROWS_MULTIPLE[bits]}: choose another group size")
+    return rows
+
+
+class HQQExpertFormat:
+    """One expert as hqq-quantized tensors in one buffer: `{name}.q` codes, `{name}.scale`, `{name}.zero`.
+
+    Scales and zeros are kept in float16: hqq 0.2.8 ignores (and calls deprecated) quantized meta-data, so
+    the paper's 8-bit scales are not available; that costs 32/group bits per weight (2-bit g16: 4.0 bits).
+    """
+
+    meta_dtype = torch.float16
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], bits: int, group_size: int, compute_dtype: torch.dtype,
+                 quant_device: torch.device | str | None = None):
+        if bits not in _ROWS_MULTIPLE:
+            raise ValueError(f"expert bits must be one of {sorted(_ROWS_MULTIPLE)}, got {bits!r}")
+        self.shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
+        self.bits, self.group_size, self.compute_dtype = bits, group_size, compute_dtype
+        # Where encode() runs hqq's optimiser: None = where the weights are (a GPU makes building far faster).
+        self.quant_device = torch.device(quant_device) if quant_device is not None else None
+        self._params = _weight_params(bits, group_size)
+        self._packing = Quantizer.bit_to_packing[bits]
+        code_dtype = Quantizer.unpack_view_dtype[self._packing]
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for name, shape in self.shapes.items():
+            rows = _check_groupable(name, shape, bits, group_size)
+            code_rows = -(-rows // 10) if bits == 3 else rows * bits // 8
+            specs[f"{name}.q"] = (code_dtype, (code_rows, group_size))
+            specs[f"{name}.scale"] = (self.meta_dtype, (rows, 1))
+            specs[f"{name}.zero"] = (self.meta_dtype, (rows, 1))
+        self.layout = PackedLayout(specs)
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+    @property
+    def bits_per_param(self) -> float:
+        """Bits per weight as stored and moved: codes, float16 scales and zeros, and alignment padding."""
+        return self.layout.nbytes * 8 / self.num_params
+
+    def describe(self) -> dict:
+        """What the bytes mean (the compute dtype is not part of it: one cache serves every dtype)."""
+        return {"format": "hqq", "version": _FORMAT_VERSION, "bits": self.bits, "group_size": self.group_size,
+                "axis": 1, "packing": self._packing, "meta_dtype": "float16"}
+
+    def encode(self, weights: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """Quantize one expert's dense weights with hqq and pack codes and meta-data into `out`."""
+        packed = {}
+        for name, shape in self.shapes.items():
+            w = weights[name]
+            if tuple(w.shape) != shape:
+                raise ValueError(f"expert tensor {name!r} has shape {list(w.shape)}, expected {list(shape)}")
+            device = self.quant_device or w.device
+            codes, meta = Quantizer.quantize(w.to(device), device=device, **self._params)
+            packed.update({f"{name}.q": codes, f"{name}.scale": meta["scale"], f"{name}.zero": meta["zero"]})
+        return self.layout.pack(packed, out)
+
+    def _dequant_dtype(self, device: torch.device) -> torch.dtype:
+        # bf16 has too few mantissa bits for `code - zero` at 8-bit (zero up to 255): dequantize in fp16
+        # on accelerators (fast, exact for these integers) and fp32 on CPU (fp16 math is slow there).
+        if self.compute_dtype in (torch.float32, torch.float16):
+            return self.compute_dtype
+        return torch.float32 if device.type == "cpu" else torch.float16
+
+    def decode(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Dense weights in the compute dtype, dequantized by hqq on `buf`'s device."""
+        views = self.layout.views(buf)
+        dtype = self._dequant_dtype(buf.device)
+        weights = {}
+        for name, shape in self.shapes.items():
+            meta = {"nbits": self.bits, "group_size": self.group_size, "shape": torch.Size(shape), "axis": 1,
+                    "packing": self._packing, "view_as_float": False, "compute_dtype": dtype,
+                    "scale": views[f"{name}.scale"].to(dtype), "zero": views[f"{name}.zero"].to(dtype)}
+            weights[name] = Quantizer.dequantize(views[f"{name}.q"], meta).to(self.compute_dtype)
+        return weights
+
+
+def expert_format(shapes: dict[str, tuple[int, ...]], cfg: QuantConfig, compute_dtype: torch.dtype,
+                  quant_device: torch.device | str | None = None) -> DenseFormat | HQQExpertFormat:
+    """The packed expert format for `cfg`: dense in the compute dtype at 16 bits, hqq otherwise."""
+    if not cfg.experts_quantized:
+        return DenseFormat(shapes, compute_dtype)
+    return HQQExpertFormat(shapes, cfg.expert_bits, cfg.expert_group_size, compute_dtype, quant_device)
+
+
+def attention_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, module) for every nn.Linear directly under a `*.self_attn` module."""
+    found = []
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "self_attn":
+            found += [(module, child_name, child) for child_name, child in module.named_children()
+                      if isinstance(child, nn.Linear)]
+    return found
+
+
+def quantize_attention(model: nn.Module, cfg: QuantConfig, device: torch.device | str) -> int:
+    """Replace the attention projections of a materialised model by hqq `HQQLinear`s on `device`.
+
+    Embeddings, norms, routers and the LM head are left as they are. Returns how many modules were
+    replaced (0 when `cfg.attn_bits` is 16).
+    """
+    if not cfg.attention_quantized:
+        return 0
+    device = torch.device(device)
+    targets = attention_linears(model)
+    quant_config = hqq_base_quant_config(nbits=cfg.attn_bits, group_size=cfg.attn_group, axis=1)
+    for parent, attr, linear in targets:
+        if linear.weight.is_meta:
+            raise ValueError(f"attention weights of {type(parent).__name__}.{attr} are on the meta device: "
+                             "load the dense weights before quantizing")
+        _check_groupable(attr, tuple(linear.weight.shape), cfg.attn_bits, cfg.attn_group)
+        # hqq quantizes on `device` and keeps meta-data in the module's own dtype.
+        setattr(parent, attr, HQQLinear(linear, quant_config, del_orig=True, compute_dtype=linear.weight.dtype,
+                                        device=device))
+    logger.info("quantized %d attention projections to %d-bit (group %d) with hqq on %s", len(targets),
+                cfg.attn_bits, cfg.attn_group, device)
+    return len(targets)

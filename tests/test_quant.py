@@ -1,0 +1,243 @@
+"""HQQ quantization and the quantized cache: error per bit width, self-contained packed experts, attention
+modules, 8-bit greedy parity, and cache reuse, corruption and keying."""
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from hqq.core.quantize import HQQLinear, hqq_base_quant_config
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, MixtralForCausalLM
+
+from offload_core.checkpoint import Checkpoint
+from offload_core.families import adapter_for
+from offload_core.packing import DenseFormat
+from offload_core.qcache import (QuantizedCache, QuantizedCacheSource, default_cache_root, open_quantized_cache)
+from offload_core.quant import (DEFAULT_EXPERT_GROUP, PRESETS, HQQExpertFormat, QuantConfig, expert_format,
+                                quantize_attention)
+from offload_core.store import CheckpointSource, ExpertKey
+
+from .conftest import NUM_EXPERTS, make_checkpoint
+
+# Relative error |y_q - y| / |y| of N(0, 0.05) weights at the paper's groups (8/4/3-bit g64, 2-bit g16),
+# measured over 3 seeds: 0.0050-0.0051, 0.085-0.087, 0.176-0.185, 0.299-0.308. Bounds leave ~20% margin.
+ERROR_BOUND = {8: 0.008, 4: 0.11, 3: 0.22, 2: 0.35}
+SHAPES = {"gate_up": (96, 32), "down": (32, 48)}  # the tiny Mixtral's expert (I = 48, D = 32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # hqq's optimiser runs ~20 elementwise passes on tensors this small: waking a thread pool costs more.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _random_expert(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(*shape, generator=g) * 0.05 for name, shape in SHAPES.items()}
+
+
+def test_quantized_linear_error_grows_as_bits_shrink():
+    g = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(128, 64, generator=g) * 0.05, torch.randn(32, 64, generator=g)
+    errors = {}
+    for bits in (8, 4, 3, 2):
+        linear = nn.Linear(64, 128, bias=False)
+        linear.weight.data = weight.clone()
+        config = hqq_base_quant_config(nbits=bits, group_size=DEFAULT_EXPERT_GROUP[bits], axis=1)
+        qlinear = HQQLinear(linear, config, compute_dtype=torch.float32, device="cpu")
+        errors[bits] = _rel(qlinear(x), x @ weight.t())
+        assert errors[bits] < ERROR_BOUND[bits], errors
+    assert errors[8] < errors[4] < errors[3] < errors[2], errors
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_expert_format_round_trip_is_self_contained(bits):
+    weights = _random_expert()
+    fmt = HQQExpertFormat(SHAPES, bits, DEFAULT_EXPERT_GROUP[bits], torch.float32)
+    buf = fmt.encode(weights, fmt.layout.empty())
+    fresh = torch.empty(fmt.layout.nbytes, dtype=torch.uint8)
+    fresh.copy_(buf)  # one copy of nbytes moves the whole expert
+    del buf
+    decoded = fmt.decode(fresh)
+    for name, w in weights.items():
+        assert decoded[name].dtype == torch.float32 and decoded[name].shape == w.shape
+        assert _rel(decoded[name], w) < ERROR_BOUND[bits], (name, _rel(decoded[name], w))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_expert_format_matches_hqq_linear_bit_for_bit(bits):
+    # Same quantizer, same fp16 meta-data: our packing must lose nothing that HQQLinear keeps.
+    group = DEFAULT_EXPERT_GROUP[bits]
+    weights = _random_expert(1)
+    fmt = HQQExpertFormat(SHAPES, bits, group, torch.float16)
+    decoded = fmt.decode(fmt.encode(weights, fmt.layout.empty()))
+    config = hqq_base_quant_config(nbits=bits, group_size=group, axis=1)
+    for name, w in weights.items():
+        qlinear = HQQLinear.from_weights(w.clone(), None, config, compute_dtype=torch.float16, device="cpu")
+        torch.testing.assert_close(decoded[name], qlinear.dequantize(), rtol=0, atol=0)
+
+
+def test_expert_format_bf16_and_bits_per_param():
+    weights = _random_expert(2)
+    fmt = HQQExpertFormat(SHAPES, 8, 64, torch.bfloat16)
+    decoded = fmt.decode(fmt.encode(weights, fmt.layout.empty()))
+    assert decoded["gate_up"].dtype == torch.bfloat16
+    assert _rel(decoded["gate_up"], weights["gate_up"]) < ERROR_BOUND[8]
+    # Mixtral-8x7B's expert, float16 scales and zeros: 8.5, 4.5, 3.70 (3-bit packs 10 codes per int32), 4.0.
+    mixtral = {"gate_up": (28672, 4096), "down": (4096, 14336)}
+    expected = {8: 8.5, 4: 4.5, 3: 3.70, 2: 4.0}
+    for bits, bpp in expected.items():
+        assert HQQExpertFormat(mixtral, bits, DEFAULT_EXPERT_GROUP[bits], torch.bfloat16).bits_per_param == \
+            pytest.approx(bpp, abs=0.01)
+    # Tiny tensors pay for 64-byte alignment: measured 4.00 bits/param at 2-bit g16 here too.
+    assert HQQExpertFormat(SHAPES, 2, 16, torch.float32).bits_per_param == pytest.approx(4.0, abs=0.01)
+
+
+def test_bad_settings_are_refused_with_the_allowed_values():
+    with pytest.raises(ValueError, match=r"\[16, 8, 4, 3, 2\]"):
+        QuantConfig(expert_bits=5)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        QuantConfig(attn_group=30)
+    with pytest.raises(ValueError, match="not a multiple of group"):
+        HQQExpertFormat({"w": (10, 10)}, 4, 64, torch.float32)
+    assert QuantConfig(expert_bits=2).expert_group_size == 16
+    assert QuantConfig(expert_bits=3).describe() == {"attn_bits": 16, "attn_group": None, "expert_bits": 3,
+                                                     "expert_group": 64}
+    assert isinstance(expert_format(SHAPES, PRESETS["none"], torch.float32), DenseFormat)
+
+
+def _fake_quantize_experts(model: MixtralForCausalLM, bits: int) -> None:
+    """Put each expert through HQQExpertFormat's encode/decode, in place in transformers' fused params."""
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        fmt = HQQExpertFormat(SHAPES, bits, DEFAULT_EXPERT_GROUP[bits], torch.float32)
+        buf = fmt.layout.empty()
+        for e in range(experts.gate_up_proj.shape[0]):
+            decoded = fmt.decode(fmt.encode({"gate_up": experts.gate_up_proj[e], "down": experts.down_proj[e]}, buf))
+            experts.gate_up_proj.data[e], experts.down_proj.data[e] = decoded["gate_up"], decoded["down"]
+
+
+def test_quantize_attention_replaces_only_attention(tiny_ckpt, reference):
+    ref = reference(tiny_ckpt)
+    model = copy.deepcopy(ref)
+    assert quantize_attention(model, QuantConfig(), "cpu") == 0
+    assert quantize_attention(model, QuantConfig(attn_bits=8), "cpu") == 3 * 4  # q/k/v/o in 3 layers
+    for layer, ref_layer in zip(model.model.layers, ref.model.layers):
+        assert all(isinstance(getattr(layer.self_attn, p), HQQLinear) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        assert isinstance(layer.mlp.gate.weight, nn.Parameter)
+        assert torch.equal(layer.mlp.gate.weight, ref_layer.mlp.gate.weight)
+        assert torch.equal(layer.input_layernorm.weight, ref_layer.input_layernorm.weight)
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.model.embed_tokens, nn.Embedding)
+    ids = torch.tensor([[1, 5, 17, 33, 9, 60, 4, 71]])
+    with torch.no_grad():
+        # Measured 0.0048 (8-bit attention, fp32 meta-data in HQQLinear).
+        assert _rel(model(ids).logits, ref(ids).logits) < 0.01
+
+
+def test_int8_attention_and_experts_keep_greedy_tokens(tiny_ckpt, reference):
+    ref = reference(tiny_ckpt)
+    model = copy.deepcopy(ref)
+    quantize_attention(model, PRESETS["int8"], "cpu")
+    _fake_quantize_experts(model, 8)
+    ids = torch.tensor([[1, 5, 17, 33, 9, 60]])
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    with torch.no_grad():
+        # Measured: identical for all 32 tokens tried; logits within 0.0048 relative.
+        assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+
+
+# -- the quantized cache -----------------------------------------------------------------------
+
+def _open(path, root, bits: int = 3, **kwargs) -> QuantizedCache:
+    ckpt = Checkpoint(path)
+    adapter = adapter_for(AutoConfig.from_pretrained(path))
+    fmt = expert_format(adapter.expert_shape().tensors, QuantConfig(expert_bits=bits), torch.float32)
+    return open_quantized_cache(ckpt, adapter, fmt, root=root, **kwargs)
+
+
+def _all_bytes(cache: QuantizedCache) -> dict[ExpertKey, torch.Tensor]:
+    source = QuantizedCacheSource(cache)
+    out = {}
+    for layer in cache.layers:
+        for e in range(cache.num_experts):
+            out[ExpertKey(layer, e)] = torch.empty(cache.nbytes, dtype=torch.uint8)
+            source.read_into(ExpertKey(layer, e), out[ExpertKey(layer, e)])
+    source.close()
+    return out
+
+
+def test_cache_builds_once_then_reuses(tiny_ckpt, tmp_path, caplog):
+    before = QuantizedCache.experts_quantized
+    cache = _open(tiny_ckpt, tmp_path)
+    assert cache.built_layers == [0, 1, 2] and QuantizedCache.experts_quantized - before == 3 * NUM_EXPERTS
+    with caplog.at_level(logging.INFO, logger="offload_core.qcache"):
+        again = _open(tiny_ckpt, tmp_path)
+    assert again.reused and QuantizedCache.experts_quantized - before == 3 * NUM_EXPERTS
+    assert "reusing quantized cache" in caplog.text
+
+    # Bytes read by offset equal what the format encodes straight from the checkpoint.
+    direct = CheckpointSource(Checkpoint(tiny_ckpt), cache.source.adapter, cache.format)
+    source = QuantizedCacheSource(again, drop_page_cache=True)
+    for key in (ExpertKey(0, 0), ExpertKey(2, NUM_EXPERTS - 1)):
+        expected, got = torch.zeros(cache.nbytes, dtype=torch.uint8), torch.empty(cache.nbytes, dtype=torch.uint8)
+        direct.read_into(key, expected)
+        source.read_into(key, got)
+        assert torch.equal(got, expected)
+    assert source.bytes_read == 2 * cache.nbytes
+    with pytest.raises(ValueError, match="not in the quantized cache"):
+        source.read_into(ExpertKey(3, 0), got)
+    source.close()
+
+    # The files are ordinary safetensors.
+    with safe_open(str(cache.layer_path(1)), framework="pt") as f:
+        assert torch.equal(f.get_tensor("expert.5"), _all_bytes(cache)[ExpertKey(1, 5)])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "header"])
+def test_damaged_cache_file_is_rebuilt_not_used(tiny_ckpt, tmp_path, caplog, damage):
+    cache = _open(tiny_ckpt, tmp_path)
+    good = _all_bytes(cache)
+    path = cache.layer_path(1)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:-100]
+    elif damage == "flip":
+        data[-cache.nbytes // 2] ^= 0xFF
+    else:
+        data[8:12] = b"\x00[[["
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="offload_core.qcache"):
+        rebuilt = _open(tiny_ckpt, tmp_path)
+    assert rebuilt.built_layers == [1]
+    assert "layer 1 is unusable" in caplog.text
+    after = _all_bytes(rebuilt)
+    assert all(torch.equal(after[key], good[key]) for key in good)
+
+
+def test_damaged_manifest_rebuilds_everything(tiny_ckpt, tmp_path, caplog):
+    cache = _open(tiny_ckpt, tmp_path)
+    manifest = cache.folder / "manifest.json"
+    manifest.write_text(json.dumps({"version": 1}))
+    with caplog.at_level(logging.WARNING, logger="offload_core.qcache"):
+        assert _open(tiny_ckpt, tmp_path).built_layers == [0, 1, 2]
+    assert "does not match" in caplog.text
+
+
+def test_cache_key_follows_settings_and_content(tiny_ckpt, tmp_path, monkeypatch):
+    three, two = _open(tiny_ckpt, tmp_path, bits=3), _open(tiny_ckpt, tmp_path, bits=2)
+    assert three.folder != two.folder and not two.reused
+    # Same config and tensor names, other weights (another seed): a different cache, not a stale hit.
+    other = _open(make_checkpoint(tmp_path / "other", seed=7), tmp_path, bits=3)
+    assert other.folder != three.folder and not other.reused
+    monkeypatch.setenv("MOESHARD_CACHE_DIR", str(tmp_path / "env"))
+    assert default_cache_root() == tmp_path / "env"
+    assert _open(tiny_ckpt, None, bits=3).folder.parent == tmp_path / "env"

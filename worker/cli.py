@@ -1,0 +1,113 @@
+"""`moe-worker`: host a share of a model's experts on this machine or GPU and compute them for a coordinator.
+
+Listens on loopback unless told otherwise. SIGTERM (or Ctrl-C) drains in-flight requests and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from offload_core import CheckpointError
+
+from .server import ServerConfig, WorkerServer
+from .shard import ShardConfig
+
+logger = logging.getLogger("moeshard.worker")
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'12GiB', '500MB', '1.5g', '1048576' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 12GiB, 500MB or 1048576, got {text!r}")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size > 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-worker",
+                                description="Host a share of an MoE model's experts and compute them for a "
+                                            "moe-coordinator over gRPC. Activations travel, weights do not.")
+    p.add_argument("--model", type=Path, default=None,
+                   help="this machine's copy of the checkpoint folder (default: the bundled demo model)")
+    p.add_argument("--listen", default="127.0.0.1:50051",
+                   help="HOST:PORT to listen on (default 127.0.0.1:50051, loopback only; port 0 picks a free one)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--memory", type=parse_size, default=None, metavar="SIZE",
+                   help="memory offered for hosted experts, e.g. 12GiB (default: 80%% of what is free)")
+    p.add_argument("--slots-per-layer", type=_positive_int, default=2, metavar="K",
+                   help="experts kept on the device per layer, an LRU cache (default 2)")
+    p.add_argument("--store", choices=["ram", "disk"], default="ram",
+                   help="hosted experts in RAM (default) or read from disk on every miss")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="expert compute dtype; must match the coordinator's (default: the checkpoint's)")
+    p.add_argument("--max-tokens", type=_positive_int, default=8192, help="most rows per request (default 8192)")
+    p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
+                   help="drain time for in-flight requests on SIGTERM (default 5)")
+    p.add_argument("--ready-file", type=Path, default=None,
+                   help="write the bound HOST:PORT to this file once SERVING (for scripts and port 0)")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return p
+
+
+async def _serve(args) -> int:
+    from offload_core.demo import demo_model_path
+
+    shard_cfg = ShardConfig(model=args.model or demo_model_path(),
+                            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                            slots_per_layer=args.slots_per_layer, store=args.store, dtype=args.dtype,
+                            memory_bytes=args.memory, max_tokens=args.max_tokens)
+    server = WorkerServer(shard_cfg, ServerConfig(listen=args.listen, grace_s=args.grace))
+    address = await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await server.load()
+    except BaseException:
+        await server.stop(0)
+        raise
+    if args.ready_file is not None:
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(address)
+        os.replace(tmp, args.ready_file)
+    print(f"moe-worker: serving {shard_cfg.model} on {address}", flush=True)
+    await stopping.wait()
+    logger.info("shutting down: draining in-flight requests (up to %.1f s)", args.grace)
+    await server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_serve(args))
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"moe-worker: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The gRPC side of `moe-worker`: a thin `ExpertService` servicer around an `ExpertShard`, plus health.
+
+Each RPC validates its request, runs the shard's work on one compute thread (the event loop never
+blocks), and maps exceptions to status codes in one place. Health is NOT_SERVING until the shard is
+loaded and SERVING after; on shutdown it goes NOT_SERVING, in-flight requests finish, then the server stops.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from offload_core import ExpertKey
+from protos import expert_pb2 as pb
+from protos import expert_pb2_grpc as pb_grpc
+from protos.wire import WireError, tensor_from_pb, tensor_to_pb
+
+from .shard import ExpertShard, FingerprintMismatch, OverCapacity, ShardConfig, UnknownExpert
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+SERVICE = "moeshard.v1.ExpertService"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"  # loopback unless told otherwise; port 0 picks a free port (tests)
+    grace_s: float = 5.0  # drain time for in-flight requests after SIGTERM
+    max_concurrent_rpcs: int = 64  # more are refused with RESOURCE_EXHAUSTED by gRPC itself
+
+
+def _status_for(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, FingerprintMismatch):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, UnknownExpert):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, (OverCapacity, MemoryError)) or "out of memory" in str(exc).lower():
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, (ValueError, WireError)):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def _rpc(method):
+    """Run the handler; map a failure to one status code with a message, log the unexpected ones."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        if self.shard is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its checkpoint")
+        try:
+            return await method(self, request, context)
+        except Exception as exc:  # every failure becomes a status; the worker keeps serving
+            code = _status_for(exc)
+            self.shard.counters["errors"] += 1
+            if code == grpc.StatusCode.INTERNAL:
+                logger.exception("%s failed", method.__name__)
+            else:
+                logger.debug("%s refused: %s", method.__name__, exc)
+            await context.abort(code, str(exc))
+
+    return wrapper
+
+
+class ExpertServicer(pb_grpc.ExpertServiceServicer):
+    def __init__(self):
+        self.shard: ExpertShard | None = None
+        # One compute thread: the shard's caches are driven by one request at a time, in arrival order.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeshard-compute")
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._compute, functools.partial(fn, *args))
+
+    @_rpc
+    async def Info(self, request, context):
+        s = self.shard
+        return pb.InfoResponse(
+            fingerprint=s.fingerprint, hosted=[pb.ExpertId(layer=k.layer, expert=k.expert) for k in sorted(s.hosted)],
+            device=str(s.device), capacity_bytes=s.capacity_bytes, expert_bytes=s.expert_bytes, version=VERSION,
+            num_layers=len(s.moe_layers), num_experts=s.adapter.num_experts, hidden_size=s.adapter.hidden_size,
+            slots_per_layer=s.cfg.slots_per_layer, expert_format=s.expert_format, max_tokens=s.cfg.max_tokens)
+
+    @_rpc
+    async def Assign(self, request, context):
+        self.shard.check_fingerprint(request.fingerprint)
+        keys = [ExpertKey(e.layer, e.expert) for e in request.experts]
+        hosted = await self._call(self.shard.assign, keys)
+        return pb.AssignResponse(hosted=[pb.ExpertId(layer=k.layer, expert=k.expert) for k in sorted(hosted)])
+
+    @_rpc
+    async def RunExperts(self, request, context):
+        s = self.shard
+        s.check_fingerprint(request.fingerprint)
+        hidden = tensor_from_pb(request.hidden, max_elements=s.cfg.max_tokens * s.adapter.hidden_size, name="hidden")
+        hint = (request.prefetch_layer, list(request.prefetch_experts)) if request.prefetch_experts else None
+        output, hits, misses = await self._call(s.run, request.layer, list(request.experts), list(request.counts),
+                                                hidden, hint)
+        return pb.RunExpertsResponse(output=tensor_to_pb(output), hits=hits, misses=misses)
+
+    @_rpc
+    async def Prefetch(self, request, context):
+        self.shard.check_fingerprint(request.fingerprint)
+        issued = await self._call(self.shard.prefetch, request.layer, list(request.experts))
+        return pb.PrefetchResponse(issued=issued)
+
+    @_rpc
+    async def Stats(self, request, context):
+        s = self.shard.stats()
+        return pb.StatsResponse(requests=s["requests"], tokens=s["tokens"], hits=s["hits"], misses=s["misses"],
+                                prefetch_issued=s["prefetch_issued"], prefetch_used=s["prefetch_used"],
+                                bytes_loaded=s["bytes_loaded"], busy_s=s["compute_s"] + s["wait_s"],
+                                errors=s["errors"])
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=True)
+        if self.shard is not None:
+            self.shard.close()
+
+
+class WorkerServer:
+    """Lifecycle: `start()` listens (NOT_SERVING), `load()` opens the shard (SERVING), `stop()` drains."""
+
+    def __init__(self, shard_cfg: ShardConfig, server_cfg: ServerConfig = ServerConfig(),
+                 max_receive_bytes: int = 64 << 20):
+        self.shard_cfg, self.server_cfg = shard_cfg, server_cfg
+        self.max_receive_bytes = max_receive_bytes
+        self.servicer = ExpertServicer()
+        self.address: str | None = None
+
+    async def start(self) -> str:
+        # grpc.aio objects belong to the event loop they are created on: build them here, not in __init__.
+        self.health = health.aio.HealthServicer()
+        options = [("grpc.max_receive_message_length", self.max_receive_bytes),
+                   ("grpc.max_send_message_length", self.max_receive_bytes)]
+        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self.server_cfg.max_concurrent_rpcs)
+        pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        host = self.server_cfg.listen.rsplit(":", 1)[0]
+        port = self.server.add_insecure_port(self.server_cfg.listen)
+        if port == 0:
+            raise OSError(f"could not listen on {self.server_cfg.listen}: is the port in use?")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        self.address = f"{host}:{port}"
+        logger.info("listening on %s (NOT_SERVING until the checkpoint is loaded)", self.address)
+        return self.address
+
+    async def load(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.servicer.shard = await loop.run_in_executor(None, ExpertShard, self.shard_cfg)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        logger.info("SERVING %s (fingerprint %s) on %s", self.shard_cfg.model, self.servicer.shard.fingerprint,
+                    self.servicer.shard.device)
+
+    async def _set_health(self, status) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking new work, let in-flight requests finish (up to the grace period), then stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.server_cfg.grace_s if grace_s is None else grace_s)
+        self.servicer.close()
+        logger.info("stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
