@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="moe-worker processes to start on this machine and spread experts over (default 2; 0 = none)")
     add_sampling_args(p, max_new_tokens=96)
     add_model_args(p)
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)",
+                       description="Serve /v1/models, /v1/completions, /v1/chat/completions, /health and /metrics.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_nonnegative_int, default=8000, help="port (default 8000)")
+    add_model_args(p)
     return parser
 
 
@@ -249,7 +254,22 @@ def cmd_chat(args) -> int:
             transcript += result.text + "\n"
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo}
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .server import create_app
+
+    engine = load_engine(args)
+    app = create_app(engine)
+    print(f"moe-coordinator: serving {engine.name} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    finally:
+        engine.close()
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from offload_core import load_model
 
@@ -65,6 +65,16 @@ class _TimedStreamer(TextStreamer):
     def on_finalized_text(self, text: str, stream_end: bool = False):
         if self.on_text is not None and text:
             self.on_text(text)
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generation when the caller gives up (e.g. an HTTP client disconnected)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class Engine:
@@ -121,8 +131,8 @@ class Engine:
         text = "".join(m["content"] if isinstance(m["content"], str) else "" for m in messages)
         return self.encode_prompt(text)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    def generate(self, prompt_ids: list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None,
+                 cancel: threading.Event | None = None) -> GenerationResult:
         if not prompt_ids:
             raise ValueError("the prompt is empty: expected at least one token")
         if self.context_length and len(prompt_ids) + params.max_new_tokens > self.context_length:
@@ -131,9 +141,9 @@ class Engine:
                 f"context length of {self.context_length} tokens"
             )
         with self._lock:
-            return self._generate(prompt_ids, params, on_text)
+            return self._generate(prompt_ids, params, on_text, cancel)
 
-    def _generate(self, prompt_ids, params, on_text) -> GenerationResult:
+    def _generate(self, prompt_ids, params, on_text, cancel) -> GenerationResult:
         runtime = self.model.moeshard
         before = runtime.stats()["total"]
         streamer = _TimedStreamer(self.tokenizer, on_text)
@@ -146,6 +156,8 @@ class Engine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if cancel is not None:
+            kwargs.update(stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
         if params.seed is not None:
             torch.manual_seed(params.seed)
         input_ids = torch.tensor([prompt_ids], device=self.device)

@@ -30,7 +30,6 @@ _VERSION = 1  # of the folder layout and manifest
 _ALIGN = 64  # the data section starts aligned, and every packed expert is a multiple of 64 bytes
 _MAX_HEADER = 1 << 26  # a larger safetensors header length is a corrupt file, not a real one
 _CHUNK = 1 << 24  # bytes hashed per read when verifying
-_SAMPLE, _SAMPLES = 1 << 16, 16  # content digest: 16 windows of 64 KiB per checkpoint file
 
 
 class CorruptCacheError(ValueError):
@@ -40,31 +39,6 @@ class CorruptCacheError(ValueError):
 def default_cache_root() -> Path:
     """Where quantized caches live: $MOESHARD_CACHE_DIR, else ~/.cache/moeshard (the one place it is read)."""
     return Path(os.environ.get(CACHE_DIR_ENV) or "~/.cache/moeshard").expanduser()
-
-
-def content_digest(folder: Path) -> str:
-    """A cheap hash of the checkpoint's bytes: sizes and evenly spaced samples of every *.safetensors file.
-
-    The checkpoint fingerprint covers names and shapes only, so two fine-tunes of one model would share a
-    cache without this; hashing every byte of a 90 GB checkpoint at each start would cost minutes.
-    """
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        starts = sorted({max(0, (size - _SAMPLE) * i // (_SAMPLES - 1)) for i in range(_SAMPLES)})
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            for start in starts:
-                digest.update(os.pread(fd, _SAMPLE, start))
-        finally:
-            os.close(fd)
-    return digest.hexdigest()[:32]
-
-
-def cache_fingerprint(ckpt: Checkpoint, fmt) -> str:
-    """The cache's key: checkpoint config, tensor names/shapes/dtypes, sampled content, expert format."""
-    return ckpt.fingerprint({"expert_format": fmt.describe(), "content": content_digest(ckpt.path)})
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
@@ -248,12 +222,11 @@ class QuantizedCache:
         metadata = {"format": "moeshard-quantized-experts", "fingerprint": self.fingerprint, "layer": str(layer)}
         header = _safetensors_header(self.num_experts, self.nbytes, metadata)
         digest = hashlib.sha256(header)
-        buf = torch.zeros(self.nbytes, dtype=torch.uint8)
+        buf = torch.zeros(self.nbytes, dtype=torch.uint8)  # formats never write the alignment padding: keep it 0
         try:
             with open(tmp, "wb") as f:
                 f.write(header)
                 for expert in range(self.num_experts):
-                    buf.zero_()  # alignment padding is not written by encode: zero it so files are reproducible
                     self.source.read_into(ExpertKey(layer, expert), buf)
                     data = memoryview(buf.numpy())
                     f.write(data)
@@ -268,10 +241,13 @@ class QuantizedCache:
         self._entries[layer] = {"file": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def open_quantized_cache(ckpt: Checkpoint, adapter, fmt, *, root: str | Path | None = None, progress: bool = False,
-                         verify: bool = True) -> QuantizedCache:
-    """The cache of `ckpt`'s experts in `fmt`, under `root` (default: `default_cache_root()`), built if needed."""
-    fingerprint = cache_fingerprint(ckpt, fmt)
+def open_quantized_cache(ckpt: Checkpoint, adapter, fmt, fingerprint: str, *, root: str | Path | None = None,
+                         progress: bool = False, verify: bool = True) -> QuantizedCache:
+    """The cache of `ckpt`'s experts in `fmt`, in `root / fingerprint`, built if needed.
+
+    `fingerprint` must cover the checkpoint's content and `fmt.describe()` (model.expert_fingerprint does);
+    `root` defaults to `default_cache_root()`.
+    """
     folder = (Path(root).expanduser() if root is not None else default_cache_root()) / fingerprint
     return QuantizedCache.open(folder, CheckpointSource(ckpt, adapter, fmt), fmt, adapter.moe_layers(),
                                adapter.num_experts, fingerprint, progress=progress, verify=verify)

@@ -108,7 +108,8 @@ class HQQExpertFormat:
         if bits not in _ROWS_MULTIPLE:
             raise ValueError(f"expert bits must be one of {sorted(_ROWS_MULTIPLE)}, got {bits!r}")
         self.shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
-        self.bits, self.group_size, self.compute_dtype = bits, group_size, compute_dtype
+        self.bits, self.group_size = bits, group_size
+        self.dtype = compute_dtype  # what decode() returns, as DenseFormat.dtype
         # Where encode() runs hqq's optimiser: None = where the weights are (a GPU makes building far faster).
         self.quant_device = torch.device(quant_device) if quant_device is not None else None
         self._params = _weight_params(bits, group_size)
@@ -133,9 +134,10 @@ class HQQExpertFormat:
         return self.layout.nbytes * 8 / self.num_params
 
     def describe(self) -> dict:
-        """What the bytes mean (the compute dtype is not part of it: one cache serves every dtype)."""
+        """What the bytes mean, and the dtype computed in: backends that share a fingerprint give equal outputs."""
         return {"format": "hqq", "version": _FORMAT_VERSION, "bits": self.bits, "group_size": self.group_size,
-                "axis": 1, "packing": self._packing, "meta_dtype": "float16"}
+                "axis": 1, "packing": self._packing, "meta_dtype": "float16",
+                "dtype": str(self.dtype).removeprefix("torch.")}
 
     def encode(self, weights: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         """Quantize one expert's dense weights with hqq and pack codes and meta-data into `out`."""
@@ -150,10 +152,10 @@ class HQQExpertFormat:
         return self.layout.pack(packed, out)
 
     def _dequant_dtype(self, device: torch.device) -> torch.dtype:
-        # bf16 has too few mantissa bits for `code - zero` at 8-bit (zero up to 255): dequantize in fp16
-        # on accelerators (fast, exact for these integers) and fp32 on CPU (fp16 math is slow there).
-        if self.compute_dtype in (torch.float32, torch.float16):
-            return self.compute_dtype
+        # bf16 keeps 8 significant bits: `code - zero` near 255 (8-bit) would lose up to half a step. fp16
+        # keeps it within 1/16 step and is fast on accelerators; CPUs do fp32 faster than fp16.
+        if self.dtype in (torch.float32, torch.float16):
+            return self.dtype
         return torch.float32 if device.type == "cpu" else torch.float16
 
     def decode(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -165,7 +167,7 @@ class HQQExpertFormat:
             meta = {"nbits": self.bits, "group_size": self.group_size, "shape": torch.Size(shape), "axis": 1,
                     "packing": self._packing, "view_as_float": False, "compute_dtype": dtype,
                     "scale": views[f"{name}.scale"].to(dtype), "zero": views[f"{name}.zero"].to(dtype)}
-            weights[name] = Quantizer.dequantize(views[f"{name}.q"], meta).to(self.compute_dtype)
+            weights[name] = Quantizer.dequantize(views[f"{name}.q"], meta).to(self.dtype)
         return weights
 
 

@@ -11,8 +11,10 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, MixtralForCausalLM
 
+from offload_core.backend import LocalExperts
 from offload_core.checkpoint import Checkpoint
 from offload_core.families import adapter_for
+from offload_core.model import expert_fingerprint
 from offload_core.packing import DenseFormat
 from offload_core.qcache import (QuantizedCache, QuantizedCacheSource, default_cache_root, open_quantized_cache)
 from offload_core.quant import (DEFAULT_EXPERT_GROUP, PRESETS, HQQExpertFormat, QuantConfig, expert_format,
@@ -161,7 +163,7 @@ def _open(path, root, bits: int = 3, **kwargs) -> QuantizedCache:
     ckpt = Checkpoint(path)
     adapter = adapter_for(AutoConfig.from_pretrained(path))
     fmt = expert_format(adapter.expert_shape().tensors, QuantConfig(expert_bits=bits), torch.float32)
-    return open_quantized_cache(ckpt, adapter, fmt, root=root, **kwargs)
+    return open_quantized_cache(ckpt, adapter, fmt, expert_fingerprint(ckpt, adapter, fmt), root=root, **kwargs)
 
 
 def _all_bytes(cache: QuantizedCache) -> dict[ExpertKey, torch.Tensor]:
@@ -193,6 +195,9 @@ def test_cache_builds_once_then_reuses(tiny_ckpt, tmp_path, caplog):
         source.read_into(key, got)
         assert torch.equal(got, expected)
     assert source.bytes_read == 2 * cache.nbytes
+    strided = torch.zeros(2 * cache.nbytes, dtype=torch.uint8)[::2]  # not preadv-able: goes through a staging copy
+    source.read_into(ExpertKey(2, NUM_EXPERTS - 1), strided)
+    assert torch.equal(strided, expected)
     with pytest.raises(ValueError, match="not in the quantized cache"):
         source.read_into(ExpertKey(3, 0), got)
     source.close()
@@ -241,3 +246,25 @@ def test_cache_key_follows_settings_and_content(tiny_ckpt, tmp_path, monkeypatch
     monkeypatch.setenv("MOESHARD_CACHE_DIR", str(tmp_path / "env"))
     assert default_cache_root() == tmp_path / "env"
     assert _open(tiny_ckpt, None, bits=3).folder.parent == tmp_path / "env"
+
+
+@pytest.mark.parametrize("store", ["ram", "disk"])
+def test_local_experts_run_from_the_quantized_cache(tiny_ckpt, tmp_path, store):
+    cache = _open(tiny_ckpt, tmp_path, bits=2)
+    adapter, fmt = cache.source.adapter, cache.format
+    source = QuantizedCacheSource(cache)
+    backend = LocalExperts(source, adapter, fmt, torch.device("cpu"), 2, adapter.moe_layers(), store=store)
+    g = torch.Generator().manual_seed(0)
+    groups = {e: torch.randn(3, 32, generator=g) for e in (1, 4, 6)}  # 3 experts through 2 slots: one eviction
+    try:
+        outputs = backend.run(1, groups)
+    finally:
+        backend.close()
+        source.close()
+    direct = CheckpointSource(Checkpoint(tiny_ckpt), adapter, fmt)
+    act = torch.nn.functional.silu
+    for expert, x in groups.items():
+        buf = torch.zeros(fmt.layout.nbytes, dtype=torch.uint8)
+        direct.read_into(ExpertKey(1, expert), buf)
+        torch.testing.assert_close(outputs[expert], adapter.expert_forward(fmt.decode(buf), x, act), rtol=0, atol=0)
+    assert source.bytes_read == 3 * cache.nbytes

@@ -183,10 +183,11 @@ def expert_load(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, t
     usable = len(ids) // seq_len * seq_len
     out = model(input_ids=ids[:usable].view(-1, seq_len), output_router_logits=True)
     k, n = model.config.num_experts_per_tok, model.config.num_local_experts
-    return [
-        [round(c, 4) for c in (torch.bincount(logits.topk(k, dim=-1).indices.flatten(), minlength=n) / (logits.shape[0] * k)).tolist()]
-        for logits in out.router_logits
-    ]
+    loads = []
+    for logits in out.router_logits:
+        counts = torch.bincount(logits.topk(k, dim=-1).indices.flatten(), minlength=n)
+        loads.append([round(c, 4) for c in (counts / counts.sum()).tolist()])
+    return loads
 
 
 def generate_samples(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, seed: int) -> dict[str, str]:
