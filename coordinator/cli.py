@@ -16,9 +16,12 @@ import torch
 from offload_core import CheckpointError
 from offload_core.demo import demo_model_path
 
+from offload_core.settings import token_from_env
+
 from .cluster import ClusterSpec
 from .engine import Engine, SamplingParams
 from .local_workers import LocalWorkers
+from .remote import ClientConfig
 
 logger = logging.getLogger("moeshard")
 
@@ -76,6 +79,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="JSON cluster file: workers and, optionally, which experts each hosts (see deploy/)")
     g.add_argument("--local-share", type=float, default=0.0, metavar="F",
                    help="share of experts the coordinator computes itself when workers are used (default 0)")
+    g.add_argument("--replicas", type=_positive_int, default=1, metavar="R",
+                   help="workers hosting each remote expert, for failover (default 1)")
+    g.add_argument("--rpc-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="deadline of one expert request; past it the step falls back to a replica or the "
+                        "coordinator (default 10)")
+    g.add_argument("--token", default=None,
+                   help="shared secret the workers expect (default: $MOESHARD_TOKEN)")
+    g.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
+                   help="CA certificate to verify TLS workers against (connect with TLS)")
+    g.add_argument("--no-local-fallback", action="store_true",
+                   help="never compute a remote expert on the coordinator: a step whose expert has no live "
+                        "worker fails with an error naming it")
+    g.add_argument("--drop-unavailable-experts", action="store_true",
+                   help="with --no-local-fallback: drop an expert with no live worker and re-weight the others "
+                        "(changes the output; off by default)")
     g = p.add_argument_group("output")
     g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     g.add_argument("--verbose", action="store_true", help="log lifecycle details (and tracebacks on errors)")
@@ -152,13 +170,29 @@ def cluster_spec(args, extra_workers: list[str] = ()) -> ClusterSpec | None:
     if args.cluster:
         return ClusterSpec.from_file(args.cluster)
     addresses = ",".join([*(extra_workers or []), *([args.workers] if args.workers else [])])
-    return ClusterSpec.from_addresses(addresses, args.local_share) if addresses else None
+    return ClusterSpec.from_addresses(addresses, args.local_share, args.replicas) if addresses else None
+
+
+def client_config(args) -> ClientConfig:
+    if args.rpc_timeout <= 0:
+        raise UsageError(f"--rpc-timeout must be > 0 seconds, got {args.rpc_timeout}")
+    tls_ca = None
+    if args.tls_ca is not None:
+        try:
+            tls_ca = args.tls_ca.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read --tls-ca {str(args.tls_ca)!r}: {exc.strerror}") from exc
+    return ClientConfig(rpc_timeout_s=args.rpc_timeout, token=args.token or token_from_env(), tls_ca=tls_ca)
 
 
 def load_engine(args, extra_workers: list[str] = ()) -> Engine:
+    if args.drop_unavailable_experts and not args.no_local_fallback:
+        raise UsageError("--drop-unavailable-experts only applies with --no-local-fallback")
     return Engine.load(resolve_model(args.model), cluster=cluster_spec(args, extra_workers),
-                       device=args.device or default_device(), slots_per_layer=args.slots_per_layer,
-                       prefetch=args.prefetch, store=args.store, dtype=args.dtype, progress=not args.quiet)
+                       client=client_config(args), local_fallback=not args.no_local_fallback,
+                       drop_unavailable=args.drop_unavailable_experts, device=args.device or default_device(),
+                       slots_per_layer=args.slots_per_layer, prefetch=args.prefetch, store=args.store,
+                       dtype=args.dtype, progress=not args.quiet)
 
 
 def sampling(args) -> SamplingParams:
@@ -210,7 +244,7 @@ def cmd_demo(args) -> int:
 def _run_demo(args, engine: Engine) -> int:
     remote = [n for n in engine.model.moeshard.backends if n != "local"]
     placement = engine.model.moeshard.placement
-    where = ", ".join(f"{sum(1 for o in placement.values() if o == n)} experts on worker {n}" for n in remote)
+    where = ", ".join(f"{sum(1 for o in placement.values() if n in o)} experts on worker {n}" for n in remote)
     print(f"moeshard demo: {engine.name} on {engine.device}, {args.slots_per_layer} expert slots per layer, "
           f"prefetch {args.prefetch}" + (f"; {where}, the rest local" if remote else "") + "\n")
     sys.stdout.write(args.prompt)

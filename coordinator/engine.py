@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, StoppingCriteri
 from offload_core import load_model
 
 from .cluster import LOCAL, ClusterSpec, attach_workers
+from .remote import ClientConfig
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +84,16 @@ class Engine:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path, *, cluster: ClusterSpec | None = None, progress: bool = True,
+    def load(cls, path: str | Path, *, cluster: ClusterSpec | None = None, client: ClientConfig = ClientConfig(),
+             local_fallback: bool = True, drop_unavailable: bool = False, progress: bool = True,
              **load_kwargs) -> Engine:
         model = load_model(path, progress=progress, **load_kwargs)
+        model.moeshard.local_fallback, model.moeshard.drop_unavailable = local_fallback, drop_unavailable
         tokenizer = AutoTokenizer.from_pretrained(Path(path))
         engine = cls(model, tokenizer, Path(path).name)
         if cluster is not None:
             try:
-                attach_workers(model, cluster)
+                attach_workers(model, cluster, client)
             except BaseException:
                 engine.close()
                 raise

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from offload_core import ExpertKey
 from protos import expert_pb2 as pb
 from protos import expert_pb2_grpc as pb_grpc
-from protos.wire import tensor_from_pb, tensor_to_pb
+from protos.wire import AUTH_METADATA_KEY, bearer, tensor_from_pb, tensor_to_pb
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +27,11 @@ _LATENCY_WINDOW = 4096  # most recent RPC latencies kept for percentiles
 
 @dataclass(frozen=True)
 class ClientConfig:
-    rpc_timeout_s: float = 30.0  # deadline of one RunExperts (includes the worker's loads on a miss)
-    control_timeout_s: float = 120.0  # Info / Assign (Assign reads the experts into the worker's RAM)
+    rpc_timeout_s: float = 10.0  # deadline of one RunExperts; past it the step falls back (see runtime)
+    control_timeout_s: float = 300.0  # Info / Assign (Assign reads the experts into the worker's RAM)
     max_message_bytes: int = 256 << 20
+    token: str | None = None  # shared secret sent with every call
+    tls_ca: bytes | None = None  # PEM CA bundle: connect with TLS and verify the worker against it
 
 
 @dataclass(frozen=True)
@@ -60,19 +62,25 @@ class WorkerClient:
         self.address, self.fingerprint, self.cfg = address, fingerprint, cfg
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes)]
-        self.channel = grpc.insecure_channel(address, options=options)
+        if cfg.tls_ca is not None:
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(cfg.tls_ca), options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.metadata = ((AUTH_METADATA_KEY, bearer(cfg.token)),) if cfg.token else None
         self.stub = pb_grpc.ExpertServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo.from_pb(self.address, self.stub.Info(pb.InfoRequest(), timeout=self.cfg.control_timeout_s))
+        return WorkerInfo.from_pb(self.address, self.stub.Info(pb.InfoRequest(), timeout=self.cfg.control_timeout_s,
+                                                                   metadata=self.metadata))
 
     def wait_ready(self, timeout_s: float) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
 
     def is_serving(self, timeout_s: float = 2.0) -> bool:
         try:
-            reply = self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+            reply = self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s,
+                                      metadata=self.metadata)
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -80,7 +88,7 @@ class WorkerClient:
     def assign(self, keys) -> frozenset[ExpertKey]:
         req = pb.AssignRequest(fingerprint=self.fingerprint,
                                experts=[pb.ExpertId(layer=k.layer, expert=k.expert) for k in sorted(keys)])
-        reply = self.stub.Assign(req, timeout=self.cfg.control_timeout_s)
+        reply = self.stub.Assign(req, timeout=self.cfg.control_timeout_s, metadata=self.metadata)
         return frozenset(ExpertKey(e.layer, e.expert) for e in reply.hosted)
 
     def run_experts_future(self, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor,
@@ -88,14 +96,14 @@ class WorkerClient:
         req = pb.RunExpertsRequest(fingerprint=self.fingerprint, layer=layer, experts=experts, counts=counts,
                                    hidden=tensor_to_pb(hidden), prefetch_layer=hint[0] if hint else -1,
                                    prefetch_experts=hint[1] if hint else [])
-        return req.ByteSize(), self.stub.RunExperts.future(req, timeout=self.cfg.rpc_timeout_s)
+        return req.ByteSize(), self.stub.RunExperts.future(req, timeout=self.cfg.rpc_timeout_s, metadata=self.metadata)
 
     def prefetch_future(self, layer: int, experts: list[int]):
         req = pb.PrefetchRequest(fingerprint=self.fingerprint, layer=layer, experts=experts)
-        return self.stub.Prefetch.future(req, timeout=self.cfg.rpc_timeout_s)
+        return self.stub.Prefetch.future(req, timeout=self.cfg.rpc_timeout_s, metadata=self.metadata)
 
     def stats(self) -> pb.StatsResponse:
-        return self.stub.Stats(pb.StatsRequest(), timeout=self.cfg.control_timeout_s)
+        return self.stub.Stats(pb.StatsRequest(), timeout=self.cfg.rpc_timeout_s, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -71,11 +71,28 @@ class MoELayer:
         pending = self.runtime.submit(self.layer, groups, hint)  # loads and remote requests start now
         outputs = pending.result()
 
+        weights = top_k_weights.reshape(-1)[order]  # [T*K] in expert order
+        dropped = [e for e in experts if e not in outputs]  # only with an explicit drop_unavailable
+        if dropped:
+            outputs, weights = self._drop(experts, counts, outputs, weights, order, top_k_weights, dropped, hidden)
         out = torch.cat([outputs[e] for e in experts])  # [T*K, D] in expert order
-        weighted = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)  # float32 like transformers
+        weighted = out * weights.unsqueeze(-1)  # float32 like transformers
         combined = torch.empty_like(weighted)
         combined[order] = weighted  # back to (token, k) order
         return combined.view(T, K, -1).sum(dim=1).to(hidden.dtype)  # [T, D]
+
+    def _drop(self, experts, counts, outputs, weights, order, top_k_weights, dropped, hidden):
+        """Zero the dropped experts' outputs and rescale each token's remaining weights to the same total."""
+        K = top_k_weights.shape[1]
+        keep = torch.cat([torch.full((counts[e],), e not in dropped, device=weights.device) for e in experts])
+        kept = torch.empty_like(keep)
+        kept[order] = keep  # [T*K] in (token, k) order
+        w = top_k_weights.reshape(-1) * kept
+        total, remaining = top_k_weights.sum(-1), w.view(-1, K).sum(-1)  # [T]
+        scale = torch.where(remaining > 0, total / remaining.clamp_min(1e-30), torch.zeros_like(total))
+        w = (w.view(-1, K) * scale.unsqueeze(-1)).reshape(-1)
+        zeros = {e: torch.zeros(counts[e], hidden.shape[-1], dtype=hidden.dtype, device=hidden.device) for e in dropped}
+        return {**outputs, **zeros}, w[order]
 
     def _predict_next(self) -> tuple[int, list[int]] | None:
         """The next MoE layer's likely experts: its norm and router applied to this layer's residual stream."""

@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
+from .settings import CACHE_ENV, cache_root_from_env
 from .store import CheckpointSource, ExpertKey, ExpertSource
 
 logger = logging.getLogger(__name__)
 
-CACHE_DIR_ENV = "MOESHARD_CACHE_DIR"
 _MANIFEST = "manifest.json"
 _VERSION = 1  # of the folder layout and manifest
 _ALIGN = 64  # the data section starts aligned, and every packed expert is a multiple of 64 bytes
@@ -37,8 +37,8 @@ class CorruptCacheError(ValueError):
 
 
 def default_cache_root() -> Path:
-    """Where quantized caches live: $MOESHARD_CACHE_DIR, else ~/.cache/moeshard (the one place it is read)."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or "~/.cache/moeshard").expanduser()
+    """Where quantized caches live: $MOESHARD_CACHE_DIR, else ~/.cache/moeshard."""
+    return cache_root_from_env()
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
@@ -203,7 +203,7 @@ class QuantizedCache:
         free = shutil.disk_usage(self.folder).free
         if free < needed:
             raise OSError(f"quantized cache needs {needed / 2**30:.2f} GiB in {self.folder}, only "
-                          f"{free / 2**30:.2f} GiB free: set {CACHE_DIR_ENV} to a larger disk")
+                          f"{free / 2**30:.2f} GiB free: set {CACHE_ENV} to a larger disk")
         start = time.perf_counter()
         with tqdm(total=len(layers) * self.num_experts, desc="quantizing experts", unit="expert",
                   disable=not progress) as bar:

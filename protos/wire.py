@@ -49,3 +49,10 @@ def tensor_from_pb(msg: pb.Tensor, *, max_elements: int, name: str = "tensor") -
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(msg.data), dtype=dtype).view(shape)
+
+
+AUTH_METADATA_KEY = "authorization"  # gRPC metadata keys are lower-case
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"

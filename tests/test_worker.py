@@ -36,11 +36,11 @@ def expected(tiny_ckpt, reference):
 
 
 def _placements(a, b):
-    half = {k: (a if k.expert % 2 == 0 else b) for k in ALL_KEYS if k.expert < NUM_EXPERTS // 2}
+    half = {k: ((a,) if k.expert % 2 == 0 else (b,)) for k in ALL_KEYS if k.expert < NUM_EXPERTS // 2}
     return {
-        "all-remote": {k: (a if (k.layer + k.expert) % 2 else b) for k in ALL_KEYS},
+        "all-remote": {k: ((a,) if (k.layer + k.expert) % 2 else (b,)) for k in ALL_KEYS},
         "half-remote": half,
-        "single-expert": {ExpertKey(1, 3): a},
+        "single-expert": {ExpertKey(1, 3): (a,)},
     }
 
 
@@ -58,9 +58,10 @@ def test_two_worker_processes_match_transformers(tiny_ckpt, two_workers, expecte
     assert torch.equal(tokens, ref_tokens)
     assert torch.equal(tokens, local_tokens)
     stats = model.expert_stats()["backends"]
-    used = {owner for owner in placement.values()}
+    used = {owner for owners in placement.values() for owner in owners}
     for address in used:
         assert stats[address]["requests"] > 0 and stats[address]["bytes_sent"] > 0
+        assert stats[address]["failures"] == 0
     model.moeshard.close()
 
 
@@ -69,14 +70,18 @@ def test_balanced_placement_by_reported_memory():
         return WorkerInfo(address, "f", frozenset(), "cpu", (experts_capacity + 6) * 100, 100, "0", 3, 8, 32, 2,
                           "dense", 64)
     placement = plan_placement(ALL_KEYS, [info("a:1", 30), info("b:1", 10)])
-    owners = list(placement.values())
+    owners = [o for (o,) in placement.values()]
     assert owners.count("a:1") == 18 and owners.count("b:1") == 6  # 3:1 by capacity, all 24 placed
     for layer in range(LAYERS):  # every worker serves every layer
-        assert {placement[ExpertKey(layer, e)] for e in range(NUM_EXPERTS)} == {"a:1", "b:1"}
+        assert {placement[ExpertKey(layer, e)] for e in range(NUM_EXPERTS)} == {("a:1",), ("b:1",)}
     small = plan_placement(ALL_KEYS, [info("a:1", 5)], local_share=0.0)
-    assert list(small.values()).count("a:1") == 5 and list(small.values()).count("local") == 19
+    assert len(small) == 5  # the other 19 stay on the coordinator
     shared = plan_placement(ALL_KEYS, [info("a:1", 100)], local_share=0.5)
-    assert list(shared.values()).count("local") == 12
+    assert len(shared) == 12
+    replicated = plan_placement(ALL_KEYS, [info("a:1", 30), info("b:1", 30), info("c:1", 30)], replicas=2)
+    assert len(replicated) == 24 and all(len(set(o)) == 2 for o in replicated.values())
+    load = [sum(a in o for o in replicated.values()) for a in ("a:1", "b:1", "c:1")]
+    assert load == [16, 16, 16]
 
 
 def test_health_not_serving_then_serving(tiny_ckpt):

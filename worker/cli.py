@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from offload_core import CheckpointError
+from offload_core.settings import token_from_env
 
 from .server import ServerConfig, WorkerServer
 from .shard import ShardConfig
@@ -63,10 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive_int, default=8192, help="most rows per request (default 8192)")
     p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
                    help="drain time for in-flight requests on SIGTERM (default 5)")
+    p.add_argument("--token", default=None,
+                   help="shared secret every request must carry (default: $MOESHARD_TOKEN); required when "
+                        "listening off loopback")
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="PEM", help="certificate chain: serve TLS only")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="private key for --tls-cert")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write the bound HOST:PORT to this file once SERVING (for scripts and port 0)")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
+
+
+def _read(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {str(path)!r}: {exc.strerror}") from exc
 
 
 async def _serve(args) -> int:
@@ -76,7 +91,9 @@ async def _serve(args) -> int:
                             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                             slots_per_layer=args.slots_per_layer, store=args.store, dtype=args.dtype,
                             memory_bytes=args.memory, max_tokens=args.max_tokens)
-    server = WorkerServer(shard_cfg, ServerConfig(listen=args.listen, grace_s=args.grace))
+    server_cfg = ServerConfig(listen=args.listen, grace_s=args.grace, token=args.token or token_from_env(),
+                              tls_cert=_read(args.tls_cert), tls_key=_read(args.tls_key))
+    server = WorkerServer(shard_cfg, server_cfg)
     address = await server.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

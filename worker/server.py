@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from protos import expert_pb2 as pb
 from protos import expert_pb2_grpc as pb_grpc
 from protos.wire import WireError, tensor_from_pb, tensor_to_pb
 
+from .auth import TokenInterceptor
 from .shard import ExpertShard, FingerprintMismatch, OverCapacity, ShardConfig, UnknownExpert
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,29 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"  # loopback unless told otherwise; port 0 picks a free port (tests)
     grace_s: float = 5.0  # drain time for in-flight requests after SIGTERM
     max_concurrent_rpcs: int = 64  # more are refused with RESOURCE_EXHAUSTED by gRPC itself
+    token: str | None = None  # shared secret every RPC must carry; required off loopback
+    tls_cert: bytes | None = None  # PEM certificate chain; with tls_key, the worker speaks TLS only
+    tls_key: bytes | None = None
+
+    def __post_init__(self):
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"listen address {self.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
+        if not is_loopback(host) and not self.token:
+            raise ValueError(f"listening on {host} (not loopback) needs a shared token: pass --token or set "
+                             "MOESHARD_TOKEN (and preferably --tls-cert/--tls-key)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _status_for(exc: Exception) -> grpc.StatusCode:
@@ -138,11 +163,18 @@ class WorkerServer:
         self.health = health.aio.HealthServicer()
         options = [("grpc.max_receive_message_length", self.max_receive_bytes),
                    ("grpc.max_send_message_length", self.max_receive_bytes)]
-        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self.server_cfg.max_concurrent_rpcs)
+        cfg = self.server_cfg
+        interceptors = [TokenInterceptor(cfg.token)] if cfg.token else []
+        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+                                      interceptors=interceptors)
         pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        host = self.server_cfg.listen.rsplit(":", 1)[0]
-        port = self.server.add_insecure_port(self.server_cfg.listen)
+        host = cfg.listen.rsplit(":", 1)[0]
+        if cfg.tls_cert is not None:
+            creds = grpc.ssl_server_credentials([(cfg.tls_key, cfg.tls_cert)])
+            port = self.server.add_secure_port(cfg.listen, creds)
+        else:
+            port = self.server.add_insecure_port(cfg.listen)
         if port == 0:
             raise OSError(f"could not listen on {self.server_cfg.listen}: is the port in use?")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

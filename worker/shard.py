@@ -148,6 +148,7 @@ class ExpertShard:
             key = self.check_key(layer, e)
             if key not in self.hosted:
                 raise UnknownExpert(f"expert (layer {layer}, expert {e}) is not hosted by this worker")
+        self._check_activation_memory(rows)
         groups = dict(zip(experts, hidden.to(self.device).split(counts)))
         with self._lock:
             stats = self.backend.caches[layer].stats
@@ -159,6 +160,15 @@ class ExpertShard:
             self.counters["requests"] += 1
             self.counters["tokens"] += rows
         return torch.cat([outputs[e] for e in experts]).cpu(), hits, misses
+
+    def _check_activation_memory(self, rows: int) -> None:
+        # The largest expert's intermediates for all rows, in fp32, with room for the output: refuse what
+        # cannot fit rather than be killed by the OOM killer (or a CUDA OOM) halfway through.
+        need = rows * (3 * self.adapter.intermediate_size + 2 * self.adapter.hidden_size) * 4
+        free = self._free_memory() / _MEMORY_HEADROOM
+        if need > free:
+            raise OverCapacity(f"{rows} rows need about {need / 2**20:.0f} MiB of activations, but only "
+                               f"{free / 2**20:.0f} MiB are free on {self.device}: send fewer tokens per request")
 
     def _hosted_only(self, layer: int, experts: list[int]) -> list[int]:
         if layer not in self.moe_layers:

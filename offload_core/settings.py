@@ -1,0 +1,16 @@
+"""The environment variables moeshard reads, all here, so that no other module reads os.environ."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TOKEN_ENV = "MOESHARD_TOKEN"  # shared secret between a coordinator and its workers
+CACHE_ENV = "MOESHARD_CACHE_DIR"  # where quantized caches are written (default ~/.cache/moeshard)
+
+
+def token_from_env() -> str | None:
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def cache_root_from_env() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moeshard").expanduser()
