@@ -9,11 +9,15 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from offload_core import CheckpointError
+from offload_core import CheckpointError, QuantConfig
+from offload_core.evaluate import cross_entropy
+from offload_core.model import model_size_bytes
+from offload_core.quant import ALLOWED_BITS
 from offload_core.demo import demo_model_path
 
 from offload_core.settings import token_from_env
@@ -72,6 +76,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where experts wait when not in a slot (default: ram on CUDA, disk on CPU)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the checkpoint's)")
+    g.add_argument("--attn-bits", type=int, choices=ALLOWED_BITS, default=16,
+                   help="HQQ bits for attention projections (16 = not quantized; the paper uses 4)")
+    g.add_argument("--attn-group", type=_positive_int, default=64, help="attention quantization group (default 64)")
+    g.add_argument("--expert-bits", type=int, choices=ALLOWED_BITS, default=16,
+                   help="HQQ bits for experts (16 = not quantized; the paper uses 3 or 2); quantized once, "
+                        "cached on disk")
+    g.add_argument("--expert-group", type=_positive_int, default=None,
+                   help="expert quantization group (default: 16 at 2 bits, 64 otherwise)")
+    g.add_argument("--cache-dir", type=Path, default=None,
+                   help="where quantized experts are cached (default: $MOESHARD_CACHE_DIR or ~/.cache/moeshard)")
     g = p.add_argument_group("remote workers")
     g.add_argument("--workers", default=None, metavar="HOST:PORT[,...]",
                    help="moe-worker addresses; experts are spread over them by the memory each reports")
@@ -135,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="moe-worker processes to start on this machine and spread experts over (default 2; 0 = none)")
     add_sampling_args(p, max_new_tokens=96)
     add_model_args(p)
+    p = sub.add_parser("perplexity", help="perplexity of the model on a text file (quality under quantization)",
+                       description="Mean next-token cross-entropy over non-overlapping windows of a text file.")
+    p.add_argument("--text", type=Path, default=None,
+                   help="UTF-8 text file (default: the demo model's held-out text)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="window length in tokens (default 256)")
+    p.add_argument("--json", action="store_true", help='print one JSON object {"perplexity", "tokens", ...}')
+    add_model_args(p)
+
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)",
                        description="Serve /v1/models, /v1/completions, /v1/chat/completions, /health and /metrics.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
@@ -192,7 +214,12 @@ def load_engine(args, extra_workers: list[str] = ()) -> Engine:
                        client=client_config(args), local_fallback=not args.no_local_fallback,
                        drop_unavailable=args.drop_unavailable_experts, device=args.device or default_device(),
                        slots_per_layer=args.slots_per_layer, prefetch=args.prefetch, store=args.store,
-                       dtype=args.dtype, progress=not args.quiet)
+                       dtype=args.dtype, quant=quant_config(args), cache_dir=args.cache_dir, progress=not args.quiet)
+
+
+def quant_config(args) -> QuantConfig:
+    return QuantConfig(attn_bits=args.attn_bits, attn_group=args.attn_group, expert_bits=args.expert_bits,
+                       expert_group=args.expert_group)
 
 
 def sampling(args) -> SamplingParams:
@@ -288,6 +315,30 @@ def cmd_chat(args) -> int:
             transcript += result.text + "\n"
 
 
+def cmd_perplexity(args) -> int:
+    from offload_core.demo import demo_model_path
+
+    text_path = args.text or demo_model_path() / "heldout.txt"
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --text {str(text_path)!r}: expected a UTF-8 text file ({exc})") from exc
+    engine = load_engine(args)
+    start = time.perf_counter()
+    result = cross_entropy(engine.model, engine.tokenizer, text, args.seq_len, progress=not args.quiet)
+    size = model_size_bytes(engine.model)
+    report = {**result, "seconds": time.perf_counter() - start, "attn_bits": args.attn_bits,
+              "expert_bits": args.expert_bits, "size_bytes": size, "text": str(text_path)}
+    engine.close()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"perplexity {result['perplexity']:.3f} (loss {result['loss']:.4f} nats/token) over "
+              f"{result['tokens']} tokens of {text_path.name}; attention {args.attn_bits}-bit, experts "
+              f"{args.expert_bits}-bit, model size {size / 2**20:.2f} MiB")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -303,7 +354,8 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "serve": cmd_serve}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "perplexity": cmd_perplexity,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ It knows nothing about the network; the worker and the coordinator build on it.
 """
 from .checkpoint import Checkpoint, CheckpointError
 from .model import OffloadConfig, load_model
+from .quant import QuantConfig
 from .store import ExpertKey
 
-__all__ = ["Checkpoint", "CheckpointError", "ExpertKey", "OffloadConfig", "load_model"]
+__all__ = ["Checkpoint", "CheckpointError", "ExpertKey", "OffloadConfig", "QuantConfig", "load_model"]

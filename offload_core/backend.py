@@ -53,7 +53,7 @@ class LocalExperts:
                  store: str = "ram", act_name: str = "silu"):
         if store not in ("ram", "disk"):
             raise ValueError(f"store must be 'ram' or 'disk', got {store!r}")
-        self.adapter, self.format, self.device = adapter, fmt, device
+        self.adapter, self.format, self.device, self.source = adapter, fmt, device, source
         self.store = RamStore(source, pin_memory=device.type == "cuda") if store == "ram" else DiskStore(source)
         self.loader = Loader(self.store, device)
         self.caches = {layer: LayerCache(layer, slots_per_layer, self.loader, source.nbytes) for layer in layers}
@@ -95,3 +95,6 @@ class LocalExperts:
 
     def close(self) -> None:
         self.loader.close()
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()

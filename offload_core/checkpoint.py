@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import logging
 import threading
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +27,54 @@ class CheckpointError(ValueError):
     """The folder is not a usable checkpoint; the message says what was expected."""
 
 
-class Checkpoint:
-    """A checkpoint folder opened lazily. `get(name)` reads one tensor; `bytes_read` counts what was read."""
+_MAX_HEADER = 1 << 27  # a larger safetensors header length means a corrupt file, not a real one
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
-    def __init__(self, path: str | Path):
+
+def read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """(absolute offset of the data section, header dict) of a safetensors file, checked for sanity."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path.name}: header length {length} does not fit a file of {size} bytes")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path.name}: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: header is not a JSON object")
+    return 8 + length, header
+
+
+def pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill `buf` from `fd` at `offset` (positionless, so threads may share the fd)."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"unexpected end of file after {offset + done} bytes (truncated file?)")
+        done += n
+
+
+class _Entry:
+    __slots__ = ("file", "dtype", "shape", "start", "end")
+
+    def __init__(self, file: Path, dtype: str, shape: tuple[int, ...], start: int, end: int):
+        self.file, self.dtype, self.shape, self.start, self.end = file, dtype, shape, start, end
+
+
+class Checkpoint:
+    """A checkpoint folder opened lazily. `get(name)` reads one tensor with pread (no mmap, so what was read
+    is not kept resident behind our back); `bytes_read` counts what was read."""
+
+    def __init__(self, path: str | Path, drop_page_cache: bool = False):
         self.path = Path(path).expanduser()
+        self.drop_page_cache = drop_page_cache  # forget what was read (posix_fadvise), for cold-read measurements
         if not self.path.is_dir():
             raise CheckpointError(
                 f"model folder {str(self.path)!r} does not exist: expected a Hugging Face model folder "
@@ -46,17 +89,27 @@ class Checkpoint:
             self.config_dict: dict = json.loads(config_file.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{str(config_file)!r} is not valid JSON: {exc}") from exc
-        self._files = self._shard_files()
-        self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
-        self._where: dict[str, Path] = {}
-        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
-        for file in sorted(set(self._files)):
-            handle = self._handle(file)
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                self._where[name] = file
-                self._meta[name] = (tuple(sl.get_shape()), sl.get_dtype())
+        self._entries: dict[str, _Entry] = {}
+        for file in self._shard_files():
+            data_start, header = read_safetensors_header(file)
+            size = file.stat().st_size
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                try:
+                    begin, end = info["data_offsets"]
+                    entry = _Entry(file, info["dtype"], tuple(int(d) for d in info["shape"]), data_start + begin,
+                                   data_start + end)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise CheckpointError(f"{file.name}: bad header entry for {name!r}") from exc
+                if entry.dtype not in SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"{file.name}: tensor {name!r} has unsupported dtype {entry.dtype!r}")
+                nbytes = math.prod(entry.shape) * SAFETENSORS_DTYPES[entry.dtype].itemsize
+                if entry.end - entry.start != nbytes or entry.end > size:
+                    raise CheckpointError(f"{file.name}: tensor {name!r} does not fit the file (truncated?)")
+                self._entries[name] = entry
         self.bytes_read = 0
 
     def _shard_files(self) -> list[Path]:
@@ -76,42 +129,62 @@ class Checkpoint:
             )
         return files
 
-    def _handle(self, file: Path):
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return handle
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            return fd
 
     @property
     def names(self) -> list[str]:
-        return sorted(self._where)
+        return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[self._require(name)][0]
+        return self._require(name).shape
 
-    def _require(self, name: str) -> str:
-        if name not in self._where:
+    def _require(self, name: str) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None:
             raise CheckpointError(f"checkpoint {str(self.path)!r} is missing tensor {name!r}")
-        return name
+        return entry
+
+    def _read_bytes(self, entry: _Entry, start: int, nbytes: int, count: bool = True) -> torch.Tensor:
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            fd = self._fd(entry.file)
+            pread_into(fd, memoryview(out.numpy()), start)
+            if self.drop_page_cache:
+                os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+        if count:
+            with self._lock:
+                self.bytes_read += nbytes
+        return out
+
+    def _read(self, entry: _Entry, start: int, nbytes: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._read_bytes(entry, start, nbytes).view(SAFETENSORS_DTYPES[entry.dtype]).view(shape)
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into memory (CPU)."""
-        self._require(name)
-        with self._lock:
-            tensor = self._handle(self._where[name]).get_tensor(name)
-            self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor
+        e = self._require(name)
+        return self._read(e, e.start, e.end - e.start, e.shape)
 
     def get_rows(self, name: str, index: int) -> torch.Tensor:
         """Read `tensor[index]` only, for fused per-expert tensors stored as one [E, ...] array."""
-        self._require(name)
+        e = self._require(name)
+        if not 0 <= index < e.shape[0]:
+            raise IndexError(f"{name}[{index}] out of range for shape {list(e.shape)}")
+        row = (e.end - e.start) // e.shape[0]
+        return self._read(e, e.start + index * row, row, e.shape[1:])
+
+    def close(self) -> None:
         with self._lock:
-            tensor = self._handle(self._where[name]).get_slice(name)[index]
-            self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def fingerprint(self, extra: dict | None = None, sample: list[str] = ()) -> str:
         """Hash of the config, every tensor's name, shape and dtype, `extra` (e.g. quantization settings),
@@ -120,14 +193,14 @@ class Checkpoint:
         config = {k: v for k, v in self.config_dict.items() if k not in _VOLATILE_CONFIG_KEYS}
         payload = {
             "config": config,
-            "tensors": [[n, list(self._meta[n][0]), self._meta[n][1]] for n in self.names],
+            "tensors": [[n, list(self._entries[n].shape), self._entries[n].dtype] for n in self.names],
             "extra": extra or {},
         }
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
         for name in sample:
-            self._require(name)
-            with self._lock:
-                sl = self._handle(self._where[name]).get_slice(name)
-                tensor = sl[:] if math.prod(sl.get_shape()) <= _SAMPLE_ELEMENTS else sl[0]
-            digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            e = self._require(name)
+            nbytes = e.end - e.start
+            if math.prod(e.shape) > _SAMPLE_ELEMENTS:
+                nbytes //= e.shape[0]  # the first row
+            digest.update(self._read_bytes(e, e.start, nbytes, count=False).numpy().tobytes())
         return digest.hexdigest()[:32]

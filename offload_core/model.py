@@ -21,7 +21,8 @@ from .backend import LocalExperts
 from .checkpoint import Checkpoint, CheckpointError
 from .families import adapter_for
 from .moe_layer import IMPLEMENTATION, MoELayer, register_experts_implementation
-from .packing import DenseFormat
+from .qcache import QuantizedCacheSource, open_quantized_cache
+from .quant import QuantConfig, expert_format, quantize_attention
 from .runtime import ExpertRuntime
 from .store import CheckpointSource
 
@@ -38,6 +39,9 @@ class OffloadConfig:
     prefetch: int = 1  # m experts of the next layer loaded speculatively per step; 0 turns prefetch off
     store: str | None = None  # host tier: "ram" (pinned when CUDA) or "disk"; None = ram on CUDA, disk on CPU
     dtype: str | None = None  # compute dtype; None = the checkpoint's own (config.json "dtype")
+    quant: QuantConfig = QuantConfig()  # HQQ bits for attention and experts; 16/16 = none
+    cache_dir: Path | None = None  # quantized caches live under it; None = $MOESHARD_CACHE_DIR or ~/.cache/moeshard
+    drop_page_cache: bool = False  # disk tier: tell the kernel to forget what it read (cold-read benchmarks)
 
     def __post_init__(self):
         if self.slots_per_layer < 1:
@@ -69,15 +73,19 @@ def resolve_dtype(name: str | None, config) -> torch.dtype:
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_per_layer: int = 2, prefetch: int = 1,
-               store: str | None = None, dtype: str | None = None, progress: bool = False) -> PreTrainedModel:
+               store: str | None = None, dtype: str | None = None, quant: QuantConfig | None = None,
+               cache_dir: str | Path | None = None, drop_page_cache: bool = False,
+               progress: bool = False) -> PreTrainedModel:
     """Open a Hugging Face MoE checkpoint folder and return transformers' model with offloaded experts.
 
     The result supports `model(input_ids).logits` and `model.generate(...)`; `model.expert_stats()`
-    returns cache and prefetch counters and `model.moeshard` is the `ExpertRuntime`.
+    returns cache and prefetch counters and `model.moeshard` is the `ExpertRuntime`. With `quant`,
+    attention is quantized with HQQ on load and experts come from a quantized cache built once on disk.
     """
-    opts = OffloadConfig(str(device), slots_per_layer, prefetch, store, dtype)
+    opts = OffloadConfig(str(device), slots_per_layer, prefetch, store, dtype, quant or QuantConfig(),
+                         Path(cache_dir) if cache_dir is not None else None, drop_page_cache)
     device = resolve_device(opts.device)
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(path, drop_page_cache=opts.drop_page_cache)
     config = AutoConfig.from_pretrained(ckpt.path)
     adapter = adapter_for(config)
     if opts.slots_per_layer > adapter.num_experts:
@@ -94,11 +102,13 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_pe
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, experts_implementation=IMPLEMENTATION)
     _load_dense_weights(model, ckpt, adapter, device, compute_dtype, progress)
+    quantize_attention(model, opts.quant, device)
     model.eval()
     if (ckpt.path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(ckpt.path)
 
-    local = build_local_experts(ckpt, config, adapter, device, opts.slots_per_layer, store_kind, compute_dtype)
+    local = build_local_experts(ckpt, config, adapter, device, opts.slots_per_layer, store_kind, compute_dtype,
+                                opts.quant, opts.cache_dir, progress)
     runtime = ExpertRuntime({"local": local})
     attach_moe_layers(model, adapter, runtime, opts.prefetch, opts.slots_per_layer)
     model.moeshard = runtime
@@ -112,11 +122,22 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_pe
 
 
 def build_local_experts(ckpt: Checkpoint, config, adapter, device: torch.device, slots_per_layer: int,
-                        store: str, dtype: torch.dtype) -> LocalExperts:
-    """The expert side of a model: format, source, store and per-layer caches (shared with the worker)."""
-    fmt = DenseFormat(adapter.expert_shape().tensors, dtype)
-    return LocalExperts(CheckpointSource(ckpt, adapter, fmt), adapter, fmt, device, slots_per_layer,
-                        adapter.moe_layers(), store=store, act_name=config.hidden_act)
+                        store: str, dtype: torch.dtype, quant: QuantConfig = QuantConfig(),
+                        cache_dir: Path | None = None, progress: bool = False) -> LocalExperts:
+    """The expert side of a model: format, source, store and per-layer caches (shared with the worker).
+
+    Dense experts are read from the checkpoint itself; quantized ones from the quantized cache, which is
+    built on first use (on the GPU when there is one: quantizing is much faster there)."""
+    fmt = expert_format(adapter.expert_shape().tensors, quant, dtype,
+                        quant_device=device if device.type == "cuda" else None)
+    if quant.experts_quantized:
+        cache = open_quantized_cache(ckpt, adapter, fmt, expert_fingerprint(ckpt, adapter, fmt), root=cache_dir,
+                                     progress=progress)
+        source = QuantizedCacheSource(cache, drop_page_cache=ckpt.drop_page_cache)
+    else:
+        source = CheckpointSource(ckpt, adapter, fmt)
+    return LocalExperts(source, adapter, fmt, device, slots_per_layer, adapter.moe_layers(), store=store,
+                        act_name=config.hidden_act)
 
 
 def expert_fingerprint(ckpt: Checkpoint, adapter, fmt) -> str:
@@ -162,3 +183,12 @@ def _load_dense_weights(model: PreTrainedModel, ckpt: Checkpoint, adapter, devic
         for name, buf in module._buffers.items():
             if buf is not None and buf.device != device:
                 module._buffers[name] = buf.to(device)
+
+
+def model_size_bytes(model: PreTrainedModel) -> int:
+    """Bytes of the model as moeshard stores it: the materialised dense weights (HQQ-packed attention
+    included) plus every expert's packed buffer."""
+    dense = sum(t.numel() * t.element_size() for t in model.state_dict().values()
+                if isinstance(t, torch.Tensor) and not t.is_meta)
+    local = model.moeshard.backends[model.moeshard.local]
+    return dense + local.format.layout.nbytes * len(local.caches) * model.config.num_local_experts

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, CheckpointError, pread_into, read_safetensors_header
 from .settings import CACHE_ENV, cache_root_from_env
 from .store import CheckpointSource, ExpertKey, ExpertSource
 
@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 _MANIFEST = "manifest.json"
 _VERSION = 1  # of the folder layout and manifest
 _ALIGN = 64  # the data section starts aligned, and every packed expert is a multiple of 64 bytes
-_MAX_HEADER = 1 << 26  # a larger safetensors header length is a corrupt file, not a real one
 _CHUNK = 1 << 24  # bytes hashed per read when verifying
 
 
@@ -39,22 +38,6 @@ class CorruptCacheError(ValueError):
 def default_cache_root() -> Path:
     """Where quantized caches live: $MOESHARD_CACHE_DIR, else ~/.cache/moeshard."""
     return cache_root_from_env()
-
-
-def read_safetensors_header(path: Path) -> tuple[int, dict]:
-    """(absolute offset of the data section, header dict) of a safetensors file, checked for sanity."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if size < 8 or length > min(_MAX_HEADER, size - 8):
-            raise CorruptCacheError(f"{path.name}: header length {length} does not fit a file of {size} bytes")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptCacheError(f"{path.name}: header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CorruptCacheError(f"{path.name}: header is not a JSON object")
-    return 8 + length, header
 
 
 def _layer_file(layer: int) -> str:
@@ -111,7 +94,7 @@ class QuantizedCache:
                 continue
             try:
                 cache._check_layer(layer, entry, verify)
-            except (OSError, CorruptCacheError) as exc:
+            except (OSError, CorruptCacheError, CheckpointError) as exc:
                 logger.warning("quantized cache file for layer %d is unusable (%s): rebuilding it", layer, exc)
                 stale.append(layer)
         if stale:
@@ -276,13 +259,7 @@ class QuantizedCacheSource:
         fd = self._fds[key.layer]
         direct = out.device.type == "cpu" and out.is_contiguous()
         target = out if direct else torch.empty(self.nbytes, dtype=torch.uint8)
-        view = memoryview(target.numpy())
-        done = 0
-        while done < self.nbytes:  # preadv may return short counts
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got == 0:
-                raise CorruptCacheError(f"{self.cache.layer_path(key.layer).name} ends inside expert {tuple(key)}")
-            done += got
+        pread_into(fd, memoryview(target.numpy()), offset)
         if self.drop_page_cache:
             os.posix_fadvise(fd, offset, self.nbytes, os.POSIX_FADV_DONTNEED)
         if not direct:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from offload_core import CheckpointError
+from offload_core import CheckpointError, QuantConfig
+from offload_core.quant import ALLOWED_BITS
 from offload_core.settings import token_from_env
 
 from .server import ServerConfig, WorkerServer
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hosted experts in RAM (default) or read from disk on every miss")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="expert compute dtype; must match the coordinator's (default: the checkpoint's)")
+    p.add_argument("--expert-bits", type=int, choices=ALLOWED_BITS, default=16,
+                   help="HQQ bits for the hosted experts; must match the coordinator's (default 16 = none)")
+    p.add_argument("--expert-group", type=_positive_int, default=None,
+                   help="expert quantization group (default: 16 at 2 bits, 64 otherwise)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where quantized experts are cached (default: $MOESHARD_CACHE_DIR or ~/.cache/moeshard)")
     p.add_argument("--max-tokens", type=_positive_int, default=8192, help="most rows per request (default 8192)")
     p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
                    help="drain time for in-flight requests on SIGTERM (default 5)")
@@ -90,7 +97,9 @@ async def _serve(args) -> int:
     shard_cfg = ShardConfig(model=args.model or demo_model_path(),
                             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                             slots_per_layer=args.slots_per_layer, store=args.store, dtype=args.dtype,
-                            memory_bytes=args.memory, max_tokens=args.max_tokens)
+                            memory_bytes=args.memory, max_tokens=args.max_tokens,
+                            quant=QuantConfig(expert_bits=args.expert_bits, expert_group=args.expert_group),
+                            cache_dir=args.cache_dir)
     server_cfg = ServerConfig(listen=args.listen, grace_s=args.grace, token=args.token or token_from_env(),
                               tls_cert=_read(args.tls_cert), tls_key=_read(args.tls_key))
     server = WorkerServer(shard_cfg, server_cfg)

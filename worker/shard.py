@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from offload_core import Checkpoint, ExpertKey
+from offload_core import Checkpoint, ExpertKey, QuantConfig
 from offload_core.families import adapter_for
 from offload_core.model import build_local_experts, expert_fingerprint, resolve_device, resolve_dtype
 
@@ -46,6 +46,8 @@ class ShardConfig:
     dtype: str | None = None  # expert compute dtype; None = the checkpoint's (must match the coordinator's)
     memory_bytes: int | None = None  # memory offered for hosted experts; None = 80% of what is free now
     max_tokens: int = 8192  # most rows one RunExperts may carry
+    quant: QuantConfig = QuantConfig()  # expert bits (must match the coordinator's); attention is not here
+    cache_dir: Path | None = None  # quantized cache location; None = $MOESHARD_CACHE_DIR or ~/.cache/moeshard
 
     def __post_init__(self):
         if self.slots_per_layer < 1:
@@ -70,7 +72,7 @@ class ExpertShard:
             raise ValueError(f"slots_per_layer must be <= {self.adapter.num_experts}, got {cfg.slots_per_layer}")
         self.dtype = resolve_dtype(cfg.dtype, config)
         self.backend = build_local_experts(self.ckpt, config, self.adapter, self.device, cfg.slots_per_layer,
-                                           cfg.store, self.dtype)
+                                           cfg.store, self.dtype, cfg.quant, cfg.cache_dir, progress=True)
         self.fingerprint = expert_fingerprint(self.ckpt, self.adapter, self.backend.format)
         self.expert_bytes = self.backend.format.layout.nbytes
         self.capacity_bytes = cfg.memory_bytes or self._free_memory()
