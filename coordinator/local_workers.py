@@ -24,31 +24,49 @@ class LocalWorkers:
         self.procs: list[subprocess.Popen] = []
         self.addresses: list[str] = []
 
+    def _ready_file(self, i: int) -> Path:
+        return Path(self._dir.name) / f"worker{i}.addr"
+
+    def _spawn(self, i: int, listen: str) -> subprocess.Popen:
+        self._ready_file(i).unlink(missing_ok=True)
+        with open(self.log_dir / f"worker{i}.log", "ab") as log:
+            cmd = [sys.executable, "-m", "worker", "--model", str(self.model), "--listen", listen,
+                   "--ready-file", str(self._ready_file(i)), *self.extra_args]
+            # One compute thread each: the workers share this machine's cores with the coordinator.
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def _wait_ready(self, i: int) -> str:
+        deadline = time.monotonic() + self.timeout_s
+        path = self._ready_file(i)
+        while not path.exists():
+            if self.procs[i].poll() is not None:
+                log = (self.log_dir / f"worker{i}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"moe-worker {i} exited with {self.procs[i].returncode}:\n{log}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"moe-worker {i} not ready after {self.timeout_s:.0f} s")
+            time.sleep(0.05)
+        return path.read_text().strip()
+
     def __enter__(self) -> LocalWorkers:
         try:
-            ready = [Path(self._dir.name) / f"worker{i}.addr" for i in range(self.count)]
-            for i, path in enumerate(ready):
-                log = open(self.log_dir / f"worker{i}.log", "wb")
-                cmd = [sys.executable, "-m", "worker", "--model", str(self.model), "--listen", "127.0.0.1:0",
-                       "--ready-file", str(path), *self.extra_args]
-                self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
-                                                       "OMP_NUM_THREADS", "1")}))
-                log.close()
-            deadline = time.monotonic() + self.timeout_s
-            for i, path in enumerate(ready):
-                while not path.exists():
-                    if self.procs[i].poll() is not None:
-                        log = (self.log_dir / f"worker{i}.log").read_text(errors="replace")[-2000:]
-                        raise RuntimeError(f"moe-worker {i} exited with {self.procs[i].returncode}:\n{log}")
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"moe-worker {i} not ready after {self.timeout_s:.0f} s")
-                    time.sleep(0.05)
-                self.addresses.append(path.read_text().strip())
+            self.procs = [self._spawn(i, "127.0.0.1:0") for i in range(self.count)]
+            self.addresses = [self._wait_ready(i) for i in range(self.count)]
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def signal(self, i: int, sig: int) -> None:
+        self.procs[i].send_signal(sig)
+
+    def restart(self, i: int) -> None:
+        """Start worker `i` again on the same address (after it died or was killed)."""
+        if self.procs[i].poll() is None:
+            self.procs[i].kill()
+        self.procs[i].wait()
+        self.procs[i] = self._spawn(i, self.addresses[i])
+        self._wait_ready(i)
 
     def __exit__(self, *exc) -> None:
         for proc in self.procs:

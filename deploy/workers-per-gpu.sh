@@ -10,12 +10,14 @@
 #
 # Settings (environment):
 #   MODEL        checkpoint folder (default: the bundled demo model)
-#   GPUS         GPU indices, e.g. GPUS=0,1 (default: every GPU that `nvidia-smi -L` lists)
+#   GPUS         GPU indices, e.g. GPUS=1,2 (default: every GPU that `nvidia-smi -L` lists); leave out the
+#                GPU the coordinator runs on when it is on this machine
 #   HOST         address to listen on (default 127.0.0.1); anything but loopback needs MOESHARD_TOKEN
 #   ADVERTISE    host name the coordinator should use (default: HOST, or `hostname` when HOST is 0.0.0.0/::)
 #   BASE_PORT    port of GPU 0 (default 50051)
 #   MEMORY       memory offered per worker, e.g. 20GiB (default: the worker's own, 80% of what is free)
 #   SLOTS        experts per layer kept on each GPU (default 2)
+#   EXPERT_BITS  HQQ bits for the hosted experts (16, 8, 4, 3, 2); the coordinator needs the same --expert-bits
 #   EXTRA_ARGS   more moe-worker flags, space-separated (e.g. "--dtype bfloat16 --tls-cert c.pem --tls-key k.pem")
 #   RUN_DIR      where logs (worker-N.log), pids (worker-N.pid) and ready files go (default ./moeshard-workers)
 #   MOE_WORKER   the moe-worker program (default: moe-worker on PATH, e.g. an activated virtualenv)
@@ -31,6 +33,7 @@ ADVERTISE=${ADVERTISE:-}
 BASE_PORT=${BASE_PORT:-50051}
 MEMORY=${MEMORY:-}
 SLOTS=${SLOTS:-2}
+EXPERT_BITS=${EXPERT_BITS:-}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 RUN_DIR=${RUN_DIR:-./moeshard-workers}
 MOE_WORKER=${MOE_WORKER:-moe-worker}
@@ -120,9 +123,15 @@ cmd_start() {
     read -r -a extra <<<"$EXTRA_ARGS"
     # cuda:N means the same GPU as nvidia-smi's GPU N only in PCI bus order (CUDA's default is fastest first).
     export CUDA_DEVICE_ORDER=PCI_BUS_ID
-    [[ $DRY_RUN == 1 ]] || mkdir -p "$RUN_DIR"
-
     local gpu port listen pid_file log_file ready_file pid
+    if [[ $DRY_RUN != 1 ]]; then
+        mkdir -p "$RUN_DIR"
+        for gpu in "${gpus[@]}"; do
+            if pid=$(live_pid "$RUN_DIR/worker-$gpu.pid"); then
+                die "GPU $gpu: a moe-worker (pid $pid) is already running from $RUN_DIR; run '$0 stop' first"
+            fi
+        done
+    fi
     local -a addresses=() started=() cmd
     for gpu in "${gpus[@]}"; do
         port=$((BASE_PORT + gpu))
@@ -135,15 +144,13 @@ cmd_start() {
             --ready-file "$ready_file")
         [[ -n $MODEL ]] && cmd+=(--model "$MODEL")
         [[ -n $MEMORY ]] && cmd+=(--memory "$MEMORY")
+        [[ -n $EXPERT_BITS ]] && cmd+=(--expert-bits "$EXPERT_BITS")
         cmd+=("${extra[@]}")
         addresses+=("$advertise:$port")
         if [[ $DRY_RUN == 1 ]]; then
             printf '%q ' "${cmd[@]}"
             printf '>>%q 2>&1 &\n' "$log_file"
             continue
-        fi
-        if pid=$(live_pid "$pid_file"); then
-            die "GPU $gpu: a moe-worker (pid $pid) is already running from $RUN_DIR; run '$0 stop' first"
         fi
         rm -f "$ready_file"
         nohup "${cmd[@]}" >>"$log_file" 2>&1 </dev/null &
@@ -156,16 +163,19 @@ cmd_start() {
         local deadline=$((SECONDS + WAIT_S))
         for gpu in "${started[@]}"; do
             until [[ -s $RUN_DIR/worker-$gpu.ready ]]; do
-                if ! live_pid "$RUN_DIR/worker-$gpu.pid" >/dev/null; then
+                # kill -0, not live_pid: until exec, a fresh child's command line is still this script's.
+                if ! kill -0 "$(<"$RUN_DIR/worker-$gpu.pid")" 2>/dev/null; then
                     tail -n 20 "$RUN_DIR/worker-$gpu.log" >&2 || true
-                    die "GPU $gpu: moe-worker exited before SERVING (log above: $RUN_DIR/worker-$gpu.log)"
+                    die "GPU $gpu: moe-worker exited before SERVING (log above: $RUN_DIR/worker-$gpu.log);" \
+                        "'$0 stop' stops the others"
                 fi
                 ((SECONDS < deadline)) || die "GPU $gpu: not SERVING after $WAIT_S s (see $RUN_DIR/worker-$gpu.log)"
-                sleep 0.5
+                sleep 0.2
             done
         done
         info "all ${#started[@]} workers are SERVING"
     fi
+    [[ -z $EXPERT_BITS ]] || info "start the coordinator with --expert-bits $EXPERT_BITS too"
     local IFS=','
     echo "--workers ${addresses[*]}"
 }
@@ -180,7 +190,7 @@ cmd_stop() {
                 echo "kill -TERM $pid"
                 continue
             fi
-            kill -TERM "$pid"
+            kill -TERM "$pid" 2>/dev/null || continue
             pids+=("$pid")
             info "sent SIGTERM to moe-worker pid $pid ($pid_file)"
         fi
@@ -212,6 +222,7 @@ cmd_status() {
             echo "$(basename "$pid_file" .pid): not running (stale $pid_file)"
         fi
     done
+    ((running > 0)) || info "no moe-worker running from $RUN_DIR"
     ((running > 0))
 }
 

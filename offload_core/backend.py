@@ -11,7 +11,7 @@ import time
 from typing import Protocol
 
 import torch
-from transformers.activations import ACT2FN
+import torch.nn.functional as F
 
 from .cache import LayerCache, Loader
 from .store import DiskStore, RamStore
@@ -36,6 +36,20 @@ class ExpertBackend(Protocol):
     def stats(self) -> dict: ...
 
 
+# The activations MoE families use, as transformers' ACT2FN defines them; importing ACT2FN itself pulls in
+# transformers' kernel hub machinery, seconds of start-up for a worker.
+_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def activation(name: str):
+    if name in _ACTIVATIONS:
+        return _ACTIVATIONS[name]
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
 class _LocalPending:
     def __init__(self, backend: LocalExperts, layer: int, groups: dict[int, torch.Tensor], order: list[int]):
         self.backend, self.layer, self.groups, self.order = backend, layer, groups, order
@@ -57,7 +71,7 @@ class LocalExperts:
         self.store = RamStore(source, pin_memory=device.type == "cuda") if store == "ram" else DiskStore(source)
         self.loader = Loader(self.store, device)
         self.caches = {layer: LayerCache(layer, slots_per_layer, self.loader, source.nbytes) for layer in layers}
-        self.act = ACT2FN[act_name]
+        self.act = activation(act_name)
 
     def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: Hint | None = None) -> _LocalPending:
         order = self.caches[layer].begin(groups)  # starts the loads now; compute happens in result()

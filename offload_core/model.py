@@ -17,20 +17,14 @@ from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from .backend import LocalExperts
 from .checkpoint import Checkpoint, CheckpointError
+from .experts import DTYPES, build_local_experts, expert_fingerprint, resolve_device, resolve_dtype
 from .families import adapter_for
 from .moe_layer import IMPLEMENTATION, MoELayer, register_experts_implementation
-from .qcache import QuantizedCacheSource, open_quantized_cache
-from .quant import QuantConfig, expert_format, quantize_attention
+from .quant_config import QuantConfig
 from .runtime import ExpertRuntime
-from .store import CheckpointSource
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
 
 @dataclass(frozen=True)
 class OffloadConfig:
@@ -50,26 +44,8 @@ class OffloadConfig:
             raise ValueError(f"prefetch must be >= 0 (0 = off), got {self.prefetch}")
         if self.store not in (None, "ram", "disk"):
             raise ValueError(f"store must be 'ram' or 'disk', got {self.store!r}")
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def resolve_dtype(name: str | None, config) -> torch.dtype:
-    if name is not None:
-        return _DTYPES[name]
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return _DTYPES.get(str(dtype), torch.float32)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_per_layer: int = 2, prefetch: int = 1,
@@ -102,7 +78,10 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_pe
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, experts_implementation=IMPLEMENTATION)
     _load_dense_weights(model, ckpt, adapter, device, compute_dtype, progress)
-    quantize_attention(model, opts.quant, device)
+    if opts.quant.attention_quantized:
+        from .quant import quantize_attention  # hqq is heavy: load it only when used
+
+        quantize_attention(model, opts.quant, device)
     model.eval()
     if (ckpt.path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(ckpt.path)
@@ -119,31 +98,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_pe
                 ckpt.path, len(adapter.moe_layers()), adapter.num_experts, opts.slots_per_layer, opts.prefetch,
                 store_kind, device)
     return model
-
-
-def build_local_experts(ckpt: Checkpoint, config, adapter, device: torch.device, slots_per_layer: int,
-                        store: str, dtype: torch.dtype, quant: QuantConfig = QuantConfig(),
-                        cache_dir: Path | None = None, progress: bool = False) -> LocalExperts:
-    """The expert side of a model: format, source, store and per-layer caches (shared with the worker).
-
-    Dense experts are read from the checkpoint itself; quantized ones from the quantized cache, which is
-    built on first use (on the GPU when there is one: quantizing is much faster there)."""
-    fmt = expert_format(adapter.expert_shape().tensors, quant, dtype,
-                        quant_device=device if device.type == "cuda" else None)
-    if quant.experts_quantized:
-        cache = open_quantized_cache(ckpt, adapter, fmt, expert_fingerprint(ckpt, adapter, fmt), root=cache_dir,
-                                     progress=progress)
-        source = QuantizedCacheSource(cache, drop_page_cache=ckpt.drop_page_cache)
-    else:
-        source = CheckpointSource(ckpt, adapter, fmt)
-    return LocalExperts(source, adapter, fmt, device, slots_per_layer, adapter.moe_layers(), store=store,
-                        act_name=config.hidden_act)
-
-
-def expert_fingerprint(ckpt: Checkpoint, adapter, fmt) -> str:
-    """What a coordinator and a worker must agree on: the checkpoint (a sample of its bytes too) and the
-    expert format."""
-    return ckpt.fingerprint({"experts": fmt.describe()}, sample=adapter.fingerprint_sample(ckpt))
 
 
 def attach_moe_layers(model: PreTrainedModel, adapter, runtime: ExpertRuntime, prefetch: int, prefetch_cap: int) -> None:

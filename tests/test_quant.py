@@ -17,7 +17,7 @@ from offload_core.families import adapter_for
 from offload_core.model import expert_fingerprint
 from offload_core.packing import DenseFormat
 from offload_core.qcache import (QuantizedCache, QuantizedCacheSource, default_cache_root, open_quantized_cache)
-from offload_core.quant import (DEFAULT_EXPERT_GROUP, PRESETS, HQQExpertFormat, QuantConfig, expert_format,
+from offload_core.quant import (DEFAULT_EXPERT_GROUP, HQQExpertFormat, QuantConfig, expert_format,
                                 quantize_attention)
 from offload_core.store import CheckpointSource, ExpertKey
 
@@ -114,7 +114,7 @@ def test_bad_settings_are_refused_with_the_allowed_values():
     assert QuantConfig(expert_bits=2).expert_group_size == 16
     assert QuantConfig(expert_bits=3).describe() == {"attn_bits": 16, "attn_group": None, "expert_bits": 3,
                                                      "expert_group": 64}
-    assert isinstance(expert_format(SHAPES, PRESETS["none"], torch.float32), DenseFormat)
+    assert isinstance(expert_format(SHAPES, QuantConfig(), torch.float32), DenseFormat)
 
 
 def _fake_quantize_experts(model: MixtralForCausalLM, bits: int) -> None:
@@ -148,7 +148,7 @@ def test_quantize_attention_replaces_only_attention(tiny_ckpt, reference):
 def test_int8_attention_and_experts_keep_greedy_tokens(tiny_ckpt, reference):
     ref = reference(tiny_ckpt)
     model = copy.deepcopy(ref)
-    quantize_attention(model, PRESETS["int8"], "cpu")
+    quantize_attention(model, QuantConfig(attn_bits=8, expert_bits=8), "cpu")
     _fake_quantize_experts(model, 8)
     ids = torch.tensor([[1, 5, 17, 33, 9, 60]])
     kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)

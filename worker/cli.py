@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from offload_core import CheckpointError, QuantConfig
-from offload_core.quant import ALLOWED_BITS
+from offload_core.quant_config import ALLOWED_BITS
 from offload_core.settings import token_from_env
 
 from .server import ServerConfig, WorkerServer

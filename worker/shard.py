@@ -18,7 +18,7 @@ from transformers import AutoConfig
 
 from offload_core import Checkpoint, ExpertKey, QuantConfig
 from offload_core.families import adapter_for
-from offload_core.model import build_local_experts, expert_fingerprint, resolve_device, resolve_dtype
+from offload_core.experts import build_local_experts, expert_fingerprint, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
