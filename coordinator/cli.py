@@ -108,24 +108,24 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> N
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moe-coordinator",
+        prog="moe-coordinator", allow_abbrev=False,
         description="Run Mixture-of-Experts models that do not fit on one GPU: experts offloaded to RAM or disk "
                     "behind a per-layer LRU cache with speculative prefetch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal",
+    p = sub.add_parser("generate", allow_abbrev=False, help="generate text from a prompt, streamed to the terminal",
                        description="Generate text from a prompt; ends with tokens/s, cache hit rate and prefetch recall.")
     p.add_argument("--prompt", required=True, help="the prompt text")
     add_sampling_args(p)
     p.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"} instead')
     add_model_args(p)
 
-    p = sub.add_parser("chat", help="interactive chat (the tokenizer's chat template, or plain continuation)",
+    p = sub.add_parser("chat", allow_abbrev=False, help="interactive chat (the tokenizer's chat template, or plain continuation)",
                        description="Interactive chat on stdin/stdout; an empty line or /exit ends it.")
     add_sampling_args(p, max_new_tokens=128)
     add_model_args(p)
 
-    p = sub.add_parser("demo", help="the main job on the demo model: generate, then print expert-cache stats",
+    p = sub.add_parser("demo", allow_abbrev=False, help="the main job on the demo model: generate, then print expert-cache stats",
                        description="Generate from a Python prompt on the bundled demo model and show how the "
                                    "expert cache and prefetch behaved.")
     p.add_argument("--prompt", default=DEMO_PROMPT, help=f"the prompt (default {DEMO_PROMPT!r})")
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="moe-worker processes to start on this machine and spread experts over (default 2; 0 = none)")
     add_sampling_args(p, max_new_tokens=96)
     add_model_args(p)
-    p = sub.add_parser("perplexity", help="perplexity of the model on a text file (quality under quantization)",
+    p = sub.add_parser("perplexity", allow_abbrev=False, help="perplexity of the model on a text file (quality under quantization)",
                        description="Mean next-token cross-entropy over non-overlapping windows of a text file.")
     p.add_argument("--text", type=Path, default=None,
                    help="UTF-8 text file (default: the demo model's held-out text)")
@@ -141,7 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print one JSON object {"perplexity", "tokens", ...}')
     add_model_args(p)
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)",
+    p = sub.add_parser("bench", allow_abbrev=False, help="side-by-side speed benchmark against transformers and accelerate",
+                       description="Decode the same prompt with every system on a generated benchmark checkpoint, "
+                                   "in one run; print a table, write JSON and a PNG plot.")
+    from benchmarks.bench import add_arguments
+
+    add_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    p.add_argument("--verbose", action="store_true", help="log each system as it runs")
+
+    p = sub.add_parser("serve", allow_abbrev=False, help="an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)",
                        description="Serve /v1/models, /v1/completions, /v1/chat/completions, /health and /metrics.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_nonnegative_int, default=8000, help="port (default 8000)")

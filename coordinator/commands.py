@@ -202,7 +202,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from benchmarks.bench import main as bench_main
+
+    return bench_main(args)
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "perplexity": cmd_perplexity,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "bench": cmd_bench}
 
 

@@ -18,6 +18,10 @@ import torch
 from .store import ExpertKey
 
 _STAGING_BUFFERS = 2  # pinned bounce buffers for a disk store on CUDA: read one while the other copies
+POLICIES = {
+    "lru": "evict the least recently used expert (the paper's cache)",
+    "none": "keep nothing between calls: every needed expert is loaded every time (the naive baseline)",
+}
 
 
 @dataclass
@@ -108,10 +112,12 @@ class LayerCache:
     Recency: hits are touched in ascending expert order, then misses in ascending order.
     """
 
-    def __init__(self, layer: int, capacity: int, loader: Loader, nbytes: int):
+    def __init__(self, layer: int, capacity: int, loader: Loader, nbytes: int, policy: str = "lru"):
         if capacity < 1:
             raise ValueError(f"slots per layer must be >= 1, got {capacity}")
-        self.layer, self.capacity, self.loader = layer, capacity, loader
+        if policy not in POLICIES:
+            raise ValueError(f"eviction policy must be one of {list(POLICIES)}, got {policy!r}")
+        self.layer, self.capacity, self.loader, self.policy = layer, capacity, loader, policy
         self._free = [_Slot(torch.empty(nbytes, dtype=torch.uint8, device=loader.device)) for _ in range(capacity)]
         self._resident: OrderedDict[int, _Slot] = OrderedDict()  # LRU first, MRU last
         self._pinned: set[int] = set()
@@ -123,6 +129,9 @@ class LayerCache:
         return list(self._resident)
 
     def begin(self, needed) -> list[int]:
+        if self.policy == "none":  # the naive baseline: nothing is reused from one call to the next
+            while self._resident:
+                self._free.append(self._resident.popitem(last=False)[1])
         needed = sorted(set(needed))
         hits = [e for e in needed if e in self._resident]
         misses = [e for e in needed if e not in self._resident]

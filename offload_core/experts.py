@@ -40,7 +40,7 @@ def resolve_dtype(name: str | None, config) -> torch.dtype:
 
 def build_local_experts(ckpt: Checkpoint, config, adapter, device: torch.device, slots_per_layer: int,
                         store: str, dtype: torch.dtype, quant: QuantConfig = QuantConfig(),
-                        cache_dir: Path | None = None, progress: bool = False) -> LocalExperts:
+                        cache_dir: Path | None = None, progress: bool = False, policy: str = "lru") -> LocalExperts:
     """The expert side of a model: format, source, store and per-layer caches (shared with the worker).
 
     Dense experts are read from the checkpoint itself; quantized ones from the quantized cache, which is
@@ -59,7 +59,7 @@ def build_local_experts(ckpt: Checkpoint, config, adapter, device: torch.device,
         fmt = DenseFormat(shapes, dtype)
         source = CheckpointSource(ckpt, adapter, fmt)
     return LocalExperts(source, adapter, fmt, device, slots_per_layer, adapter.moe_layers(), store=store,
-                        act_name=config.hidden_act)
+                        act_name=config.hidden_act, policy=policy)
 
 
 def expert_fingerprint(ckpt: Checkpoint, adapter, fmt) -> str:

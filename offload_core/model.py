@@ -36,6 +36,7 @@ class OffloadConfig:
     quant: QuantConfig = QuantConfig()  # HQQ bits for attention and experts; 16/16 = none
     cache_dir: Path | None = None  # quantized caches live under it; None = $MOESHARD_CACHE_DIR or ~/.cache/moeshard
     drop_page_cache: bool = False  # disk tier: tell the kernel to forget what it read (cold-read benchmarks)
+    policy: str = "lru"  # slot eviction policy (see cache.POLICIES)
 
     def __post_init__(self):
         if self.slots_per_layer < 1:
@@ -50,7 +51,7 @@ class OffloadConfig:
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_per_layer: int = 2, prefetch: int = 1,
                store: str | None = None, dtype: str | None = None, quant: QuantConfig | None = None,
-               cache_dir: str | Path | None = None, drop_page_cache: bool = False,
+               cache_dir: str | Path | None = None, drop_page_cache: bool = False, policy: str = "lru",
                progress: bool = False) -> PreTrainedModel:
     """Open a Hugging Face MoE checkpoint folder and return transformers' model with offloaded experts.
 
@@ -59,7 +60,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_pe
     attention is quantized with HQQ on load and experts come from a quantized cache built once on disk.
     """
     opts = OffloadConfig(str(device), slots_per_layer, prefetch, store, dtype, quant or QuantConfig(),
-                         Path(cache_dir) if cache_dir is not None else None, drop_page_cache)
+                         Path(cache_dir) if cache_dir is not None else None, drop_page_cache, policy)
     device = resolve_device(opts.device)
     ckpt = Checkpoint(path, drop_page_cache=opts.drop_page_cache)
     config = AutoConfig.from_pretrained(ckpt.path)
@@ -87,7 +88,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_pe
         model.generation_config = GenerationConfig.from_pretrained(ckpt.path)
 
     local = build_local_experts(ckpt, config, adapter, device, opts.slots_per_layer, store_kind, compute_dtype,
-                                opts.quant, opts.cache_dir, progress)
+                                opts.quant, opts.cache_dir, progress, opts.policy)
     runtime = ExpertRuntime({"local": local})
     attach_moe_layers(model, adapter, runtime, opts.prefetch, opts.slots_per_layer)
     model.moeshard = runtime

@@ -18,9 +18,9 @@ import shlex
 import signal
 import subprocess
 import threading
-import tomllib
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 
@@ -143,7 +143,7 @@ def test_compose_coordinator_reaches_exactly_its_workers(compose, compose_comman
     workers = {name: args for name, (program, args) in compose_commands.items() if program == "moe-worker"}
     [(name, coord)] = [(n, args) for n, (program, args) in compose_commands.items() if program == "moe-coordinator"]
     spec = cluster_of(coord)
-    assert spec is not None and spec.placement is None
+    assert spec.placement is None, "compose.yaml: balanced placement over the listed workers"
     expected = {f"{w}:{args.listen.rpartition(':')[2]}" for w, args in workers.items()}
     assert set(spec.workers) == expected, f"compose.yaml: {name} --workers should name every worker service"
     for w, args in workers.items():
@@ -222,7 +222,7 @@ def _run_healthcheck(script: str, token: str, monkeypatch) -> int:
         exec(compile(script, "healthcheck", "exec"), {})
     except SystemExit as exc:
         return int(exc.code or 0)
-    except Exception:  # noqa: BLE001 - an RPC error makes the real `python -c` exit 1 too
+    except grpc.RpcError:  # uncaught, it makes the real `python -c` exit 1
         return 1
     return 0
 
@@ -267,10 +267,11 @@ def test_dockerfile_runs_a_cli_as_non_root_and_installs_every_package(compose):
         i for i, k in enumerate(keywords) if k == "RUN"), "the image must end as a non-root USER after the last RUN"
     (cmd,) = [json.loads(v) for k, v in instructions if k == "CMD"]
     parse_command(cmd, "Dockerfile: CMD")
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    # [tool.setuptools.packages.find] include = [...] (read with a regex: tomllib needs Python 3.11)
+    include = re.search(r"^include\s*=\s*\[([^\]]*)\]", (ROOT / "pyproject.toml").read_text(), re.M)
+    packages = re.findall(r'"(\w+)\*?"', include.group(1))
     copied = {Path(v.split()[0]).name for k, v in instructions if k == "COPY"}
-    for pattern in packages["include"]:
-        assert pattern.rstrip("*") in copied, f"Dockerfile does not COPY package {pattern.rstrip('*')}"
+    assert packages and set(packages) <= copied, f"Dockerfile does not COPY {set(packages) - copied}"
     for service in compose["services"].values():
         build = service["build"]
         assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == (DEPLOY / "Dockerfile").resolve()

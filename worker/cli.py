@@ -46,7 +46,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-worker",
+    p = argparse.ArgumentParser(prog="moe-worker", allow_abbrev=False,
                                 description="Host a share of an MoE model's experts and compute them for a "
                                             "moe-coordinator over gRPC. Activations travel, weights do not.")
     p.add_argument("--model", type=Path, default=None,

@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--steps", type=int, default=1100)
     p.add_argument("--minutes", type=float, default=25.0,
                    help="wall-clock cap on the training loop alone; stops early if exceeded")
     p.add_argument("--batch-size", type=int, default=16)
@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="every N-th stdlib file (sorted order) is held out")
     p.add_argument("--heldout-chars", type=int, default=64_000)
     p.add_argument("--max-file-bytes", type=int, default=200_000)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads; use 1 on a busy machine, where 2 threads stall on each other")
     p.add_argument("--log-every", type=int, default=50)
     return p.parse_args(argv)
 
