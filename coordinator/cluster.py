@@ -71,33 +71,43 @@ class ClusterSpec:
     @classmethod
     def from_file(cls, path: Path) -> ClusterSpec:
         """A JSON cluster file: {"workers": [{"address": "h:p", "experts": [[layer, expert], ...]}, ...],
-        "local_share": 0.0}; "experts" is optional (balanced placement when no worker lists any)."""
+        "local_share": 0.0, "replicas": 1}. Either every worker lists its experts (explicit placement; an
+        expert listed under two workers has a replica) or none does (balanced by memory)."""
+        where = f"cluster file {str(path)!r}"
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ClusterError(f"cannot read cluster file {str(path)!r}: {exc}") from exc
+            raise ClusterError(f"cannot read {where}: {exc}") from exc
         if not isinstance(data, dict) or not isinstance(data.get("workers"), list) or not data["workers"]:
-            raise ClusterError(f"cluster file {str(path)!r}: expected {{\"workers\": [{{\"address\": \"HOST:PORT\"}}, ...]}}")
-        addresses, placement = [], {}
+            raise ClusterError(f'{where}: expected {{"workers": [{{"address": "HOST:PORT"}}, ...]}}')
+        _no_unknown_keys(data, {"workers", "local_share", "replicas"}, where)
+        addresses, placement, explicit = [], {}, []
         for i, w in enumerate(data["workers"]):
             if not isinstance(w, dict) or not isinstance(w.get("address"), str):
-                raise ClusterError(f"cluster file {str(path)!r}: workers[{i}] needs an \"address\": \"HOST:PORT\"")
-            addresses.append(w["address"])
+                raise ClusterError(f'{where}: workers[{i}] needs an "address": "HOST:PORT"')
+            _no_unknown_keys(w, {"address", "experts"}, f"{where}: workers[{i}]")
+            addresses.append(_check_address(w["address"]))
+            explicit.append("experts" in w)
             for pair in w.get("experts", []):
                 if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) for v in pair)):
-                    raise ClusterError(f"cluster file {str(path)!r}: workers[{i}].experts must be [[layer, expert], ...]")
+                    raise ClusterError(f"{where}: workers[{i}].experts must be [[layer, expert], ...]")
                 key = ExpertKey(*pair)
                 placement[key] = (*placement.get(key, ()), w["address"])  # listed twice = a replica
-        return cls(tuple(addresses), placement or None, float(data.get("local_share", 0.0)),
-                   int(data.get("replicas", 1)))
+        if any(explicit) and not all(explicit):
+            raise ClusterError(f'{where}: either every worker lists its "experts" (explicit placement) or none '
+                               "does (balanced by reported memory)")
+        try:
+            local_share, replicas = float(data.get("local_share", 0.0)), int(data.get("replicas", 1))
+        except (TypeError, ValueError) as exc:
+            raise ClusterError(f"{where}: local_share must be a number and replicas a whole number") from exc
+        if any(explicit) and ("local_share" in data or "replicas" in data):
+            raise ClusterError(f"{where}: local_share and replicas apply to balanced placement only; with explicit "
+                               "experts, list an expert under two workers to replicate it")
+        return cls(tuple(addresses), placement or None, local_share, replicas)
 
     @classmethod
     def from_addresses(cls, text: str, local_share: float = 0.0, replicas: int = 1) -> ClusterSpec:
-        addresses = tuple(a.strip() for a in text.split(",") if a.strip())
-        for a in addresses:
-            host, sep, port = a.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ClusterError(f"worker address {a!r}: expected HOST:PORT, e.g. 192.168.1.20:50051")
+        addresses = tuple(_check_address(a.strip()) for a in text.split(",") if a.strip())
         if not addresses:
             raise ClusterError("--workers is empty: expected HOST:PORT[,HOST:PORT...]")
         return cls(addresses, None, local_share, replicas)
@@ -155,6 +165,19 @@ class WorkerMonitor:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=5)
+
+
+def _check_address(address: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterError(f"worker address {address!r}: expected HOST:PORT, e.g. 192.168.1.20:50051")
+    return address
+
+
+def _no_unknown_keys(data: dict, known: set[str], where: str) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ClusterError(f"{where}: unknown keys {unknown}; expected only {sorted(known)}")
 
 
 def attach_workers(model, spec: ClusterSpec, cfg: ClientConfig = ClientConfig(),
