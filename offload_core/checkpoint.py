@@ -146,6 +146,9 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._require(name).shape
 
+    def dtype(self, name: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self._require(name).dtype]
+
     def _require(self, name: str) -> _Entry:
         entry = self._entries.get(name)
         if entry is None:
@@ -179,6 +182,23 @@ class Checkpoint:
             raise IndexError(f"{name}[{index}] out of range for shape {list(e.shape)}")
         row = (e.end - e.start) // e.shape[0]
         return self._read(e, e.start + index * row, row, e.shape[1:])
+
+    def read_into(self, name: str, out: torch.Tensor, index: int | None = None) -> bool:
+        """Read `tensor` (or `tensor[index]`) straight into the contiguous CPU tensor `out`, with no temporary.
+        Returns False, reading nothing, when dtype or size differ (the caller then converts)."""
+        e = self._require(name)
+        nbytes = e.end - e.start if index is None else (e.end - e.start) // e.shape[0]
+        if (SAFETENSORS_DTYPES[e.dtype] != out.dtype or out.device.type != "cpu" or not out.is_contiguous()
+                or out.numel() * out.element_size() != nbytes):
+            return False
+        start = e.start + (index or 0) * nbytes
+        fd = self._fd(e.file)
+        pread_into(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), start)
+        if self.drop_page_cache:
+            os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self.bytes_read += nbytes
+        return True
 
     def close(self) -> None:
         with self._lock:

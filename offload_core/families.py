@@ -100,6 +100,22 @@ class MixtralAdapter:
         w1, w3, w2 = (ckpt.get(names[k]) for k in ("w1", "w3", "w2"))
         return {"gate_up": torch.cat([w1, w3], dim=0), "down": w2}
 
+    def read_expert_into(self, ckpt: Checkpoint, layer: int, expert: int, views: dict[str, torch.Tensor]) -> bool:
+        """Read one expert straight into its packed views (no temporaries) when the checkpoint already holds
+        the compute dtype; False (nothing read) otherwise."""
+        fused = self._fused_names(layer)
+        I = self.intermediate_size
+        if fused["gate_up"] in ckpt:
+            reads = [(fused["gate_up"], views["gate_up"], expert), (fused["down"], views["down"], expert)]
+        else:
+            names = self._per_expert_names(layer, expert)
+            reads = [(names["w1"], views["gate_up"][:I], None), (names["w3"], views["gate_up"][I:], None),
+                     (names["w2"], views["down"], None)]
+        dtype = views["down"].dtype
+        if any(ckpt.dtype(name) != dtype for name, _, _ in reads):
+            return False
+        return all(ckpt.read_into(name, out, index) for name, out, index in reads)
+
     def fingerprint_sample(self, ckpt: Checkpoint) -> list[str]:
         """Tensors whose bytes go into the fingerprint: every router, and the first layer's experts."""
         names = [n for n in ckpt.names if n.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight"))]

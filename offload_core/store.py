@@ -13,6 +13,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from .checkpoint import Checkpoint
+from .packing import DenseFormat
 
 
 class ExpertKey(NamedTuple):
@@ -34,6 +35,11 @@ class CheckpointSource:
         self.nbytes: int = fmt.layout.nbytes
 
     def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
+        # Dense experts already in the compute dtype go from disk into `out` directly: no temporaries, so
+        # the loader neither copies twice nor leaves freed buffers behind in the allocator.
+        if isinstance(self.format, DenseFormat) and out.device.type == "cpu" and \
+                self.adapter.read_expert_into(self.ckpt, key.layer, key.expert, self.format.decode(out)):
+            return
         self.format.encode(self.adapter.read_expert(self.ckpt, key.layer, key.expert), out)
 
 
