@@ -95,6 +95,11 @@ class LocalExperts:
             cache.release(expert)
         return outputs
 
+    def observe(self, layer: int, probs: torch.Tensor) -> None:
+        cache = self.caches.get(layer)
+        if cache is not None and cache.policy == "router":
+            cache.observe(probs)
+
     def warm(self) -> None:
         """Fill every layer's slots (all experts when k = E) and wait for the loads: no first-use misses."""
         for cache in self.caches.values():

@@ -20,8 +20,11 @@ from .store import ExpertKey
 _STAGING_BUFFERS = 2  # pinned bounce buffers for a disk store on CUDA: read one while the other copies
 POLICIES = {
     "lru": "evict the least recently used expert (the paper's cache)",
+    "router": "keep the experts the router has been favouring (decayed mean router probability); an expert "
+              "needed now but less favoured streams through a slot instead of displacing a favoured one",
     "none": "keep nothing between calls: every needed expert is loaded every time (the naive baseline)",
 }
+ROUTER_DECAY = 0.8  # weight of the past in the router policy's scores (tuned on the demo model's trace)
 
 
 @dataclass
@@ -118,6 +121,7 @@ class LayerCache:
         if policy not in POLICIES:
             raise ValueError(f"eviction policy must be one of {list(POLICIES)}, got {policy!r}")
         self.layer, self.capacity, self.loader, self.policy = layer, capacity, loader, policy
+        self.scores: torch.Tensor | None = None  # router policy: decayed router probability per expert
         self._free = [_Slot(torch.empty(nbytes, dtype=torch.uint8, device=loader.device)) for _ in range(capacity)]
         self._resident: OrderedDict[int, _Slot] = OrderedDict()  # LRU first, MRU last
         self._pinned: set[int] = set()
@@ -144,14 +148,30 @@ class LayerCache:
             if slot.prefetched:
                 slot.prefetched = False
                 self.stats.prefetch_used += 1
+        keep = self._favoured(needed) if self.policy == "router" else set(misses)
+        streamed = [e for e in misses if e not in keep]  # computed last, through a slot released by then
+        misses = [e for e in misses if e in keep]
         for e in misses:
-            if not self._start_load(e, prefetched=False):
+            if not self._start_load(e, prefetched=False, protect=keep):
                 break  # every slot holds a pinned expert: acquire() loads it after a release
-        return hits + misses
+        return hits + misses + streamed
+
+    def observe(self, probs: torch.Tensor) -> None:
+        """Router probabilities [E] for this layer's current tokens (router policy only)."""
+        probs = probs.detach().float().cpu()
+        self.scores = probs if self.scores is None else ROUTER_DECAY * self.scores + (1 - ROUTER_DECAY) * probs
+
+    def _score(self, expert: int) -> float:
+        return float(self.scores[expert]) if self.scores is not None else 0.0
+
+    def _favoured(self, needed: list[int]) -> set[int]:
+        """The k experts, among the resident and the needed, that the router favours most."""
+        pool = set(self._resident) | set(needed)
+        return set(sorted(pool, key=lambda e: (-self._score(e), e))[: self.capacity])
 
     def acquire(self, expert: int) -> torch.Tensor:
         slot = self._resident.get(expert)
-        if slot is None:
+        if slot is None:  # deferred by begin(): streams through any unpinned slot
             if not self._start_load(expert, prefetched=False):
                 raise RuntimeError(f"layer {self.layer}: no evictable slot for expert {expert} (release() missing?)")
             slot = self._resident[expert]
@@ -185,12 +205,13 @@ class LayerCache:
     def _victim(self, protect: set[int]) -> _Slot | None:
         if self._free:
             return self._free.pop()
-        for e, slot in self._resident.items():
-            if e not in self._pinned and e not in protect:
-                del self._resident[e]
-                self.stats.evictions += 1
-                return slot
-        return None
+        candidates = [e for e in self._resident if e not in self._pinned and e not in protect]
+        if not candidates:
+            return None
+        # LRU order is the tie-break: `min` keeps the first (least recent) among equal scores.
+        victim = min(candidates, key=self._score) if self.policy == "router" else candidates[0]
+        self.stats.evictions += 1
+        return self._resident.pop(victim)
 
     def _start_load(self, expert: int, prefetched: bool, protect: set[int] = frozenset()) -> bool:
         slot = self._victim(protect)

@@ -48,8 +48,17 @@ class MoELayer:
         self.prefetch, self.prefetch_cap = prefetch, prefetch_cap
         self._residual: torch.Tensor | None = None
 
-    def attach(self, experts: nn.Module, pre_moe_norm: nn.Module | None) -> None:
+    def attach(self, experts: nn.Module, pre_moe_norm: nn.Module | None, router: nn.Module | None = None,
+               router_logits=None) -> None:
+        """Serve `experts`; capture the residual for prediction; with `router`, pass the router's probabilities
+        to the expert caches (for the router eviction policy)."""
         setattr(experts, _ATTR, self)
+        if router is not None:
+            def observe(module, args, output):
+                probs = router_logits(output).float().softmax(-1).mean(0)  # [E], this call's tokens
+                self.runtime.observe(self.layer, probs)
+
+            router.register_forward_hook(observe)
         if pre_moe_norm is not None and self.predictor is not None and self.prefetch > 0:
             # The norm's input is the residual stream right before this layer's MoE: the state from which
             # the next layer's router is applied speculatively.

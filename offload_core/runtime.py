@@ -87,6 +87,13 @@ class ExpertRuntime:
             logger.warning("worker %s is back and serves its experts again", name)
         self.down.discard(name)
 
+    def observe(self, layer: int, probs: torch.Tensor) -> None:
+        """The router's probabilities at `layer` for the current tokens, for backends that use them."""
+        for backend in self.backends.values():
+            observe = getattr(backend, "observe", None)
+            if observe is not None:
+                observe(layer, probs)
+
     def submit(self, layer: int, groups: dict[int, torch.Tensor],
                hint: tuple[int, list[int]] | None = None) -> _MergedPending:
         """Send each owner its groups (remote first, local last), each with its share of the prefetch hint."""

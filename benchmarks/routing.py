@@ -1,0 +1,127 @@
+"""Routing-trace analysis: expert-cache policies and next-layer prediction, on a real text.
+
+`capture_trace` decodes a text token by token (teacher forcing, KV cache) through transformers' own model
+and records, per token and layer, the router's probabilities, the experts chosen, and the next layer's
+router applied to this layer's pre-MoE residual (the speculative prediction). On that trace:
+`simulate` replays LRU, Belady's optimal (MIN) and the router-aware policies, and `prediction_recall`
+scores next-layer prediction from transformers' own router outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from offload_core.cache import LayerCache, Loader
+from offload_core.store import DiskStore
+
+# N = tokens in the trace, L = MoE layers, E = experts per layer, K = experts per token
+
+
+@dataclass
+class Trace:
+    probs: torch.Tensor  # [N, L, E] router softmax per token and layer
+    chosen: torch.Tensor  # [N, L, K] experts the router chose
+    predicted_logits: torch.Tensor  # [N, L, E] layer l's router on layer l-1's residual (row 0 unused)
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[-1]
+
+
+@torch.inference_mode()
+def capture_trace(model, token_ids: list[int]) -> Trace:
+    """Decode `token_ids` one at a time through a transformers Mixtral-style model; record routing."""
+    from transformers import DynamicCache
+
+    layers = model.model.layers
+    logits_seen: list[torch.Tensor] = []
+    residuals: list[torch.Tensor] = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out: logits_seen.append(out[0].float()))
+             for layer in layers]
+    hooks += [layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: residuals.append(a[0]))
+              for layer in layers]
+    cache = DynamicCache(config=model.config)
+    probs, chosen, predicted = [], [], []
+    device = model.get_input_embeddings().weight.device
+    try:
+        for token in token_ids:
+            logits_seen.clear()
+            residuals.clear()
+            model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+            step = torch.cat(logits_seen)  # [L, E]
+            probs.append(step.softmax(-1))
+            chosen.append(step.topk(model.config.num_experts_per_tok, dim=-1).indices)
+            pred = [torch.zeros_like(step[0])]
+            for layer in range(1, len(layers)):
+                normed = layers[layer].post_attention_layernorm(residuals[layer - 1])
+                pred.append(layers[layer].mlp.gate(normed.reshape(1, -1))[0].float()[0])
+            predicted.append(torch.stack(pred))
+    finally:
+        for h in hooks:
+            h.remove()
+    return Trace(torch.stack(probs).cpu(), torch.stack(chosen).cpu(), torch.stack(predicted).cpu())
+
+
+def prediction_recall(trace: Trace, m: int) -> float:
+    """Share of the experts chosen at layer l (l >= 1) that were in the top-m of the speculative prediction."""
+    hit = total = 0
+    for layer in range(1, trace.chosen.shape[1]):
+        top = trace.predicted_logits[:, layer].topk(m, dim=-1).indices  # [N, m]
+        for row_pred, row_true in zip(top.tolist(), trace.chosen[:, layer].tolist()):
+            hit += len(set(row_pred) & set(row_true))
+            total += len(row_true)
+    return hit / total
+
+
+class _NullSource:
+    """Loads that cost nothing: the replay measures decisions, not bandwidth."""
+
+    nbytes = 64
+
+    def read_into(self, key, out) -> None:
+        pass
+
+
+def simulate(trace: Trace, layer: int, k: int, policy: str) -> float:
+    """Hit rate of one layer's k-slot cache replaying the trace. "lru" and "router" drive moeshard's own
+    LayerCache (so the replay is the implementation); "belady" is the offline optimum (see below)."""
+    needed = [sorted(set(row)) for row in trace.chosen[:, layer].tolist()]
+    if policy == "belady":
+        return belady(needed, k)
+    loader = Loader(DiskStore(_NullSource()), torch.device("cpu"))
+    cache = LayerCache(layer, k, loader, _NullSource.nbytes, policy)
+    try:
+        for t, want in enumerate(needed):
+            cache.observe(trace.probs[t, layer])
+            for e in cache.begin(want):
+                cache.acquire(e)
+                cache.release(e)
+    finally:
+        loader.close()
+    return cache.stats.hits / (cache.stats.hits + cache.stats.misses)
+
+
+def belady(needed: list[list[int]], k: int) -> float:
+    """Belady's MIN with bypass: after each step keep the (at most k) experts, among the resident and the
+    just-used, whose next use comes soonest. An expert may be used without being kept (it streams through
+    a slot), which is what LayerCache can do, so this is the optimum for the hit rate at k slots."""
+    resident: set[int] = set()
+    hits = total = 0
+    horizon = len(needed)
+    next_use: list[dict[int, int]] = [{} for _ in needed]
+    upcoming: dict[int, int] = {}
+    for t in range(horizon - 1, -1, -1):  # next_use[t][e]: first step after t that needs e
+        next_use[t] = dict(upcoming)
+        for e in needed[t]:
+            upcoming[e] = t
+    for t, want in enumerate(needed):
+        hits += sum(e in resident for e in want)
+        total += len(want)
+        pool = resident | set(want)
+        ranked = sorted(pool, key=lambda e: next_use[t].get(e, horizon))
+        keep = [e for e in ranked if e in next_use[t]][:k]
+        if len(set(keep) & resident) == k and not set(want) <= set(keep) and len(set(want) - resident):
+            keep = keep[:-1]  # a streamed expert needs one slot that no kept old expert holds
+        resident = set(keep)
+    return hits / total
