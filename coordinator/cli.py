@@ -56,6 +56,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="experts kept on the device per layer, an LRU cache (1..experts per layer; default 2)")
     g.add_argument("--prefetch", type=_nonnegative_int, default=1, metavar="M",
                    help="experts of the next layer to load speculatively per step (0 = off; default 1)")
+    g.add_argument("--policy", choices=["lru", "router", "none"], default="lru",
+                   help="slot eviction: lru (the paper's), router (keep what the router favours; stream the rest), "
+                        "none (naive: reload every expert every step)")
     g.add_argument("--store", choices=["ram", "disk"], default=None,
                    help="where experts wait when not in a slot (default: ram on CUDA, disk on CPU)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

@@ -64,7 +64,8 @@ def load_engine(args, extra_workers: list[str] = ()) -> Engine:
                        client=client_config(args), local_fallback=not args.no_local_fallback,
                        drop_unavailable=args.drop_unavailable_experts, device=args.device or default_device(),
                        slots_per_layer=args.slots_per_layer, prefetch=args.prefetch, store=args.store,
-                       dtype=args.dtype, quant=quant_config(args), cache_dir=args.cache_dir, progress=not args.quiet)
+                       dtype=args.dtype, quant=quant_config(args), cache_dir=args.cache_dir, policy=args.policy,
+                       progress=not args.quiet)
 
 
 def quant_config(args) -> QuantConfig:

@@ -112,3 +112,30 @@ def test_prefetch_never_evicts_pinned_or_its_own_experts():
 def test_zero_slots_rejected():
     with pytest.raises(ValueError, match="slots per layer must be >= 1"):
         make_cache(capacity=0)
+
+
+def test_router_policy_keeps_favoured_experts_and_streams_the_rest():
+    source = StampSource()
+    loader = Loader(DiskStore(source), torch.device("cpu"))
+    cache = LayerCache(0, 2, loader, NBYTES, policy="router")
+    favour = torch.tensor([0.6, 0.3, 0.05, 0.05])
+    cache.observe(favour)
+    run_step(cache, [0, 1])
+    assert sorted(cache.resident()) == [0, 1]
+    run_step(cache, [2, 3])  # neither is favoured: both stream through one slot, expert 0 stays
+    assert 0 in cache.resident() and (cache.stats.hits, cache.stats.misses) == (0, 4)
+    run_step(cache, [0])
+    assert cache.stats.hits == 1  # LRU would have evicted 0 for 2 and 3 and missed here
+    assert [k.expert for k in source.reads] == [0, 1, 2, 3]  # every needed expert was loaded exactly once
+    lru_cache, _ = make_cache(capacity=2)
+    for step in ([0, 1], [2, 3], [0]):
+        run_step(lru_cache, step)
+    assert lru_cache.stats.hits == 0
+
+
+def test_naive_policy_reuses_nothing():
+    source = StampSource()
+    cache = LayerCache(0, 2, Loader(DiskStore(source), torch.device("cpu")), NBYTES, policy="none")
+    run_step(cache, [0, 1])
+    run_step(cache, [0, 1])
+    assert (cache.stats.hits, cache.stats.misses) == (0, 4)

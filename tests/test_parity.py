@@ -71,3 +71,12 @@ def test_cuda_parity(tiny_ckpt, reference):
             torch.testing.assert_close(model(PROMPT.cuda()).logits.cpu(), ref(PROMPT).logits, atol=1e-4, rtol=1e-4)
         tokens = model.generate(PROMPT.cuda(), max_new_tokens=32, do_sample=False, min_new_tokens=32)
         assert torch.equal(tokens.cpu(), expected)
+
+
+@pytest.mark.parametrize("policy", ["router", "none"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_other_eviction_policies_keep_exact_tokens(tiny_ckpt, reference, policy, k):
+    expected = reference(tiny_ckpt).generate(PROMPT, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    model = load_model(tiny_ckpt, slots_per_layer=k, prefetch=1, policy=policy)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=32, do_sample=False, min_new_tokens=32), expected)
+    model.moeshard.close()
