@@ -157,8 +157,6 @@ def _run(system: _System, prompt, steps: int, cold: bool, warmup_steps: int) -> 
 def _summarise(name: str, raw: dict, prompt_len: int, steps: int, bandwidth: float) -> dict:
     step_s = statistics.median(raw["step_s"])
     c = raw.get("counters")
-    moved = c["bytes_loaded"] if c else raw["disk_read_bytes"]
-    per_token = moved / (steps + 1) if name in OFFLOADED else 0  # prefill's loads are spread over the run
     per_token = c["bytes_loaded"] / steps if c and name in OFFLOADED else (
         raw["disk_read_bytes"] / steps if name in OFFLOADED else 0)
     hit = c["hits"] / (c["hits"] + c["misses"]) if c and c["hits"] + c["misses"] else None
@@ -216,11 +214,11 @@ def run_benchmark(args) -> dict:
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
-        "targets": _targets(runs),
+        "targets": _targets(runs, spec.num_hidden_layers),
     }
 
 
-def _targets(runs: list[dict]) -> dict:
+def _targets(runs: list[dict], layers: int) -> dict:
     by = {r["name"]: r for r in runs}
     out = {}
     if "lru+prefetch" in by and "accelerate-offload" in by:
@@ -233,7 +231,9 @@ def _targets(runs: list[dict]) -> dict:
                 bound = by[name]["floor_s_per_token"] + by["resident"]["decode_s_per_token"]
                 out[f"{name}_vs_floor_plus_compute"] = by[name]["decode_s_per_token"] / bound
         if "workers" in by:
-            out["workers_overhead"] = by["workers"]["decode_s_per_token"] / by["resident"]["decode_s_per_token"] - 1
+            extra = by["workers"]["decode_s_per_token"] - by["resident"]["decode_s_per_token"]
+            out["workers_overhead"] = extra / by["resident"]["decode_s_per_token"]
+            out["workers_overhead_ms_per_layer"] = 1e3 * extra / layers
     return out
 
 

@@ -34,8 +34,8 @@ from .workers import InProcessWorker
 D = 32
 LAYERS = (0, 1, 2)
 SLOTS = 2  # the worker's default slots_per_layer: requests with 3+ experts evict inside one call
-MAX_TOKENS = 64  # small, so "too many rows" stays a cheap message
-MAX_RECEIVE = 64 << 10  # the worker's max receive size, small so oversized messages stay cheap
+MAX_TOKENS = 512  # rows of up to 64 KiB: big enough that a leak of request payloads shows in RSS
+MAX_RECEIVE = 128 << 10  # the worker's max receive size: above every message but the oversized ones
 HOSTED = {0: (0, 1, 2), 1: (3, 4, 5, 6), 2: (5, 6, 7)}  # layer 2 hosts test_worker's (2, 5) and (2, 6)
 HOSTED_KEYS = frozenset(ExpertKey(layer, e) for layer, experts in HOSTED.items() for e in experts)
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -294,7 +294,7 @@ def run_requests(draw, fingerprint: str) -> pb.RunExpertsRequest:
     layer = draw(st.sampled_from(LAYERS))
     experts = draw(st.lists(st.sampled_from(HOSTED[layer]), min_size=1, unique=True))
     f = dict(fingerprint=fingerprint, layer=layer, experts=experts, dtype=draw(st.sampled_from(list(ITEMSIZE))),
-             counts=draw(st.lists(st.integers(1, 6), min_size=len(experts), max_size=len(experts))),
+             counts=draw(st.lists(st.integers(1, MAX_TOKENS // 4), min_size=len(experts), max_size=len(experts))),
              prefetch_layer=-1, prefetch_experts=[])
     _fill(draw, f, sum(f["counts"]))
     chosen = set(draw(st.lists(st.sampled_from(list(MUTATIONS)), min_size=1, max_size=3, unique=True)))
@@ -310,6 +310,7 @@ def run_requests(draw, fingerprint: str) -> pb.RunExpertsRequest:
 
 
 def send_run(b: Barrage, req: pb.RunExpertsRequest) -> None:
+    b.payload = getattr(b, "payload", 0) + req.ByteSize()
     defects = run_defects(req, b.fingerprint)
     code, reply, details = _call(b.stub.RunExperts, req)
     if not defects:
@@ -448,7 +449,7 @@ def test_hostile_requests_get_clean_refusals_and_the_worker_survives(tiny_ckpt):
         out = tensor_from_pb(future.result().output, max_elements=10_000)
         expected = local.run(2, {5: hidden[:3], 6: hidden[3:]})
         assert torch.equal(out, torch.cat([expected[5], expected[6]]))
-        print("DEBUG", dict(b.sent), dict(b.defects), (rss_barrage - rss_before) / 2**20, (rss_again - rss_barrage) / 2**20, malformed)
+        print("DEBUG", dict(b.sent), dict(b.defects), (rss_barrage - rss_before) / 2**20, (rss_again - rss_barrage) / 2**20, malformed, b.payload / 2**20)
         assert rss_barrage - rss_before < RSS_GROWTH_BOUND, \
             f"RSS grew by {(rss_barrage - rss_before) / 2**20:.1f} MiB over the barrage"
         assert rss_again - rss_barrage < REPEAT_GROWTH_BOUND, \

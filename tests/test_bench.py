@@ -1,0 +1,30 @@
+"""`moe-coordinator bench` end to end on a small generated model: every system runs, gives the reference
+tokens, and the report has the fields the README's table is built from (no timing is asserted)."""
+import json
+
+from coordinator.cli import main
+
+FIELDS = {"name", "decode_tok_s", "prefill_tok_s", "hit_rate", "prefetch_recall", "bytes_per_token",
+          "floor_s_per_token", "tokens_match_reference"}
+
+
+def test_bench_small(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--hidden", "64", "--intermediate", "128", "--layers", "2", "--tokens", "3",
+                 "--prompt-tokens", "6", "--warmup", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
+                 "--plot", str(tmp_path / "bench.png")])
+    assert code == 0
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["runs"]]
+    assert names == ["resident", "lru", "lru+prefetch", "naive", "workers", "hf-eager", "accelerate-offload"]
+    for run in report["runs"]:
+        assert FIELDS <= set(run)
+        assert run["tokens_match_reference"] is True, run["name"]
+        assert run["decode_tok_s"] > 0
+    by = {r["name"]: r for r in report["runs"]}
+    assert by["naive"]["hit_rate"] == 0.0 and by["resident"]["hit_rate"] == 1.0
+    assert by["lru"]["bytes_per_token"] > 0 and by["resident"]["bytes_per_token"] is None
+    cold = report["protocol"]["read_bandwidth_bytes_s"]
+    assert cold["cold"] > 0 and cold["warm"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "targets:" in capsys.readouterr().out
