@@ -23,7 +23,7 @@ import psutil
 import torch
 
 from .bench_model import BenchModelSpec, make_bench_checkpoint
-from .protocol import data_files, drop_page_cache, read_bandwidth
+from .protocol import data_files, drop_page_cache, h2d_bandwidth, read_bandwidth
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
         return model
 
     def offloaded(slots, prefetch, policy="lru"):
-        return lambda: _moeshard(ckpt, args, slots_per_layer=slots, prefetch=prefetch, store="disk",
+        return lambda: _moeshard(ckpt, args, slots_per_layer=slots, prefetch=prefetch, store=args.store,
                                  drop_page_cache=args.protocol == "cold", policy=policy)
 
     def workers():
@@ -104,14 +104,23 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
         if "workers" in state:
             state.pop("workers").__exit__(None, None, None)
 
+    dtype = getattr(torch, args.dtype or spec.dtype)
+    device = torch.device(args.device)
+
     def hf_eager():
-        return MixtralForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, args.dtype or spec.dtype)).eval()
+        return MixtralForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
 
     offload_dir = workdir / "accelerate-offload"
 
     def accelerate_offload():
-        return MixtralForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, args.dtype or spec.dtype),
-                                                  device_map="auto", max_memory={"cpu": budget_bytes},
+        # The same budget on the primary device; what does not fit goes to host RAM (store=ram, GPU only) or
+        # to the offload folder on disk.
+        if device.type == "cuda":
+            host = psutil.virtual_memory().available // 2 if args.store == "ram" else 0
+            max_memory = {device.index or 0: budget_bytes, "cpu": host}
+        else:
+            max_memory = {"cpu": budget_bytes}
+        return MixtralForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map="auto", max_memory=max_memory,
                                                   offload_folder=str(offload_dir)).eval()
 
     def runtime_stats(model):
@@ -182,6 +191,10 @@ def run_benchmark(args) -> dict:
     ckpt = make_bench_checkpoint(workdir / f"model-{spec.hidden_size}x{spec.num_hidden_layers}", spec)
     largest = max(data_files(ckpt), key=lambda p: p.stat().st_size)
     bandwidth = {"cold": read_bandwidth(largest, cold=True), "warm": read_bandwidth(largest, cold=False)}
+    if torch.device(args.device).type == "cuda":
+        bandwidth["h2d"] = h2d_bandwidth(torch.device(args.device))
+    # The transfer floor: bytes moved per token over the bandwidth of the tier they come from.
+    floor_bandwidth = bandwidth["h2d"] if args.store == "ram" and "h2d" in bandwidth else bandwidth[args.protocol]
     dense = sum(p.stat().st_size for p in data_files(ckpt)) - spec.total_expert_bytes()
     budget = dense + args.slots_per_layer * spec.num_hidden_layers * spec.expert_bytes()
     prompt = torch.randint(3, spec.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
@@ -191,7 +204,7 @@ def run_benchmark(args) -> dict:
         logger.info("running %s", name)
         raw = _run(systems[name], prompt, args.tokens, cold=args.protocol == "cold" and name in OFFLOADED,
                    warmup_steps=args.warmup)
-        summary = _summarise(name, raw, args.prompt_tokens, args.tokens, bandwidth[args.protocol])
+        summary = _summarise(name, raw, args.prompt_tokens, args.tokens, floor_bandwidth)
         if name == "hf-eager":
             reference = summary["tokens"]
         runs.append(summary)
@@ -281,7 +294,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     p.add_argument("--protocol", choices=["cold", "warm"], default="cold",
                    help="cold: drop offloaded files from the page cache before each decode step (default)")
-    p.add_argument("--device", default="cpu", help="primary device for moeshard (default cpu)")
+    p.add_argument("--device", default="cpu", help="primary device for every system (default cpu)")
+    p.add_argument("--store", choices=["disk", "ram"], default="disk",
+                   help="where offloaded experts wait: disk (default; the cold protocol applies) or host RAM (GPU)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the benchmark model's)")
     p.add_argument("--model-dtype", default="float32", help="dtype the benchmark checkpoint is written in")
     p.add_argument("--hidden", type=int, default=1024)

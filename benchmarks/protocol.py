@@ -49,3 +49,19 @@ def read_bandwidth(path: Path, cold: bool, limit_bytes: int = 1 << 30) -> float:
     finally:
         os.close(fd)
     return done / (time.perf_counter() - start)
+
+
+def h2d_bandwidth(device, nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes per second copying a pinned host buffer to `device` (best of `repeats`)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = 0.0
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        best = max(best, nbytes / (time.perf_counter() - start))
+    return best
