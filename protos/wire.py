@@ -40,8 +40,9 @@ def tensor_from_pb(msg: pb.Tensor, *, max_elements: int, name: str = "tensor") -
     if any(s < 0 for s in shape):
         raise WireError(f"{name}.shape {shape} has a negative dimension")
     numel = math.prod(shape)
-    if numel > max_elements:
-        raise WireError(f"{name}.shape {shape} has {numel} elements, more than the limit of {max_elements}")
+    # Zero dimensions do not make a huge shape harmless (torch still computes its strides).
+    if math.prod(max(s, 1) for s in shape) > max_elements:
+        raise WireError(f"{name}.shape {shape} is larger than the limit of {max_elements} elements")
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(msg.data) != numel * itemsize:
         raise WireError(f"{name} carries {len(msg.data)} bytes, expected {numel * itemsize} for shape {shape} "

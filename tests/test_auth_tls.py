@@ -178,6 +178,15 @@ def test_wrong_or_missing_token_is_refused_before_any_work(token_worker, local, 
     assert shard.hosted == hosted and shard.backend.store.resident_bytes == len(HOSTED) * shard.expert_bytes
 
 
+def test_undecodable_request_without_token_is_unauthenticated(token_worker):
+    channel = grpc.insecure_channel(token_worker.address)
+    send = channel.unary_unary("/moeshard.v1.ExpertService/Info", request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as err:
+        send(b"\xff\xff\xff", timeout=5)  # not a protobuf message, and no token
+    channel.close()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, f"{err.value.code().name}: {err.value.details()}"
+
+
 def test_worker_client_without_the_token_is_refused(token_worker, local):
     fingerprint, _ = local
     for cfg in (ClientConfig(**FAST), ClientConfig(token="not-it", **FAST)):

@@ -38,14 +38,14 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         logger.warning("refused %s: %s token", handler_call_details.method, "wrong" if presented else "missing")
         handler = await continuation(handler_call_details)
         message = "missing or wrong token: start the coordinator with the worker's --token (or MOESHARD_TOKEN)"
-        if handler is None:
-            return None
-        if handler.request_streaming or handler.response_streaming:  # health Watch is server-streaming
-            async def stream_refusal(request, context):
+        # The refusal never parses the request (request_deserializer=None) and answers unknown methods the
+        # same way, so nothing about the service is learnt without the token.
+        if handler is not None and (handler.request_streaming or handler.response_streaming):
+            async def stream_refusal(request, context):  # health Watch is server-streaming
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
                 yield  # pragma: no cover - makes this an async generator
-            return grpc.unary_stream_rpc_method_handler(stream_refusal,
-                                                        request_deserializer=handler.request_deserializer,
+            return grpc.unary_stream_rpc_method_handler(stream_refusal, request_deserializer=None,
                                                         response_serializer=handler.response_serializer)
-        return grpc.unary_unary_rpc_method_handler(_refuse(message), request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(_refuse(message), request_deserializer=None,
+                                                   response_serializer=None if handler is None
+                                                   else handler.response_serializer)

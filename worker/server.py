@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from offload_core import ExpertKey
@@ -65,11 +67,35 @@ def _status_for(exc: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, UnknownExpert):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, (OverCapacity, MemoryError)) or "out of memory" in str(exc).lower():
+    if isinstance(exc, (OverCapacity, MemoryError, torch.OutOfMemoryError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, (ValueError, WireError)):
+    if isinstance(exc, (ValueError, WireError)):  # before any text matching: messages echo client input
         return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():  # allocator errors without a type
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
+
+
+class ParseGuard(grpc.aio.ServerInterceptor):
+    """Parses unary requests itself, so bytes that are not the expected message get INVALID_ARGUMENT with a
+    message instead of grpc's UNKNOWN."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        parse, inner = handler.request_deserializer, handler.unary_unary
+
+        async def guarded(raw: bytes, context):
+            try:
+                request = parse(raw)
+            except DecodeError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"malformed request for {handler_call_details.method}: {exc}")
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=None,
+                                                   response_serializer=handler.response_serializer)
 
 
 def _rpc(method):
@@ -165,6 +191,7 @@ class WorkerServer:
                    ("grpc.max_send_message_length", self.max_receive_bytes)]
         cfg = self.server_cfg
         interceptors = [TokenInterceptor(cfg.token)] if cfg.token else []
+        interceptors.append(ParseGuard())
         self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
                                       interceptors=interceptors)
         pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, self.server)
