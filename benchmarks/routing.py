@@ -125,3 +125,70 @@ def belady(needed: list[list[int]], k: int) -> float:
             keep = keep[:-1]  # a streamed expert needs one slot that no kept old expert holds
         resident = set(keep)
     return hits / total
+
+
+@torch.inference_mode()
+def moeshard_recall(path, token_ids: list[int], m: int) -> float:
+    """Prefetch recall as moeshard's runtime counts it, decoding the same tokens one at a time."""
+    from transformers import DynamicCache
+
+    from offload_core import load_model
+
+    model = load_model(path, slots_per_layer=model_experts(path), prefetch=m, dtype="float32")
+    try:
+        cache = DynamicCache(config=model.config)
+        for token in token_ids:
+            model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        total = model.expert_stats()["total"]
+        return total["prefetch_recall"]
+    finally:
+        model.moeshard.close()
+
+
+def model_experts(path) -> int:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(path) / "config.json").read_text())["num_local_experts"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, MixtralForCausalLM
+
+    from offload_core.demo import demo_model_path
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.routing", allow_abbrev=False,
+                                description="Cache policies and next-layer prediction on a routing trace.")
+    p.add_argument("--model", type=Path, default=demo_model_path())
+    p.add_argument("--text", type=Path, default=None, help="default: the demo model's held-out text")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens of the text to decode")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    text = (args.text or args.model / "heldout.txt").read_text(encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.tokens]
+    model = MixtralForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    top_k = model.config.num_experts_per_tok
+    trace = capture_trace(model, ids)
+    layers = trace.chosen.shape[1]
+    report = {"model": str(args.model), "tokens": len(ids),
+              "recall_transformers_router": prediction_recall(trace, top_k),
+              "recall_moeshard_runtime": moeshard_recall(args.model, ids, top_k),
+              "hit_rate": {}}
+    for k in (2, 3, 4):
+        report["hit_rate"][k] = {policy: sum(simulate(trace, layer, k, policy) for layer in range(layers)) / layers
+                                 for policy in ("lru", "router", "belady")}
+        r = report["hit_rate"][k]
+        r["router_gap_closed"] = (r["router"] - r["lru"]) / (r["belady"] - r["lru"]) if r["belady"] > r["lru"] else None
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
