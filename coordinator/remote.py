@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -68,6 +69,9 @@ class WorkerClient:
             self.channel = grpc.insecure_channel(address, options=options)
         self.metadata = ((AUTH_METADATA_KEY, bearer(cfg.token)),) if cfg.token else None
         self.stub = pb_grpc.ExpertServiceStub(self.channel)
+        # Blocking calls on our own threads: grpc's `.future()` adds ~1 ms per call (measured on loopback:
+        # 1.6 ms vs 0.7 ms per RunExperts), which is most of the RPC cost of a decode step.
+        self._calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"moeshard-rpc-{address}")
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def info(self) -> WorkerInfo:
@@ -96,16 +100,18 @@ class WorkerClient:
         req = pb.RunExpertsRequest(fingerprint=self.fingerprint, layer=layer, experts=experts, counts=counts,
                                    hidden=tensor_to_pb(hidden), prefetch_layer=hint[0] if hint else -1,
                                    prefetch_experts=hint[1] if hint else [])
-        return req.ByteSize(), self.stub.RunExperts.future(req, timeout=self.cfg.rpc_timeout_s, metadata=self.metadata)
+        return req.ByteSize(), self._calls.submit(self.stub.RunExperts, req, timeout=self.cfg.rpc_timeout_s,
+                                                  metadata=self.metadata)
 
     def prefetch_future(self, layer: int, experts: list[int]):
         req = pb.PrefetchRequest(fingerprint=self.fingerprint, layer=layer, experts=experts)
-        return self.stub.Prefetch.future(req, timeout=self.cfg.rpc_timeout_s, metadata=self.metadata)
+        return self._calls.submit(self.stub.Prefetch, req, timeout=self.cfg.rpc_timeout_s, metadata=self.metadata)
 
     def stats(self) -> pb.StatsResponse:
         return self.stub.Stats(pb.StatsRequest(), timeout=self.cfg.rpc_timeout_s, metadata=self.metadata)
 
     def close(self) -> None:
+        self._calls.shutdown(wait=False, cancel_futures=True)
         self.channel.close()
 
 
