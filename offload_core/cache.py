@@ -8,6 +8,7 @@ code runs. Stats are counted here, per layer.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +18,8 @@ import torch
 
 from .store import ExpertKey
 
-_STAGING_BUFFERS = 2  # pinned bounce buffers for a disk store on CUDA: read one while the other copies
+_STAGING_BUFFERS = 2  # pinned bounce buffers per loader thread (disk store on CUDA): read one, copy the other
+LOADER_THREADS = 4  # reads in flight at once: a disk (NVMe, virtio) serves several faster than one by one
 POLICIES = {
     "lru": "evict the least recently used expert (the paper's cache)",
     "router": "keep the experts the router has been favouring (decayed mean router probability); an expert "
@@ -43,36 +45,49 @@ class LayerStats:
 
 
 class Loader:
-    """Copies packed experts from a store into slot buffers on one background thread (and stream)."""
+    """Copies packed experts from a store into slot buffers on background threads (and one CUDA stream).
 
-    def __init__(self, store, device: torch.device):
+    Several threads keep several reads in flight, which a disk serves faster than one at a time; a load
+    into a slot waits for that slot's previous load, so two loads never write one slot at once.
+    """
+
+    def __init__(self, store, device: torch.device, threads: int = LOADER_THREADS):
         self.store, self.device = store, device
         self.cuda = device.type == "cuda"
         self.busy_s = 0.0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeshard-loader")
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moeshard-loader")
+        self._local = threading.local()  # per thread: pinned bounce buffers for a disk store on CUDA
         if self.cuda:
             self._stream = torch.cuda.Stream(device=device)
-            self._staging = [torch.empty(store.nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(_STAGING_BUFFERS)]
-            self._staging_done: list[torch.cuda.Event | None] = [None] * _STAGING_BUFFERS
-            self._next_staging = 0
 
-    def submit(self, key: ExpertKey, dst: torch.Tensor, free_event) -> Future:
-        return self._pool.submit(self._load, key, dst, free_event)
+    def submit(self, key: ExpertKey, dst: torch.Tensor, free_event, previous: Future | None = None) -> Future:
+        return self._pool.submit(self._load, key, dst, free_event, previous)
 
-    def _load(self, key: ExpertKey, dst: torch.Tensor, free_event):
+    def _staging(self) -> tuple[list, list]:
+        local = self._local
+        if not hasattr(local, "buffers"):
+            local.buffers = [torch.empty(self.store.nbytes, dtype=torch.uint8, pin_memory=True)
+                             for _ in range(_STAGING_BUFFERS)]
+            local.done, local.next = [None] * _STAGING_BUFFERS, 0
+        return local
+
+    def _load(self, key: ExpertKey, dst: torch.Tensor, free_event, previous: Future | None):
+        if previous is not None:
+            previous.result()  # submitted earlier, so already running or done: no deadlock
         start = time.perf_counter()
         try:
             if not self.cuda:
                 self.store.read_into(key, dst)
                 return None
             src = self.store.host_buffer(key)
-            staging = None
+            local = index = None
             if src is None:  # disk store: read into a pinned bounce buffer, then copy
-                staging = self._next_staging
-                self._next_staging = (staging + 1) % _STAGING_BUFFERS
-                if self._staging_done[staging] is not None:
-                    self._staging_done[staging].synchronize()
-                src = self._staging[staging]
+                local = self._staging()
+                index, local.next = local.next, (local.next + 1) % _STAGING_BUFFERS
+                if local.done[index] is not None:
+                    local.done[index].synchronize()
+                src = local.buffers[index]
                 self.store.read_into(key, src)
             with torch.cuda.stream(self._stream):
                 if free_event is not None:  # the slot's previous expert may still be in use by a kernel
@@ -80,11 +95,12 @@ class Loader:
                 dst.copy_(src, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(self._stream)
-            if staging is not None:
-                self._staging_done[staging] = done
+            if local is not None:
+                local.done[index] = done
             return done
         finally:
-            self.busy_s += time.perf_counter() - start
+            with self._lock:
+                self.busy_s += time.perf_counter() - start
 
     def wait(self, pending: Future) -> None:
         done = pending.result()
@@ -218,7 +234,7 @@ class LayerCache:
         if slot is None:
             return False
         slot.expert, slot.prefetched = expert, prefetched
-        slot.pending = self.loader.submit(ExpertKey(self.layer, expert), slot.buffer, slot.free_event)
+        slot.pending = self.loader.submit(ExpertKey(self.layer, expert), slot.buffer, slot.free_event, slot.pending)
         self._resident[expert] = slot
         self.stats.bytes_loaded += self.nbytes
         return True

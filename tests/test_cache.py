@@ -24,7 +24,7 @@ class StampSource:
 
 def make_cache(capacity, layer=3):
     source = StampSource()
-    loader = Loader(DiskStore(source), torch.device("cpu"))
+    loader = Loader(DiskStore(source), torch.device("cpu"), threads=1)
     return LayerCache(layer, capacity, loader, NBYTES), source
 
 
@@ -116,7 +116,7 @@ def test_zero_slots_rejected():
 
 def test_router_policy_keeps_favoured_experts_and_streams_the_rest():
     source = StampSource()
-    loader = Loader(DiskStore(source), torch.device("cpu"))
+    loader = Loader(DiskStore(source), torch.device("cpu"), threads=1)
     cache = LayerCache(0, 2, loader, NBYTES, policy="router")
     favour = torch.tensor([0.6, 0.3, 0.05, 0.05])
     cache.observe(favour)
@@ -135,7 +135,7 @@ def test_router_policy_keeps_favoured_experts_and_streams_the_rest():
 
 def test_naive_policy_reuses_nothing():
     source = StampSource()
-    cache = LayerCache(0, 2, Loader(DiskStore(source), torch.device("cpu")), NBYTES, policy="none")
+    cache = LayerCache(0, 2, Loader(DiskStore(source), torch.device("cpu"), threads=1), NBYTES, policy="none")
     run_step(cache, [0, 1])
     run_step(cache, [0, 1])
     assert (cache.stats.hits, cache.stats.misses) == (0, 4)
