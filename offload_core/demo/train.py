@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -30,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     get_cosine_with_min_lr_schedule_with_warmup,
 )
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from offload_core.demo.heldout import evaluate_heldout
 
@@ -144,6 +146,7 @@ def train(model: MixtralForCausalLM, stream: torch.Tensor, args: argparse.Namesp
     # A dedicated generator keeps the data order a function of the seed alone.
     gen = torch.Generator().manual_seed(args.seed)
     offsets = torch.arange(args.seq_len)
+    n_experts, top_k = model.config.num_local_experts, model.config.num_experts_per_tok
     model.train()
     start, step, recent = time.monotonic(), 0, []
     budget_s = args.minutes * 60
@@ -153,20 +156,23 @@ def train(model: MixtralForCausalLM, stream: torch.Tensor, args: argparse.Namesp
             break
         starts = torch.randint(0, len(stream) - args.seq_len, (args.batch_size,), generator=gen)
         batch = stream[starts[:, None] + offsets]
-        out = model(input_ids=batch, labels=batch)
-        out.loss.backward()
+        out = model(input_ids=batch, output_router_logits=True)
+        lm_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        # transformers' aux loss pools routing statistics over all layers, which lets a
+        # layer starve some experts while the pooled load looks uniform; balance each layer.
+        aux = torch.stack([load_balancing_loss_func((g,), n_experts, top_k) for g in out.router_logits]).mean()
+        (lm_loss + model.config.router_aux_loss_coef * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        lm_loss = out.loss.item() - model.config.router_aux_loss_coef * out.aux_loss.item()
-        recent = (recent + [lm_loss])[-args.log_every :]
+        recent = (recent + [lm_loss.item()])[-args.log_every :]
         if step % args.log_every == 0 or step == args.steps:
             elapsed = time.monotonic() - start
             logger.info(
-                "step %d/%d  lm loss %.3f  aux %.3f  lr %.2e  %.0f tok/s  %.1f min",
-                step, args.steps, sum(recent) / len(recent), out.aux_loss.item(),
+                "step %d/%d  lm loss %.3f  per-layer aux %.3f  lr %.2e  %.0f tok/s  %.1f min",
+                step, args.steps, sum(recent) / len(recent), aux.item(),
                 sched.get_last_lr()[0], step * batch.numel() / elapsed, elapsed / 60,
             )
     return {
