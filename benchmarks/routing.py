@@ -1,8 +1,9 @@
 """Routing-trace analysis: expert-cache policies and next-layer prediction, on a real text.
 
 `capture_trace` decodes a text token by token (teacher forcing, KV cache) through transformers' own model
-and records, per token and layer, the router's probabilities, the experts chosen, and the next layer's
-router applied to this layer's pre-MoE residual (the speculative prediction). On that trace:
+and records, per token and layer, the router's probabilities, the experts chosen, and the speculative
+prediction as moeshard makes it: layer l's norm and router applied to layer l-1's output (the residual
+stream before layer l's attention). On that trace:
 `simulate` replays LRU, Belady's optimal (MIN) and the router-aware policies, and `prediction_recall`
 scores next-layer prediction from transformers' own router outputs.
 """
@@ -22,7 +23,7 @@ from offload_core.store import DiskStore
 class Trace:
     probs: torch.Tensor  # [N, L, E] router softmax per token and layer
     chosen: torch.Tensor  # [N, L, K] experts the router chose
-    predicted_logits: torch.Tensor  # [N, L, E] layer l's router on layer l-1's residual (row 0 unused)
+    predicted_logits: torch.Tensor  # [N, L, E] layer l's router on layer l-1's output (layer 0: unused)
 
     @property
     def num_experts(self) -> int:
@@ -36,25 +37,24 @@ def capture_trace(model, token_ids: list[int]) -> Trace:
 
     layers = model.model.layers
     logits_seen: list[torch.Tensor] = []
-    residuals: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []  # each decoder layer's input: the previous layer's output
     hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out: logits_seen.append(out[0].float()))
              for layer in layers]
-    hooks += [layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: residuals.append(a[0]))
-              for layer in layers]
+    hooks += [layer.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for layer in layers]
     cache = DynamicCache(config=model.config)
     probs, chosen, predicted = [], [], []
     device = model.get_input_embeddings().weight.device
     try:
         for token in token_ids:
             logits_seen.clear()
-            residuals.clear()
+            inputs.clear()
             model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
             step = torch.cat(logits_seen)  # [L, E]
             probs.append(step.softmax(-1))
             chosen.append(step.topk(model.config.num_experts_per_tok, dim=-1).indices)
             pred = [torch.zeros_like(step[0])]
             for layer in range(1, len(layers)):
-                normed = layers[layer].post_attention_layernorm(residuals[layer - 1])
+                normed = layers[layer].post_attention_layernorm(inputs[layer])
                 pred.append(layers[layer].mlp.gate(normed.reshape(1, -1))[0].float()[0])
             predicted.append(torch.stack(pred))
     finally:
@@ -90,10 +90,9 @@ def simulate(trace: Trace, layer: int, k: int, policy: str) -> float:
     if policy == "belady":
         return belady(needed, k)
     loader = Loader(DiskStore(_NullSource()), torch.device("cpu"))
-    cache = LayerCache(layer, k, loader, _NullSource.nbytes, policy)
+    cache = LayerCache(layer, k, loader, _NullSource.nbytes, policy, trace.num_experts)
     try:
-        for t, want in enumerate(needed):
-            cache.observe(trace.probs[t, layer])
+        for want in needed:
             for e in cache.begin(want):
                 cache.acquire(e)
                 cache.release(e)

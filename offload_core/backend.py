@@ -64,13 +64,14 @@ class LocalExperts:
     name = "local"
 
     def __init__(self, source, adapter, fmt, device: torch.device, slots_per_layer: int, layers: list[int],
-                 store: str = "ram", act_name: str = "silu", policy: str = "lru"):
+                 store: str = "ram", act_name: str = "silu", policy: str = "lru", num_experts: int = 0):
         if store not in ("ram", "disk"):
             raise ValueError(f"store must be 'ram' or 'disk', got {store!r}")
         self.adapter, self.format, self.device, self.source = adapter, fmt, device, source
         self.store = RamStore(source, pin_memory=device.type == "cuda") if store == "ram" else DiskStore(source)
         self.loader = Loader(self.store, device)
-        self.caches = {layer: LayerCache(layer, slots_per_layer, self.loader, source.nbytes, policy) for layer in layers}
+        self.caches = {layer: LayerCache(layer, slots_per_layer, self.loader, source.nbytes, policy, num_experts)
+                       for layer in layers}
         self.act = activation(act_name)
 
     def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: Hint | None = None) -> _LocalPending:
@@ -94,11 +95,6 @@ class LocalExperts:
             cache.stats.compute_s += time.perf_counter() - start
             cache.release(expert)
         return outputs
-
-    def observe(self, layer: int, probs: torch.Tensor) -> None:
-        cache = self.caches.get(layer)
-        if cache is not None and cache.policy == "router":
-            cache.observe(probs)
 
     def warm(self) -> None:
         """Fill every layer's slots (all experts when k = E) and wait for the loads: no first-use misses."""

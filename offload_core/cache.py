@@ -22,11 +22,12 @@ _STAGING_BUFFERS = 2  # pinned bounce buffers per loader thread (disk store on C
 LOADER_THREADS = 4  # reads in flight at once: a disk (NVMe, virtio) serves several faster than one by one
 POLICIES = {
     "lru": "evict the least recently used expert (the paper's cache)",
-    "router": "keep the experts the router has been favouring (decayed mean router probability); an expert "
-              "needed now but less favoured streams through a slot instead of displacing a favoured one",
+    "router": "keep the experts that the router's own history says follow the ones just used (transition "
+              "counts learnt online); an expert needed now but unlikely next streams through a slot instead of "
+              "displacing a likely one",
     "none": "keep nothing between calls: every needed expert is loaded every time (the naive baseline)",
 }
-ROUTER_DECAY = 0.8  # weight of the past in the router policy's scores (tuned on the demo model's trace)
+TRANSITION_DECAY = 0.98  # router policy: per-step forgetting of old transitions (tuned on the demo model's trace)
 
 
 @dataclass
@@ -131,18 +132,25 @@ class LayerCache:
     Recency: hits are touched in ascending expert order, then misses in ascending order.
     """
 
-    def __init__(self, layer: int, capacity: int, loader: Loader, nbytes: int, policy: str = "lru"):
+    def __init__(self, layer: int, capacity: int, loader: Loader, nbytes: int, policy: str = "lru",
+                 num_experts: int = 0):
         if capacity < 1:
             raise ValueError(f"slots per layer must be >= 1, got {capacity}")
         if policy not in POLICIES:
             raise ValueError(f"eviction policy must be one of {list(POLICIES)}, got {policy!r}")
         self.layer, self.capacity, self.loader, self.policy = layer, capacity, loader, policy
-        self.scores: torch.Tensor | None = None  # router policy: decayed router probability per expert
+        if policy == "router" and num_experts < 1:
+            raise ValueError("the router policy needs num_experts")
+        # Router policy: counts[a, b] ~ how often expert b was routed to right after expert a (smoothed).
+        self._transitions = torch.ones(num_experts, num_experts) if policy == "router" else None
+        self._last: list[int] = []
         self._free = [_Slot(torch.empty(nbytes, dtype=torch.uint8, device=loader.device)) for _ in range(capacity)]
         self._resident: OrderedDict[int, _Slot] = OrderedDict()  # LRU first, MRU last
         self._pinned: set[int] = set()
         self.nbytes = nbytes
         self.stats = LayerStats()
+
+    _next_scores: list[float] = []
 
     def resident(self) -> list[int]:
         """Resident experts, least recently used first."""
@@ -164,26 +172,41 @@ class LayerCache:
             if slot.prefetched:
                 slot.prefetched = False
                 self.stats.prefetch_used += 1
-        keep = self._favoured(needed) if self.policy == "router" else set(misses)
-        streamed = [e for e in misses if e not in keep]  # computed last, through a slot released by then
-        misses = [e for e in misses if e in keep]
-        for e in misses:
-            if not self._start_load(e, prefetched=False, protect=keep):
-                break  # every slot holds a pinned expert: acquire() loads it after a release
-        return hits + misses + streamed
-
-    def observe(self, probs: torch.Tensor) -> None:
-        """Router probabilities [E] for this layer's current tokens (router policy only)."""
-        probs = probs.detach().float().cpu()
-        self.scores = probs if self.scores is None else ROUTER_DECAY * self.scores + (1 - ROUTER_DECAY) * probs
-
-    def _score(self, expert: int) -> float:
-        return float(self.scores[expert]) if self.scores is not None else 0.0
+        if self.policy != "router":
+            for e in misses:
+                if not self._start_load(e, prefetched=False):
+                    break  # every slot holds a pinned expert: acquire() loads it after a release
+            return hits + misses
+        keep = self._favoured(needed)
+        self._last = needed
+        # Experts needed now but unlikely next stream through a slot that no kept expert needs: a needed
+        # hit's slot once computed, or one old slot held back from the kept misses' eager loads.
+        streamed = [e for e in misses if e not in keep]
+        kept = [e for e in misses if e in keep]
+        spare = len(self._free) + sum(1 for e in self._resident if e not in keep and e not in self._pinned)
+        if streamed and all(h in keep for h in hits):
+            spare -= 1
+        eager = kept[: max(spare, 0)]
+        for e in eager:
+            self._start_load(e, prefetched=False, protect=keep)
+        return hits + eager + streamed + kept[len(eager):]
 
     def _favoured(self, needed: list[int]) -> set[int]:
-        """The k experts, among the resident and the needed, that the router favours most."""
+        """Learn from this call's routing, then pick the k experts, among the resident and the needed, most
+        likely to be routed to next (by the transitions seen so far; recency breaks ties)."""
+        counts = self._transitions
+        counts.mul_(TRANSITION_DECAY)
+        for a in self._last:
+            counts[a, needed] += 1.0
+        rows = counts[needed] / counts[needed].sum(dim=1, keepdim=True)  # P(next | each expert used now)
+        self._next_scores = rows.sum(dim=0).tolist()  # [E]
+        recency = {e: i for i, e in enumerate(self._resident)}
         pool = set(self._resident) | set(needed)
-        return set(sorted(pool, key=lambda e: (-self._score(e), e))[: self.capacity])
+        ranked = sorted(pool, key=lambda e: (-self._next_scores[e], -recency.get(e, len(recency))))
+        return set(ranked[: self.capacity])
+
+    def _score(self, expert: int) -> float:
+        return self._next_scores[expert] if self.policy == "router" else 0.0
 
     def acquire(self, expert: int) -> torch.Tensor:
         slot = self._resident.get(expert)

@@ -59,7 +59,7 @@ def build_local_experts(ckpt: Checkpoint, config, adapter, device: torch.device,
         fmt = DenseFormat(shapes, dtype)
         source = CheckpointSource(ckpt, adapter, fmt)
     return LocalExperts(source, adapter, fmt, device, slots_per_layer, adapter.moe_layers(), store=store,
-                        act_name=config.hidden_act, policy=policy)
+                        act_name=config.hidden_act, policy=policy, num_experts=adapter.num_experts)
 
 
 def expert_fingerprint(ckpt: Checkpoint, adapter, fmt) -> str:

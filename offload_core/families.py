@@ -142,12 +142,6 @@ class MixtralAdapter:
     def pre_moe_norm(self, model: nn.Module, layer: int) -> nn.Module:
         return self.decoder_layer(model, layer).post_attention_layernorm
 
-    def router_module(self, model: nn.Module, layer: int) -> nn.Module:
-        return self.decoder_layer(model, layer).mlp.gate
-
-    def logits_of_router_output(self, output) -> torch.Tensor:
-        return output[0]  # MixtralTopKRouter returns (router_logits [T, E], top-k weights, top-k indices)
-
     def router_logits(self, model: nn.Module, layer: int, residual: torch.Tensor) -> torch.Tensor:
         """Layer `layer`'s router logits for a residual-stream state [T, D] (its norm, then its gate)."""
         normed = self.pre_moe_norm(model, layer)(residual)

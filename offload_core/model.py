@@ -90,7 +90,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_pe
     local = build_local_experts(ckpt, config, adapter, device, opts.slots_per_layer, store_kind, compute_dtype,
                                 opts.quant, opts.cache_dir, progress, opts.policy)
     runtime = ExpertRuntime({"local": local})
-    attach_moe_layers(model, adapter, runtime, opts.prefetch, opts.slots_per_layer, observe_router=opts.policy == "router")
+    attach_moe_layers(model, adapter, runtime, opts.prefetch, opts.slots_per_layer)
     model.moeshard = runtime
     model.expert_stats = runtime.stats
     model.moeshard_checkpoint = ckpt
@@ -101,18 +101,15 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", slots_pe
     return model
 
 
-def attach_moe_layers(model: PreTrainedModel, adapter, runtime: ExpertRuntime, prefetch: int, prefetch_cap: int,
-                      observe_router: bool = False) -> None:
-    """Serve every MoE layer of `model` through `runtime`, with next-layer prediction when prefetch > 0 and the
-    router's probabilities passed on when the eviction policy uses them."""
+def attach_moe_layers(model: PreTrainedModel, adapter, runtime: ExpertRuntime, prefetch: int, prefetch_cap: int) -> None:
+    """Serve every MoE layer of `model` through `runtime`, with next-layer prediction when prefetch > 0."""
     layers = adapter.moe_layers()
     for i, layer in enumerate(layers):
         next_layer = layers[i + 1] if i + 1 < len(layers) else None
         predictor = functools.partial(adapter.router_logits, model, next_layer) if next_layer is not None else None
         moe = MoELayer(layer, adapter.num_experts, runtime, predictor, prefetch, prefetch_cap)
         moe.next_layer = next_layer
-        moe.attach(adapter.experts_module(model, layer), adapter.pre_moe_norm(model, layer),
-                   adapter.router_module(model, layer) if observe_router else None, adapter.logits_of_router_output)
+        moe.attach(adapter.experts_module(model, layer), adapter.pre_moe_norm(model, layer))
 
 
 def _load_dense_weights(model: PreTrainedModel, ckpt: Checkpoint, adapter, device: torch.device,

@@ -48,17 +48,8 @@ class MoELayer:
         self.prefetch, self.prefetch_cap = prefetch, prefetch_cap
         self._residual: torch.Tensor | None = None
 
-    def attach(self, experts: nn.Module, pre_moe_norm: nn.Module | None, router: nn.Module | None = None,
-               router_logits=None) -> None:
-        """Serve `experts`; capture the residual for prediction; with `router`, pass the router's probabilities
-        to the expert caches (for the router eviction policy)."""
+    def attach(self, experts: nn.Module, pre_moe_norm: nn.Module | None) -> None:
         setattr(experts, _ATTR, self)
-        if router is not None:
-            def observe(module, args, output):
-                probs = router_logits(output).float().softmax(-1).mean(0)  # [E], this call's tokens
-                self.runtime.observe(self.layer, probs)
-
-            router.register_forward_hook(observe)
         if pre_moe_norm is not None and self.predictor is not None and self.prefetch > 0:
             # The norm's input is the residual stream right before this layer's MoE: the state from which
             # the next layer's router is applied speculatively.
@@ -76,7 +67,8 @@ class MoELayer:
         routed = hidden[order // K]  # [T*K, D] token states in expert order
         groups = dict(zip(experts, routed.split([counts[e] for e in experts])))
 
-        hint = self._predict_next()
+        residual, self._residual = self._residual, None  # [B, S, D] before this layer's MoE (prefetch only)
+        hint = self._predict_next(residual)  # early guess: its loads overlap this layer's experts
         pending = self.runtime.submit(self.layer, groups, hint)  # loads and remote requests start now
         outputs = pending.result()
 
@@ -88,7 +80,14 @@ class MoELayer:
         weighted = out * weights.unsqueeze(-1)  # float32 like transformers
         combined = torch.empty_like(weighted)
         combined[order] = weighted  # back to (token, k) order
-        return combined.view(T, K, -1).sum(dim=1).to(hidden.dtype)  # [T, D]
+        result = combined.view(T, K, -1).sum(dim=1).to(hidden.dtype)  # [T, D]
+        if residual is not None:
+            # Refined guess from the residual stream as the next layer will receive it (this layer's output
+            # added): more accurate, and its loads still overlap the next layer's attention.
+            refined = self._predict_next(residual.reshape(T, -1) + result)
+            if refined is not None:
+                self.runtime.prefetch(*refined, already=hint[1] if hint else ())
+        return result
 
     def _drop(self, experts, counts, outputs, weights, order, top_k_weights, dropped, hidden):
         """Zero the dropped experts' outputs and rescale each token's remaining weights to the same total."""
@@ -103,9 +102,8 @@ class MoELayer:
         zeros = {e: torch.zeros(counts[e], hidden.shape[-1], dtype=hidden.dtype, device=hidden.device) for e in dropped}
         return {**outputs, **zeros}, w[order]
 
-    def _predict_next(self) -> tuple[int, list[int]] | None:
-        """The next MoE layer's likely experts: its norm and router applied to this layer's residual stream."""
-        residual, self._residual = self._residual, None
+    def _predict_next(self, residual: torch.Tensor | None) -> tuple[int, list[int]] | None:
+        """The next MoE layer's likely experts: its norm and router applied to a residual-stream state."""
         if residual is None or self.next_layer is None:
             return None
         with torch.no_grad():

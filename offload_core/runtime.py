@@ -87,12 +87,21 @@ class ExpertRuntime:
             logger.warning("worker %s is back and serves its experts again", name)
         self.down.discard(name)
 
-    def observe(self, layer: int, probs: torch.Tensor) -> None:
-        """The router's probabilities at `layer` for the current tokens, for backends that use them."""
-        for backend in self.backends.values():
-            observe = getattr(backend, "observe", None)
-            if observe is not None:
-                observe(layer, probs)
+    def prefetch(self, layer: int, experts: list[int], already=()) -> None:
+        """The prediction for `layer` is now `experts`: load those not in `already` (a hint, never an error)."""
+        self._predicted[layer] = set(experts)
+        by_owner: dict[str, list[int]] = defaultdict(list)
+        for expert in experts:
+            name = self.owner(layer, expert)
+            if expert not in already and name is not None:
+                by_owner[name].append(expert)
+        for name, owned in by_owner.items():
+            try:
+                self.backends[name].prefetch(layer, owned)
+            except Exception as exc:  # a hint to a failing worker: mark it, never fail the step for it
+                if name == self.local:
+                    raise
+                self.mark_down(name, exc)
 
     def submit(self, layer: int, groups: dict[int, torch.Tensor],
                hint: tuple[int, list[int]] | None = None) -> _MergedPending:

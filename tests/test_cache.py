@@ -114,23 +114,24 @@ def test_zero_slots_rejected():
         make_cache(capacity=0)
 
 
-def test_router_policy_keeps_favoured_experts_and_streams_the_rest():
+def test_router_policy_learns_what_comes_next_and_streams_the_rest():
+    """Routing alternates between {0, 1} and {2, 3}: LRU with 2 slots always holds the wrong pair; the router
+    policy learns the alternation, keeps the pair needed next and streams the current one through a slot."""
     source = StampSource()
-    loader = Loader(DiskStore(source), torch.device("cpu"), threads=1)
-    cache = LayerCache(0, 2, loader, NBYTES, policy="router")
-    favour = torch.tensor([0.6, 0.3, 0.05, 0.05])
-    cache.observe(favour)
-    run_step(cache, [0, 1])
-    assert sorted(cache.resident()) == [0, 1]
-    run_step(cache, [2, 3])  # neither is favoured: both stream through one slot, expert 0 stays
-    assert 0 in cache.resident() and (cache.stats.hits, cache.stats.misses) == (0, 4)
-    run_step(cache, [0])
-    assert cache.stats.hits == 1  # LRU would have evicted 0 for 2 and 3 and missed here
-    assert [k.expert for k in source.reads] == [0, 1, 2, 3]  # every needed expert was loaded exactly once
-    lru_cache, _ = make_cache(capacity=2)
-    for step in ([0, 1], [2, 3], [0]):
-        run_step(lru_cache, step)
-    assert lru_cache.stats.hits == 0
+    cache = LayerCache(0, 2, Loader(DiskStore(source), torch.device("cpu"), threads=1), NBYTES, policy="router",
+                       num_experts=4)
+    lru, _ = make_cache(capacity=2)
+    for step in range(12):
+        for c in (cache, lru):
+            run_step(c, [0, 1] if step % 2 == 0 else [2, 3])  # run_step checks every slot holds its expert
+    assert lru.stats.hits == 0
+    assert cache.stats.hits >= 8  # after a few steps of learning, one of each pair is kept for its next use
+    assert cache.stats.hits + cache.stats.misses == 24
+
+
+def test_router_policy_needs_the_expert_count():
+    with pytest.raises(ValueError, match="needs num_experts"):
+        LayerCache(0, 2, Loader(DiskStore(StampSource()), torch.device("cpu")), NBYTES, policy="router")
 
 
 def test_naive_policy_reuses_nothing():
