@@ -3,7 +3,7 @@
 Builds a byte-level BPE tokenizer and a ~5 M parameter Mixtral (8 experts,
 top-2) from the stdlib ``*.py`` sources, trains it deterministically on CPU
 (10-25 minutes on 2 cores, depending on load), and saves a bf16 checkpoint
-plus ``heldout.txt`` and ``training_report.json`` so tests can check quality
+plus ``heldout.txt`` and ``training_report.json`` so tests can check quality (with offload_core.evaluate)
 without the stdlib.
 
     python -m offload_core.demo.train --out offload_core/demo/model
@@ -33,7 +33,7 @@ from transformers import (
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from offload_core.demo.heldout import evaluate_heldout
+from offload_core.evaluate import cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
                 n_params, model.config._experts_implementation)
 
     stats = train(model, stream, args)
-    logger.info("held-out loss before bf16 cast: %.4f", evaluate_heldout(model, tokenizer, heldout_text, args.seq_len))
+    model.eval()
+    logger.info("held-out loss before bf16 cast: %.4f",
+                cross_entropy(model, tokenizer, heldout_text, args.seq_len)["loss"])
 
     args.out.mkdir(parents=True, exist_ok=True)
     # Router logits are only needed for the training aux loss; inference should not pay for them.
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Score what was actually shipped: the bf16 weights, upcast to float32 on load.
     reloaded = MixtralForCausalLM.from_pretrained(args.out, dtype=torch.float32)
-    heldout_loss = evaluate_heldout(reloaded, tokenizer, heldout_text, args.seq_len)
+    heldout_loss = cross_entropy(reloaded, tokenizer, heldout_text, args.seq_len)["loss"]
     load = expert_load(reloaded, tokenizer, heldout_text, args.seq_len)
     logger.info("held-out expert load per layer (uniform = %.3f): %s", 1 / config.num_local_experts, load)
     samples = generate_samples(reloaded, tokenizer, args.seed)
