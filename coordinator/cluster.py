@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from tqdm.auto import tqdm
 
 from offload_core import ExpertKey
 
@@ -180,8 +181,8 @@ def _no_unknown_keys(data: dict, known: set[str], where: str) -> None:
         raise ClusterError(f"{where}: unknown keys {unknown}; expected only {sorted(known)}")
 
 
-def attach_workers(model, spec: ClusterSpec, cfg: ClientConfig = ClientConfig(),
-                   connect_timeout_s: float = 30.0, probe_max_s: float = 30.0) -> dict[str, WorkerInfo]:
+def attach_workers(model, spec: ClusterSpec, cfg: ClientConfig = ClientConfig(), connect_timeout_s: float = 30.0,
+                   probe_max_s: float = 30.0, progress: bool = False) -> dict[str, WorkerInfo]:
     """Connect every worker, check it serves the same model, place and assign experts, plug in backends,
     and start the monitor that brings failed workers back."""
     runtime, fingerprint = model.moeshard, model.moeshard_fingerprint
@@ -211,9 +212,10 @@ def attach_workers(model, spec: ClusterSpec, cfg: ClientConfig = ClientConfig(),
     unknown = sorted({o for owners in placement.values() for o in owners} - set(infos))
     if unknown:
         raise ClusterError(f"placement names workers that are not in the cluster: {unknown}")
-    for address, client in clients.items():
+    for address, client in tqdm(clients.items(), desc="assigning experts to workers", unit="worker",
+                                disable=not progress):
         keys = hosted_by(placement, address)
-        client.assign(keys)
+        client.assign(keys)  # the worker reads its experts now: this is the slow part of joining
         runtime.backends[address] = RemoteExperts(client, model.config.hidden_size)
         logger.info("worker %s (%s) hosts %d experts", address, infos[address].device, len(keys))
     runtime.placement = dict(placement)

@@ -93,7 +93,7 @@ class Engine:
         engine = cls(model, tokenizer, Path(path).name)
         if cluster is not None:
             try:
-                attach_workers(model, cluster, client)
+                attach_workers(model, cluster, client, progress=progress)
             except BaseException:
                 engine.close()
                 raise
