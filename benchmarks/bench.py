@@ -89,8 +89,10 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
                                  drop_page_cache=args.protocol == "cold", policy=policy)
 
     def workers():
+        # Each worker gets every core, as it would on a machine of its own (here they share them).
         state["workers"] = LocalWorkers(2, ckpt, extra_args=("--slots-per-layer", str(E), "--store", "ram",
-                                                              *(("--dtype", args.dtype) if args.dtype else ())))
+                                                              *(("--dtype", args.dtype) if args.dtype else ())),
+                                        threads=psutil.cpu_count(logical=True) or 1)
         addresses = state["workers"].__enter__().addresses
         model = _moeshard(ckpt, args, slots_per_layer=1, prefetch=0, store="disk")
         keys = [(layer, e) for layer in range(spec.num_hidden_layers) for e in range(E)]

@@ -17,8 +17,9 @@ class LocalWorkers:
     """A context manager: `with LocalWorkers(2, model) as w: w.addresses`."""
 
     def __init__(self, count: int, model: Path, extra_args: tuple[str, ...] = (), timeout_s: float = 120.0,
-                 log_dir: Path | None = None):
+                 log_dir: Path | None = None, threads: int = 1):
         self.count, self.model, self.extra_args, self.timeout_s = count, Path(model), extra_args, timeout_s
+        self.threads = threads  # compute threads per worker: 1 by default, as they share this machine's cores
         self._dir = tempfile.TemporaryDirectory(prefix="moeshard-workers-")
         self.log_dir = Path(log_dir) if log_dir else Path(self._dir.name)
         self.procs: list[subprocess.Popen] = []
@@ -32,8 +33,7 @@ class LocalWorkers:
         with open(self.log_dir / f"worker{i}.log", "ab") as log:
             cmd = [sys.executable, "-m", "worker", "--model", str(self.model), "--listen", listen,
                    "--ready-file", str(self._ready_file(i)), *self.extra_args]
-            # One compute thread each: the workers share this machine's cores with the coordinator.
-            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def _wait_ready(self, i: int) -> str:
