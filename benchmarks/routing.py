@@ -83,14 +83,35 @@ class _NullSource:
         pass
 
 
+class _OracleCache(LayerCache):
+    """The router policy's streaming, told the next step's experts instead of predicting them: the ceiling
+    for any policy that predicts one step ahead."""
+
+    def __init__(self, *args, upcoming: list[list[int]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._upcoming, self._step = upcoming, 0
+
+    def _favoured(self, needed: list[int]) -> set[int]:
+        nxt = set(self._upcoming[self._step + 1]) if self._step + 1 < len(self._upcoming) else set()
+        self._step += 1
+        self._next_scores = [1.0 if e in nxt else 0.0 for e in range(len(self._transitions))]
+        recency = {e: i for i, e in enumerate(self._resident)}
+        pool = set(self._resident) | set(needed)
+        return set(sorted(pool, key=lambda e: (-self._next_scores[e], -recency.get(e, len(recency))))[: self.capacity])
+
+
 def simulate(trace: Trace, layer: int, k: int, policy: str) -> float:
     """Hit rate of one layer's k-slot cache replaying the trace. "lru" and "router" drive moeshard's own
-    LayerCache (so the replay is the implementation); "belady" is the offline optimum (see below)."""
+    LayerCache (so the replay is the implementation); "oracle" is the router policy told the next step;
+    "belady" is the offline optimum (see below)."""
     needed = [sorted(set(row)) for row in trace.chosen[:, layer].tolist()]
     if policy == "belady":
         return belady(needed, k)
     loader = Loader(DiskStore(_NullSource()), torch.device("cpu"))
-    cache = LayerCache(layer, k, loader, _NullSource.nbytes, policy, trace.num_experts)
+    if policy == "oracle":
+        cache = _OracleCache(layer, k, loader, _NullSource.nbytes, "router", trace.num_experts, upcoming=needed)
+    else:
+        cache = LayerCache(layer, k, loader, _NullSource.nbytes, policy, trace.num_experts)
     try:
         for want in needed:
             for e in cache.begin(want):
@@ -180,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
               "hit_rate": {}}
     for k in (2, 3, 4):
         report["hit_rate"][k] = {policy: sum(simulate(trace, layer, k, policy) for layer in range(layers)) / layers
-                                 for policy in ("lru", "router", "belady")}
+                                 for policy in ("lru", "router", "oracle", "belady")}
         r = report["hit_rate"][k]
-        r["router_gap_closed"] = (r["router"] - r["lru"]) / (r["belady"] - r["lru"]) if r["belady"] > r["lru"] else None
+        for policy in ("router", "oracle"):
+            r[f"{policy}_gap_closed"] = (r[policy] - r["lru"]) / (r["belady"] - r["lru"]) if r["belady"] > r["lru"] else None
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
