@@ -124,8 +124,11 @@ def simulate(trace: Trace, layer: int, k: int, policy: str) -> float:
 
 def belady(needed: list[list[int]], k: int) -> float:
     """Belady's MIN with bypass: after each step keep the (at most k) experts, among the resident and the
-    just-used, whose next use comes soonest. An expert may be used without being kept (it streams through
-    a slot), which is what LayerCache can do, so this is the optimum for the hit rate at k slots."""
+    just-used, whose next uses come soonest. An expert may be used without being kept (it streams through
+    a slot), as LayerCache can do, provided a slot is free of kept old experts for it to pass through (or
+    a needed hit that is not kept frees one)."""
+    from itertools import combinations
+
     resident: set[int] = set()
     hits = total = 0
     horizon = len(needed)
@@ -136,14 +139,24 @@ def belady(needed: list[list[int]], k: int) -> float:
         for e in needed[t]:
             upcoming[e] = t
     for t, want in enumerate(needed):
-        hits += sum(e in resident for e in want)
+        want_set = set(want)
+        hits += len(want_set & resident)
         total += len(want)
-        pool = resident | set(want)
-        ranked = sorted(pool, key=lambda e: next_use[t].get(e, horizon))
-        keep = [e for e in ranked if e in next_use[t]][:k]
-        if len(set(keep) & resident) == k and not set(want) <= set(keep) and len(set(want) - resident):
-            keep = keep[:-1]  # a streamed expert needs one slot that no kept old expert holds
-        resident = set(keep)
+        pool = sorted(resident | want_set)
+        when = next_use[t]
+
+        def feasible(keep: tuple[int, ...]) -> bool:
+            streamed = want_set - resident - set(keep)
+            freed_by_hit = any(h not in keep for h in want_set & resident)
+            return not streamed or len(set(keep) & resident) < k or freed_by_hit
+
+        best = None
+        for size in range(min(k, len(pool)), -1, -1):
+            options = [c for c in combinations(pool, size) if feasible(c)]
+            if options:  # the soonest next uses first, like MIN
+                best = min(options, key=lambda c: sorted(when.get(e, horizon) for e in c))
+                break
+        resident = {e for e in best if e in when}
     return hits / total
 
 
