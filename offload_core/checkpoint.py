@@ -155,11 +155,22 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {str(self.path)!r} is missing tensor {name!r}")
         return entry
 
-    def _read_bytes(self, entry: _Entry, start: int, nbytes: int, count: bool = True) -> torch.Tensor:
-        out = torch.empty(nbytes, dtype=torch.uint8)
+    def _span(self, name: str, index: int | None) -> tuple[_Entry, int, int]:
+        """(entry, file offset, bytes) of `tensor` or of its row `tensor[index]`."""
+        e = self._require(name)
+        if index is None:
+            return e, e.start, e.end - e.start
+        if not 0 <= index < e.shape[0]:
+            raise IndexError(f"{name}[{index}] out of range for shape {list(e.shape)}")
+        row = (e.end - e.start) // e.shape[0]
+        return e, e.start + index * row, row
+
+    def _pread(self, entry: _Entry, start: int, out: torch.Tensor, count: bool = True) -> torch.Tensor:
+        """Fill the contiguous CPU tensor `out` from the file at `start` (the one place bytes are read)."""
+        nbytes = out.numel() * out.element_size()
         if nbytes:
             fd = self._fd(entry.file)
-            pread_into(fd, memoryview(out.numpy()), start)
+            pread_into(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), start)
             if self.drop_page_cache:
                 os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
         if count:
@@ -167,37 +178,24 @@ class Checkpoint:
                 self.bytes_read += nbytes
         return out
 
-    def _read(self, entry: _Entry, start: int, nbytes: int, shape: tuple[int, ...]) -> torch.Tensor:
-        return self._read_bytes(entry, start, nbytes).view(SAFETENSORS_DTYPES[entry.dtype]).view(shape)
-
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into memory (CPU)."""
-        e = self._require(name)
-        return self._read(e, e.start, e.end - e.start, e.shape)
+        e, start, nbytes = self._span(name, None)
+        return self._pread(e, start, torch.empty(nbytes, dtype=torch.uint8)).view(SAFETENSORS_DTYPES[e.dtype]).view(e.shape)
 
     def get_rows(self, name: str, index: int) -> torch.Tensor:
         """Read `tensor[index]` only, for fused per-expert tensors stored as one [E, ...] array."""
-        e = self._require(name)
-        if not 0 <= index < e.shape[0]:
-            raise IndexError(f"{name}[{index}] out of range for shape {list(e.shape)}")
-        row = (e.end - e.start) // e.shape[0]
-        return self._read(e, e.start + index * row, row, e.shape[1:])
+        e, start, nbytes = self._span(name, index)
+        return self._pread(e, start, torch.empty(nbytes, dtype=torch.uint8)).view(SAFETENSORS_DTYPES[e.dtype]).view(e.shape[1:])
 
     def read_into(self, name: str, out: torch.Tensor, index: int | None = None) -> bool:
         """Read `tensor` (or `tensor[index]`) straight into the contiguous CPU tensor `out`, with no temporary.
         Returns False, reading nothing, when dtype or size differ (the caller then converts)."""
-        e = self._require(name)
-        nbytes = e.end - e.start if index is None else (e.end - e.start) // e.shape[0]
+        e, start, nbytes = self._span(name, index)
         if (SAFETENSORS_DTYPES[e.dtype] != out.dtype or out.device.type != "cpu" or not out.is_contiguous()
                 or out.numel() * out.element_size() != nbytes):
             return False
-        start = e.start + (index or 0) * nbytes
-        fd = self._fd(e.file)
-        pread_into(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), start)
-        if self.drop_page_cache:
-            os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
-        with self._lock:
-            self.bytes_read += nbytes
+        self._pread(e, start, out)
         return True
 
     def close(self) -> None:
@@ -222,5 +220,5 @@ class Checkpoint:
             nbytes = e.end - e.start
             if math.prod(e.shape) > _SAMPLE_ELEMENTS:
                 nbytes //= e.shape[0]  # the first row
-            digest.update(self._read_bytes(e, e.start, nbytes, count=False).numpy().tobytes())
+            digest.update(self._pread(e, e.start, torch.empty(nbytes, dtype=torch.uint8), count=False).numpy().tobytes())
         return digest.hexdigest()[:32]
