@@ -1,7 +1,7 @@
 """Lazy reader for Hugging Face checkpoint folders (config.json + one or many *.safetensors).
 
 Tensors are read one at a time, by name, when asked for; nothing is read at open time but the
-safetensors headers. It knows nothing about MoE: the family adapters decide what a name means.
+safetensors headers. It knows nothing about MoE: the family layouts decide what a name means.
 """
 from __future__ import annotations
 

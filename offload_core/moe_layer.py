@@ -9,6 +9,8 @@ the current residual stream and sends prefetch hints.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -40,12 +42,13 @@ def register_experts_implementation() -> None:
 class MoELayer:
     """DISPATCH, EXPERTS and COMBINE for one layer; attached to that layer's experts module."""
 
-    def __init__(self, layer: int, num_experts: int, runtime: ExpertRuntime, predictor=None,
-                 prefetch: int = 0, prefetch_cap: int = 0):
+    def __init__(self, layer: int, num_experts: int, runtime: ExpertRuntime, prefetch: int = 0,
+                 next_layer: int | None = None, predictor: Callable[[torch.Tensor], tuple] | None = None):
         self.layer, self.num_experts, self.runtime = layer, num_experts, runtime
-        self.predictor = predictor  # residual [T, D] -> next MoE layer's router logits [T, E], or None
-        self.next_layer: int | None = None
-        self.prefetch, self.prefetch_cap = prefetch, prefetch_cap
+        self.prefetch = prefetch  # m: experts per token predicted for the next MoE layer (0 = off)
+        self.next_layer = next_layer  # the next *sparse* layer, whose experts are predicted
+        # residual [T, D] -> the next MoE layer's router output (logits [T, E], weights [T, K], indices [T, K])
+        self.predictor = predictor
         self._residual: torch.Tensor | None = None
 
     def attach(self, experts: nn.Module, pre_moe_norm: nn.Module | None) -> None:
@@ -73,7 +76,7 @@ class MoELayer:
         outputs = pending.result()
 
         weights = top_k_weights.reshape(-1)[order]  # [T*K] in expert order
-        dropped = [e for e in experts if e not in outputs]  # only with an explicit drop_unavailable
+        dropped = [e for e in experts if e not in outputs]  # only when the plane drops unavailable experts
         if dropped:
             outputs, weights = self._drop(experts, counts, outputs, weights, order, top_k_weights, dropped, hidden)
         out = torch.cat([outputs[e] for e in experts])  # [T*K, D] in expert order
@@ -103,13 +106,30 @@ class MoELayer:
         return {**outputs, **zeros}, w[order]
 
     def _predict_next(self, residual: torch.Tensor | None) -> tuple[int, list[int]] | None:
-        """The next MoE layer's likely experts: its norm and router applied to a residual-stream state."""
+        """The next MoE layer's likely experts, most voted first: its own norm and router (the family's routing
+        rule: grouped top-k, sparsemixer, correction bias...) applied to a residual-stream state. Each token
+        votes for the router's choices, best first, then (when m > K) the next ones by router logit."""
         if residual is None or self.next_layer is None:
             return None
         with torch.no_grad():
-            logits = self.predictor(residual.reshape(-1, residual.shape[-1]))  # [T, E]
-            top = torch.topk(logits, self.prefetch, dim=-1).indices  # [T, m]
+            logits, weights, indices = self.predictor(residual.reshape(-1, residual.shape[-1]))  # [T,E] [T,K] [T,K]
+            m, K = self.prefetch, indices.shape[-1]
+            chosen = indices.gather(-1, weights.float().argsort(dim=-1, descending=True, stable=True))  # [T, K]
+            if m <= K:
+                top = chosen[:, :m]  # [T, m]
+            else:
+                score = logits.float().scatter(-1, chosen, float("inf"))  # the router's choices first
+                top = torch.topk(score, m, dim=-1).indices  # [T, m]
             ids, votes = torch.unique(top, return_counts=True)
-        # Most-voted first (ties: lower expert id), at most as many as the next layer has slots.
+        # Most-voted first (ties: lower expert id); each owner loads as many as its slots hold.
         ranked = sorted(zip(votes.tolist(), ids.tolist()), key=lambda vc: (-vc[0], vc[1]))
-        return self.next_layer, [e for _, e in ranked[: self.prefetch_cap]]
+        return self.next_layer, [e for _, e in ranked]
+
+
+def next_layer_predictor(norm: nn.Module | None, router: nn.Module) -> Callable[[torch.Tensor], tuple]:
+    """residual [T, D] -> router(norm(residual)): the next layer's routing as it would be decided now."""
+    def predict(residual: torch.Tensor) -> tuple:
+        out = router(norm(residual) if norm is not None else residual)
+        return out[0], out[1], out[2]  # (logits, weights, indices), the tuple every decorated family's router returns
+
+    return predict

@@ -1,9 +1,9 @@
 """Mixed HQQ quantization (Eliseev & Mazur 2023): attention modules and packed expert buffers.
 
-`QuantConfig` holds the settings; `HQQExpertFormat` packs one quantized expert (bit-packed codes, scales,
+`HQQExpertFormat` packs one quantized expert (bit-packed codes, scales,
 zeros) into one byte buffer and dequantizes it on whatever device the buffer is on; `quantize_attention`
 swaps a model's q/k/v/o projections for hqq's `HQQLinear`. The quantizer, bit packing and dequantization
-are hqq's own; this module only lays their outputs out. It does no caching (see `qcache.py`).
+are hqq's own; this module only lays their outputs out. It does no caching (see `quantized_cache.py`).
 """
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ import torch
 from hqq.core.quantize import HQQLinear, Quantizer, hqq_base_quant_config
 from torch import nn
 
-from .packing import DenseFormat, PackedLayout
-from .quant_config import ALLOWED_BITS, DEFAULT_EXPERT_GROUP, QuantConfig  # noqa: F401 (re-exported)
+from .config import QuantConfig, dtype_name
+from .experts import ExpertTensor
+from .formats import PackedLayout
 
 logger = logging.getLogger(__name__)
 
 # hqq's packers split the code rows into 8/bits equal slices (3-bit packs 10 rows per int32 and pads).
 _ROWS_MULTIPLE = {8: 1, 4: 2, 3: 1, 2: 4}
-_FORMAT_VERSION = 1  # bump when the packed layout changes, so that old caches are rebuilt
+_FORMAT_VERSION = 2  # bump when the packed layout changes, so that old caches are rebuilt
 
 
 def _weight_params(bits: int, group: int) -> dict:
@@ -44,17 +45,21 @@ def _check_groupable(name: str, shape: tuple[int, ...], bits: int, group: int) -
 class HQQExpertFormat:
     """One expert as hqq-quantized tensors in one buffer: `{name}.q` codes, `{name}.scale`, `{name}.zero`.
 
-    Scales and zeros are kept in float16: hqq 0.2.8 ignores (and calls deprecated) quantized meta-data, so
-    the paper's 8-bit scales are not available; that costs 32/group bits per weight (2-bit g16: 4.0 bits).
+    Weights are quantized in [out, in] orientation (groups run along the input dim, hqq's choice for quality),
+    so a transposed [in, out] weight (GPT-OSS) is quantized as its transpose and decoded back to [in, out].
+    Biases stay in the compute dtype. Scales and zeros are kept in float16: hqq 0.2.8 ignores (and calls
+    deprecated) quantized meta-data, so the paper's 8-bit scales are not available; that costs 32/group bits
+    per weight (2-bit g16: 4.0 bits).
     """
 
     meta_dtype = torch.float16
+    quantized = True
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], bits: int, group_size: int, compute_dtype: torch.dtype,
+    def __init__(self, tensors: tuple[ExpertTensor, ...], bits: int, group_size: int, compute_dtype: torch.dtype,
                  quant_device: torch.device | str | None = None):
         if bits not in _ROWS_MULTIPLE:
             raise ValueError(f"expert bits must be one of {sorted(_ROWS_MULTIPLE)}, got {bits!r}")
-        self.shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
+        self.tensors = tuple(tensors)
         self.bits, self.group_size = bits, group_size
         self.dtype = compute_dtype  # what decode() returns, as DenseFormat.dtype
         # Where encode() runs hqq's optimiser: None = where the weights are (a GPU makes building far faster).
@@ -63,39 +68,49 @@ class HQQExpertFormat:
         self._packing = Quantizer.bit_to_packing[bits]
         code_dtype = Quantizer.unpack_view_dtype[self._packing]
         specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        for name, shape in self.shapes.items():
-            rows = _check_groupable(name, shape, bits, group_size)
+        for t in self.tensors:
+            if t.is_bias:
+                specs[t.name] = (compute_dtype, t.shape)
+                continue
+            rows = _check_groupable(t.name, t.shape, bits, group_size)
             code_rows = -(-rows // 10) if bits == 3 else rows * bits // 8
-            specs[f"{name}.q"] = (code_dtype, (code_rows, group_size))
-            specs[f"{name}.scale"] = (self.meta_dtype, (rows, 1))
-            specs[f"{name}.zero"] = (self.meta_dtype, (rows, 1))
+            specs[f"{t.name}.q"] = (code_dtype, (code_rows, group_size))
+            specs[f"{t.name}.scale"] = (self.meta_dtype, (rows, 1))
+            specs[f"{t.name}.zero"] = (self.meta_dtype, (rows, 1))
         self.layout = PackedLayout(specs)
 
     @property
     def num_params(self) -> int:
-        return sum(math.prod(shape) for shape in self.shapes.values())
+        return sum(math.prod(t.shape) for t in self.tensors if not t.is_bias)
 
     @property
     def bits_per_param(self) -> float:
-        """Bits per weight as stored and moved: codes, float16 scales and zeros, and alignment padding."""
+        """Bits per weight as stored and moved: codes, float16 scales and zeros, biases and alignment padding."""
         return self.layout.nbytes * 8 / self.num_params
 
     def describe(self) -> dict:
         """What the bytes mean, and the dtype computed in: backends that share a fingerprint give equal outputs."""
         return {"format": "hqq", "version": _FORMAT_VERSION, "bits": self.bits, "group_size": self.group_size,
-                "axis": 1, "packing": self._packing, "meta_dtype": "float16",
-                "dtype": str(self.dtype).removeprefix("torch.")}
+                "axis": 1, "packing": self._packing, "meta_dtype": "float16", "dtype": dtype_name(self.dtype)}
+
+    @property
+    def label(self) -> str:
+        return f"hqq {self.bits}-bit g{self.group_size} ({dtype_name(self.dtype)})"
 
     def encode(self, weights: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         """Quantize one expert's dense weights with hqq and pack codes and meta-data into `out`."""
         packed = {}
-        for name, shape in self.shapes.items():
-            w = weights[name]
-            if tuple(w.shape) != shape:
-                raise ValueError(f"expert tensor {name!r} has shape {list(w.shape)}, expected {list(shape)}")
+        for t in self.tensors:
+            w = weights[t.name]
+            if tuple(w.shape) != t.shape:
+                raise ValueError(f"expert tensor {t.name!r} has shape {list(w.shape)}, expected {list(t.shape)}")
+            if t.is_bias:
+                packed[t.name] = w
+                continue
             device = self.quant_device or w.device
-            codes, meta = Quantizer.quantize(w.to(device), device=device, **self._params)
-            packed.update({f"{name}.q": codes, f"{name}.scale": meta["scale"], f"{name}.zero": meta["zero"]})
+            w = w.t() if t.transposed else w  # quantize [out, in]
+            codes, meta = Quantizer.quantize(w.contiguous().to(device), device=device, **self._params)
+            packed.update({f"{t.name}.q": codes, f"{t.name}.scale": meta["scale"], f"{t.name}.zero": meta["zero"]})
         return self.layout.pack(packed, out)
 
     def _dequant_dtype(self, device: torch.device) -> torch.dtype:
@@ -110,20 +125,17 @@ class HQQExpertFormat:
         views = self.layout.views(buf)
         dtype = self._dequant_dtype(buf.device)
         weights = {}
-        for name, shape in self.shapes.items():
+        for t in self.tensors:
+            if t.is_bias:
+                weights[t.name] = views[t.name]
+                continue
+            shape = t.shape[::-1] if t.transposed else t.shape
             meta = {"nbits": self.bits, "group_size": self.group_size, "shape": torch.Size(shape), "axis": 1,
                     "packing": self._packing, "view_as_float": False, "compute_dtype": dtype,
-                    "scale": views[f"{name}.scale"].to(dtype), "zero": views[f"{name}.zero"].to(dtype)}
-            weights[name] = Quantizer.dequantize(views[f"{name}.q"], meta).to(self.dtype)
+                    "scale": views[f"{t.name}.scale"].to(dtype), "zero": views[f"{t.name}.zero"].to(dtype)}
+            w = Quantizer.dequantize(views[f"{t.name}.q"], meta).to(self.dtype)
+            weights[t.name] = w.t() if t.transposed else w
         return weights
-
-
-def expert_format(shapes: dict[str, tuple[int, ...]], cfg: QuantConfig, compute_dtype: torch.dtype,
-                  quant_device: torch.device | str | None = None) -> DenseFormat | HQQExpertFormat:
-    """The packed expert format for `cfg`: dense in the compute dtype at 16 bits, hqq otherwise."""
-    if not cfg.experts_quantized:
-        return DenseFormat(shapes, compute_dtype)
-    return HQQExpertFormat(shapes, cfg.expert_bits, cfg.expert_group_size, compute_dtype, quant_device)
 
 
 def attention_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:

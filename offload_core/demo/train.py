@@ -33,7 +33,7 @@ from transformers import (
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from offload_core.evaluate import cross_entropy
+from ..evaluate import cross_entropy
 
 logger = logging.getLogger(__name__)
 

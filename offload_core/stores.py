@@ -1,6 +1,7 @@
 """The host tier: where an expert waits when it is not in a device slot.
 
-`CheckpointSource` reads one expert from the checkpoint (or a quantized cache) and packs it.
+`CheckpointSource` reads one expert from the checkpoint and packs it (`QuantizedCacheSource` in
+`quantized_cache.py` reads one already packed).
 `RamStore` keeps packed experts in host RAM (pinned when CUDA is present), filled on first use;
 `DiskStore` keeps nothing and reads from the source on every load, for machines with less RAM
 than the model. Neither knows about slots or the device.
@@ -8,39 +9,37 @@ than the model. Neither knows about slots or the device.
 from __future__ import annotations
 
 import threading
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 
 from .checkpoint import Checkpoint
-from .packing import DenseFormat
-
-
-class ExpertKey(NamedTuple):
-    layer: int
-    expert: int
+from .experts import ExpertKey
+from .formats import DenseFormat
 
 
 class ExpertSource(Protocol):
+    """Where packed experts come from: `read_into` fills a buffer of `nbytes` with one packed expert."""
+
     nbytes: int
 
     def read_into(self, key: ExpertKey, out: torch.Tensor) -> None: ...
 
 
 class CheckpointSource:
-    """Reads one expert's tensors from the checkpoint through the family adapter and packs them."""
+    """Reads one expert's tensors from the checkpoint through the family layout and packs them."""
 
-    def __init__(self, ckpt: Checkpoint, adapter, fmt):
-        self.ckpt, self.adapter, self.format = ckpt, adapter, fmt
+    def __init__(self, ckpt: Checkpoint, layout, fmt):
+        self.ckpt, self.layout, self.format = ckpt, layout, fmt
         self.nbytes: int = fmt.layout.nbytes
 
     def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
         # Dense experts already in the compute dtype go from disk into `out` directly: no temporaries, so
         # the loader neither copies twice nor leaves freed buffers behind in the allocator.
         if isinstance(self.format, DenseFormat) and out.device.type == "cpu" and \
-                self.adapter.read_expert_into(self.ckpt, key.layer, key.expert, self.format.decode(out)):
+                self.layout.read_expert_into(self.ckpt, key.layer, key.expert, self.format.decode(out)):
             return
-        self.format.encode(self.adapter.read_expert(self.ckpt, key.layer, key.expert), out)
+        self.format.encode(self.layout.read_expert(self.ckpt, key.layer, key.expert, self.format.dtype), out)
 
 
 class RamStore:

@@ -1,10 +1,11 @@
-"""The device tier: a per-layer LRU of k expert slots, and the loader that fills them off the compute path.
+"""The device tier: one layer's k expert slots, and the loader that fills them off the compute path.
 
-`LayerCache` decides (on the compute thread) which expert sits in which slot; `Loader` moves bytes from
-the host store into a slot on its own thread and, on CUDA, its own stream, so that loads overlap
-compute. An expert the current layer still needs is pinned and never evicted; a prefetch never evicts
-a pinned expert or another expert of the same prefetch. On CPU the slots are RAM buffers and the same
-code runs. Stats are counted here, per layer.
+`LayerSlots` decides (on the compute thread) which expert sits in which slot, with an eviction policy
+(`policies.py`); `Loader` moves bytes from the host store into a slot on its own threads and, on CUDA,
+its own stream, so that loads overlap compute. An expert the current call still needs is pinned and
+never evicted; a prefetch never evicts a pinned expert or another expert of the same prefetch. A layer's
+slots are rows of one slab [k, nbytes], so resident experts can be viewed together, strided, for one
+grouped matmul. On CPU the slots are RAM and the same code runs. Counters are kept here, per layer.
 """
 from __future__ import annotations
 
@@ -12,37 +13,15 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 
 import torch
 
-from .store import ExpertKey
+from .counters import ExpertCounters
+from .experts import ExpertKey
+from .policies import EvictionPolicy, LRUPolicy
 
 _STAGING_BUFFERS = 2  # pinned bounce buffers per loader thread (disk store on CUDA): read one, copy the other
 LOADER_THREADS = 4  # reads in flight at once: a disk (NVMe, virtio) serves several faster than one by one
-POLICIES = {
-    "lru": "evict the least recently used expert (the paper's cache)",
-    "router": "keep the experts that the router's own history says follow the ones just used (transition "
-              "counts learnt online); an expert needed now but unlikely next streams through a slot instead of "
-              "displacing a likely one",
-    "none": "keep nothing between calls: every needed expert is loaded every time (the naive baseline)",
-}
-TRANSITION_DECAY = 0.98  # router policy: per-step forgetting of old transitions (tuned on the demo model's trace)
-
-
-@dataclass
-class LayerStats:
-    hits: int = 0  # needed experts already resident (or loading) when the layer asked for them
-    misses: int = 0  # needed experts that had to be loaded on demand
-    prefetch_issued: int = 0  # loads started by a prefetch
-    prefetch_used: int = 0  # prefetched experts that were then needed before being evicted
-    evictions: int = 0
-    bytes_loaded: int = 0
-    wait_s: float = 0.0  # compute thread blocked on a load
-    compute_s: float = 0.0  # expert FFN time (on CUDA: launch time unless synchronised)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class Loader:
@@ -65,7 +44,7 @@ class Loader:
     def submit(self, key: ExpertKey, dst: torch.Tensor, free_event, previous: Future | None = None) -> Future:
         return self._pool.submit(self._load, key, dst, free_event, previous)
 
-    def _staging(self) -> tuple[list, list]:
+    def _staging(self):
         local = self._local
         if not hasattr(local, "buffers"):
             local.buffers = [torch.empty(self.store.nbytes, dtype=torch.uint8, pin_memory=True)
@@ -113,18 +92,18 @@ class Loader:
 
 
 class _Slot:
-    __slots__ = ("buffer", "expert", "pending", "prefetched", "free_event")
+    __slots__ = ("index", "buffer", "expert", "pending", "prefetched", "free_event")
 
-    def __init__(self, buffer: torch.Tensor):
-        self.buffer = buffer
+    def __init__(self, index: int, buffer: torch.Tensor):
+        self.index, self.buffer = index, buffer
         self.expert: int | None = None
         self.pending: Future | None = None
         self.prefetched = False
         self.free_event = None
 
 
-class LayerCache:
-    """k slots for one layer's experts, least recently used evicted first.
+class LayerSlots:
+    """k slots for one layer's experts, evicted by `policy` (LRU by default).
 
     Protocol for one layer call: `order = begin(needed)`, then for each expert in `order`:
     `acquire(e)` (waits for its load), compute, `release(e)`. `begin` counts hits and misses and starts
@@ -132,55 +111,49 @@ class LayerCache:
     Recency: hits are touched in ascending expert order, then misses in ascending order.
     """
 
-    def __init__(self, layer: int, capacity: int, loader: Loader, nbytes: int, policy: str = "lru",
-                 num_experts: int = 0):
+    def __init__(self, layer: int, capacity: int, loader: Loader, nbytes: int, policy: EvictionPolicy | None = None):
         if capacity < 1:
             raise ValueError(f"slots per layer must be >= 1, got {capacity}")
-        if policy not in POLICIES:
-            raise ValueError(f"eviction policy must be one of {list(POLICIES)}, got {policy!r}")
-        self.layer, self.capacity, self.loader, self.policy = layer, capacity, loader, policy
-        if policy == "router" and num_experts < 1:
-            raise ValueError("the router policy needs num_experts")
-        # Router policy: counts[a, b] ~ how often expert b was routed to right after expert a (smoothed).
-        self._transitions = torch.ones(num_experts, num_experts) if policy == "router" else None
-        self._last: list[int] = []
-        self._free = [_Slot(torch.empty(nbytes, dtype=torch.uint8, device=loader.device)) for _ in range(capacity)]
+        self.layer, self.capacity, self.loader, self.nbytes = layer, capacity, loader, nbytes
+        self.policy = policy if policy is not None else LRUPolicy()
+        self.slab = torch.empty(capacity, nbytes, dtype=torch.uint8, device=loader.device)  # [k, nbytes]
+        self._free = [_Slot(i, self.slab[i]) for i in reversed(range(capacity))]  # pop() takes slot 0 first
         self._resident: OrderedDict[int, _Slot] = OrderedDict()  # LRU first, MRU last
         self._pinned: set[int] = set()
-        self.nbytes = nbytes
-        self.stats = LayerStats()
-
-    _next_scores: list[float] = []
+        self.counters = ExpertCounters()
 
     def resident(self) -> list[int]:
         """Resident experts, least recently used first."""
         return list(self._resident)
 
+    def slot_of(self, expert: int) -> int:
+        """The slot (row of `slab`) holding a resident expert."""
+        return self._resident[expert].index
+
     def begin(self, needed) -> list[int]:
-        if self.policy == "none":  # the naive baseline: nothing is reused from one call to the next
+        if not self.policy.reuses:  # the naive baseline: nothing is reused from one call to the next
             while self._resident:
                 self._free.append(self._resident.popitem(last=False)[1])
         needed = sorted(set(needed))
         hits = [e for e in needed if e in self._resident]
         misses = [e for e in needed if e not in self._resident]
-        self.stats.hits += len(hits)
-        self.stats.misses += len(misses)
+        self.counters.hits += len(hits)
+        self.counters.misses += len(misses)
         self._pinned = set(needed)
         for e in hits:
             slot = self._resident[e]
             self._resident.move_to_end(e)
             if slot.prefetched:
                 slot.prefetched = False
-                self.stats.prefetch_used += 1
-        if self.policy != "router":
+                self.counters.prefetch_used += 1
+        keep = self.policy.plan(needed, list(self._resident), self.capacity)
+        if keep is None:  # keep what fits: load every miss now, as slots allow
             for e in misses:
                 if not self._start_load(e, prefetched=False):
                     break  # every slot holds a pinned expert: acquire() loads it after a release
             return hits + misses
-        keep = self._favoured(needed)
-        self._last = needed
-        # Experts needed now but unlikely next stream through a slot that no kept expert needs: a needed
-        # hit's slot once computed, or one old slot held back from the kept misses' eager loads.
+        # Experts needed now but not kept stream through a slot that no kept expert needs: a needed hit's
+        # slot once computed, or one old slot held back from the kept misses' eager loads.
         streamed = [e for e in misses if e not in keep]
         kept = [e for e in misses if e in keep]
         spare = len(self._free) + sum(1 for e in self._resident if e not in keep and e not in self._pinned)
@@ -190,23 +163,6 @@ class LayerCache:
         for e in eager:
             self._start_load(e, prefetched=False, protect=keep)
         return hits + eager + streamed + kept[len(eager):]
-
-    def _favoured(self, needed: list[int]) -> set[int]:
-        """Learn from this call's routing, then pick the k experts, among the resident and the needed, most
-        likely to be routed to next (by the transitions seen so far; recency breaks ties)."""
-        counts = self._transitions
-        counts.mul_(TRANSITION_DECAY)
-        for a in self._last:
-            counts[a, needed] += 1.0
-        rows = counts[needed] / counts[needed].sum(dim=1, keepdim=True)  # P(next | each expert used now)
-        self._next_scores = rows.sum(dim=0).tolist()  # [E]
-        recency = {e: i for i, e in enumerate(self._resident)}
-        pool = set(self._resident) | set(needed)
-        ranked = sorted(pool, key=lambda e: (-self._next_scores[e], -recency.get(e, len(recency))))
-        return set(ranked[: self.capacity])
-
-    def _score(self, expert: int) -> float:
-        return self._next_scores[expert] if self.policy == "router" else 0.0
 
     def acquire(self, expert: int) -> torch.Tensor:
         slot = self._resident.get(expert)
@@ -218,8 +174,12 @@ class LayerCache:
             start = time.perf_counter()
             self.loader.wait(slot.pending)
             slot.pending = None
-            self.stats.wait_s += time.perf_counter() - start
+            self.counters.wait_s += time.perf_counter() - start
         return slot.buffer
+
+    def has_slot(self, expert: int) -> bool:
+        """Whether `expert` holds a slot (resident or loading); one deferred by `begin` does not yet."""
+        return expert in self._resident
 
     def release(self, expert: int) -> None:
         self._pinned.discard(expert)
@@ -229,7 +189,7 @@ class LayerCache:
             slot.free_event.record(torch.cuda.current_stream(self.loader.device))
 
     def prefetch(self, experts) -> int:
-        """Start loading `experts` (a hint); returns how many loads it started."""
+        """Start loading `experts` (a hint, at most `capacity` of them); returns how many loads it started."""
         wanted = list(dict.fromkeys(experts))[: self.capacity]
         protect = set(wanted)
         issued = 0
@@ -238,7 +198,7 @@ class LayerCache:
                 self._resident.move_to_end(e)
             elif self._start_load(e, prefetched=True, protect=protect):
                 issued += 1
-        self.stats.prefetch_issued += issued
+        self.counters.prefetch_issued += issued
         return issued
 
     def _victim(self, protect: set[int]) -> _Slot | None:
@@ -247,10 +207,8 @@ class LayerCache:
         candidates = [e for e in self._resident if e not in self._pinned and e not in protect]
         if not candidates:
             return None
-        # LRU order is the tie-break: `min` keeps the first (least recent) among equal scores.
-        victim = min(candidates, key=self._score) if self.policy == "router" else candidates[0]
-        self.stats.evictions += 1
-        return self._resident.pop(victim)
+        self.counters.evictions += 1
+        return self._resident.pop(self.policy.victim(candidates))
 
     def _start_load(self, expert: int, prefetched: bool, protect: set[int] = frozenset()) -> bool:
         slot = self._victim(protect)
@@ -259,5 +217,5 @@ class LayerCache:
         slot.expert, slot.prefetched = expert, prefetched
         slot.pending = self.loader.submit(ExpertKey(self.layer, expert), slot.buffer, slot.free_event, slot.pending)
         self._resident[expert] = slot
-        self.stats.bytes_loaded += self.nbytes
+        self.counters.bytes_loaded += self.nbytes
         return True

@@ -20,8 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, CheckpointError, pread_into, read_safetensors_header
+from .experts import ExpertKey
 from .settings import CACHE_ENV, cache_root_from_env
-from .store import CheckpointSource, ExpertKey, ExpertSource
+from .stores import CheckpointSource, ExpertSource
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,7 @@ class QuantizedCache:
         return {
             "version": _VERSION, "fingerprint": self.fingerprint, "format": self.format.describe(),
             "expert_nbytes": self.nbytes, "num_experts": self.num_experts,
-            "layout": [[e.name, str(e.dtype).removeprefix("torch."), list(e.shape), e.offset]
-                       for e in self.format.layout.entries],
+            "layout": self.format.layout.describe(),
         }
 
     def _read_manifest(self) -> dict | None:
@@ -224,16 +224,16 @@ class QuantizedCache:
         self._entries[layer] = {"file": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def open_quantized_cache(ckpt: Checkpoint, adapter, fmt, fingerprint: str, *, root: str | Path | None = None,
+def open_quantized_cache(ckpt: Checkpoint, layout, fmt, fingerprint: str, *, root: str | Path | None = None,
                          progress: bool = False, verify: bool = True) -> QuantizedCache:
     """The cache of `ckpt`'s experts in `fmt`, in `root / fingerprint`, built if needed.
 
-    `fingerprint` must cover the checkpoint's content and `fmt.describe()` (model.expert_fingerprint does);
+    `fingerprint` must cover the checkpoint's content and `fmt.describe()` (`expert_fingerprint` does);
     `root` defaults to `default_cache_root()`.
     """
     folder = (Path(root).expanduser() if root is not None else default_cache_root()) / fingerprint
-    return QuantizedCache.open(folder, CheckpointSource(ckpt, adapter, fmt), fmt, adapter.moe_layers(),
-                               adapter.num_experts, fingerprint, progress=progress, verify=verify)
+    return QuantizedCache.open(folder, CheckpointSource(ckpt, layout, fmt), fmt, layout.sparse_layers,
+                               layout.num_experts, fingerprint, progress=progress, verify=verify)
 
 
 class QuantizedCacheSource:

@@ -1,0 +1,148 @@
+"""Settings: quantization and offloading, each one frozen dataclass validated once, where it is built.
+
+No torch or hqq import at module level: the CLIs build and check these before loading anything heavy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ALLOWED_BITS = (16, 8, 4, 3, 2)  # 16 = not quantized (kept in the compute dtype)
+# The paper's expert groups: 2-bit needs small groups to stay usable; 3-bit and up use 64.
+DEFAULT_EXPERT_GROUP = {2: 16, 3: 64, 4: 64, 8: 64}
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+STORES = {
+    "ram": "experts wait in host RAM (pinned on CUDA), read from disk once",
+    "disk": "experts are read from disk on every miss (machines with less RAM than the model)",
+}
+POLICIES = {
+    "lru": "evict the least recently used expert (the paper's cache)",
+    "router": "keep the experts that the router's own history says follow the ones just used (transition "
+              "counts learnt online); an expert needed now but unlikely next streams through a slot instead of "
+              "displacing a likely one",
+    "none": "keep nothing between calls: every needed expert is loaded every time (the naive baseline)",
+}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    attn_bits: int = 16  # q/k/v/o projections; the paper uses 4
+    attn_group: int = 64  # weights sharing one (scale, zero) pair in attention; the paper uses 64
+    expert_bits: int = 16  # expert FFN weights; the paper uses 3 or 2
+    expert_group: int | None = None  # None = the paper's group for expert_bits (2-bit: 16, 3/4/8-bit: 64)
+
+    def __post_init__(self):
+        for name, bits in (("attn_bits", self.attn_bits), ("expert_bits", self.expert_bits)):
+            if bits not in ALLOWED_BITS:
+                raise ValueError(f"{name} must be one of {list(ALLOWED_BITS)} (16 = not quantized), got {bits!r}")
+        for name, group in (("attn_group", self.attn_group), ("expert_group", self.expert_group)):
+            # hqq's config builder accepts only multiples of 8.
+            if group is not None and (not isinstance(group, int) or group <= 0 or group % 8):
+                raise ValueError(f"{name} must be a positive multiple of 8 (e.g. 16, 64, 128), got {group!r}")
+
+    @property
+    def attention_quantized(self) -> bool:
+        return self.attn_bits < 16
+
+    @property
+    def experts_quantized(self) -> bool:
+        return self.expert_bits < 16
+
+    @property
+    def expert_group_size(self) -> int | None:
+        """The group actually used for experts (None when they are not quantized)."""
+        if not self.experts_quantized:
+            return None
+        return self.expert_group or DEFAULT_EXPERT_GROUP[self.expert_bits]
+
+    def describe(self) -> dict:
+        """Settings that change results, for fingerprints and manifests (groups of 16-bit parts are moot)."""
+        return {
+            "attn_bits": self.attn_bits,
+            "attn_group": self.attn_group if self.attention_quantized else None,
+            "expert_bits": self.expert_bits,
+            "expert_group": self.expert_group_size,
+        }
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How one model's experts are offloaded. Checked here once; `check_model` adds the model's own bounds."""
+
+    device: str = "cpu"  # primary device: embeddings, attention, routers, LM head and the expert slots
+    slots_per_layer: int = 2  # k experts resident on the device per layer; 1 <= k <= experts per layer
+    prefetch: int = 1  # m experts per token of the next layer loaded speculatively; 0 turns prefetch off
+    store: str | None = None  # host tier (see STORES); None = ram on CUDA, disk on CPU
+    dtype: str | None = None  # compute dtype (see DTYPE_NAMES); None = the checkpoint's own (config.json "dtype")
+    policy: str = "lru"  # slot eviction policy (see POLICIES)
+    quant: QuantConfig = field(default_factory=QuantConfig)  # HQQ bits for attention and experts; 16/16 = none
+    cache_dir: Path | None = None  # quantized caches live under it; None = $MOESHARD_CACHE_DIR or ~/.cache/moeshard
+    drop_page_cache: bool = False  # disk tier: tell the kernel to forget what it read (cold-read benchmarks)
+
+    def __post_init__(self):
+        if not isinstance(self.slots_per_layer, int) or self.slots_per_layer < 1:
+            raise ValueError(f"slots_per_layer must be >= 1 (experts resident per layer), got {self.slots_per_layer!r}")
+        if not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 (0 = off), got {self.prefetch!r}")
+        if self.store is not None and self.store not in STORES:
+            raise ValueError(f"store must be one of {sorted(STORES)}, got {self.store!r}")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {sorted(set(DTYPE_NAMES.values()))}, got {self.dtype!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
+        if not isinstance(self.quant, QuantConfig):
+            raise ValueError(f"quant must be a QuantConfig, got {type(self.quant).__name__}")
+        check_device_name(self.device)
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
+
+    def check_model(self, num_experts: int) -> None:
+        """The bounds that depend on the model: k and m at most the experts per layer."""
+        if self.slots_per_layer > num_experts:
+            raise ValueError(f"slots_per_layer must be <= {num_experts} (experts per layer in this model), "
+                             f"got {self.slots_per_layer}")
+        if self.prefetch > num_experts:
+            raise ValueError(f"prefetch must be <= {num_experts} (experts per layer), got {self.prefetch}")
+
+    def store_for(self, device_type: str) -> str:
+        return self.store or ("ram" if device_type == "cuda" else "disk")
+
+
+def check_device_name(device: str) -> None:
+    """'cpu', 'cuda' or 'cuda:N' (also 'mps'); anything else is a clear error, without importing torch."""
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()) or (index and kind == "cpu"):
+        raise ValueError(f"device {device!r} is not one moeshard runs on: expected cpu, cuda or cuda:N")
+
+
+def resolve_device(device: str):
+    """The torch device for a checked name; 'cuda' becomes the current CUDA device."""
+    import torch
+
+    check_device_name(device)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} requested but this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def resolve_dtype(name: str | None, config=None):
+    """The compute dtype: `name` when given, else the checkpoint's (config.json "dtype"), else float32."""
+    import torch
+
+    if name is not None:
+        return getattr(torch, DTYPE_NAMES[name])
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return getattr(torch, DTYPE_NAMES.get(str(dtype), "float32"))
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,167 @@
+"""`LocalExperts`: experts computed on this process's device, through source, store, slots and loader.
+
+The coordinator computes the experts it keeps (or falls back to) with one; a worker wraps one in its
+`ExpertShard`. `submit(layer, groups, hint)` starts the loads now (and then the prefetch `hint` for the
+next layer, so demand loads go first) and returns a pending result whose `result()` computes. Resident
+dense experts of a layer are computed together: one grouped matmul per projection over strided views of
+the layer's slot slab, not one Python call per expert.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import OffloadConfig
+from .counters import ExpertCounters
+from .experts import ExpertMath, grouped_supported
+from .formats import DenseFormat, expert_format
+from .policies import make_policy
+from .slots import LayerSlots, Loader
+from .stores import CheckpointSource, DiskStore, ExpertSource, RamStore
+
+logger = logging.getLogger(__name__)
+
+# t = tokens routed to one expert, S = rows of a grouped call, k = slots per layer, D = hidden size
+
+Hint = tuple[int, list[int]]  # (layer, experts) to prefetch
+
+
+class _LocalPending:
+    def __init__(self, backend: LocalExperts, layer: int, groups: dict[int, torch.Tensor], order: list[int]):
+        self.backend, self.layer, self.groups, self.order = backend, layer, groups, order
+
+    def result(self) -> dict[int, torch.Tensor]:
+        return self.backend._compute(self.layer, self.groups, self.order)
+
+
+class LocalExperts:
+    """Experts computed on `device`, each layer with its own `slots_per_layer` slots and eviction policy."""
+
+    def __init__(self, source: ExpertSource, fmt, math: ExpertMath, device: torch.device, layers: list[int],
+                 num_experts: int, slots_per_layer: int, store: str = "ram", policy: str = "lru"):
+        self.source, self.format, self.math, self.device = source, fmt, math, device
+        self.num_experts, self.slots_per_layer = num_experts, slots_per_layer
+        self.store = RamStore(source, pin_memory=device.type == "cuda") if store == "ram" else DiskStore(source)
+        self.loader = Loader(self.store, device)
+        self.slots = {layer: LayerSlots(layer, slots_per_layer, self.loader, source.nbytes,
+                                        make_policy(policy, num_experts)) for layer in layers}
+        # One grouped matmul per projection when the format's buffers are the dense weights themselves.
+        self.grouped = isinstance(fmt, DenseFormat) and grouped_supported(device, fmt.dtype)
+
+    # -- the backend interface ----------------------------------------------------------------
+    def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: Hint | None = None) -> _LocalPending:
+        order = self.slots[layer].begin(groups)  # starts the loads now; compute happens in result()
+        if hint is not None:
+            self.prefetch(*hint)
+        return _LocalPending(self, layer, groups, order)
+
+    def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return self.submit(layer, groups).result()
+
+    def prefetch(self, layer: int, experts: list[int]) -> list[int]:
+        """Start loading `experts` of `layer` (a hint); returns the ones asked for (at most the slots)."""
+        slots = self.slots.get(layer)
+        if slots is None:
+            return []
+        wanted = list(dict.fromkeys(experts))[: slots.capacity]
+        slots.prefetch(wanted)
+        return wanted
+
+    def counters(self) -> dict[int, ExpertCounters]:
+        return {layer: slots.counters for layer, slots in self.slots.items()}
+
+    def describe(self) -> dict:
+        return {"store": self.store.kind, "store_resident_bytes": self.store.resident_bytes,
+                "loader_busy_s": self.loader.busy_s, "grouped": self.grouped}
+
+    # -- compute ------------------------------------------------------------------------------
+    def _compute(self, layer: int, groups: dict[int, torch.Tensor], order: list[int]) -> dict[int, torch.Tensor]:
+        slots = self.slots[layer]
+        outputs: dict[int, torch.Tensor] = {}
+        if not self.grouped:
+            for expert in order:
+                buf = slots.acquire(expert)
+                start = time.perf_counter()
+                x = groups[expert].to(self.device, non_blocking=True)
+                out = self.math.forward(self.format.decode(buf), x.to(self.format.dtype))
+                outputs[expert] = out.to(x.dtype)
+                slots.counters.compute_s += time.perf_counter() - start
+                slots.release(expert)
+            return outputs
+        # Waves: every expert that holds a slot is computed together; an expert deferred by begin() (more
+        # needed than slots) waits for the wave before it to release its slots.
+        wave: list[int] = []
+        for expert in order:
+            if wave and not slots.has_slot(expert):
+                self._run_wave(slots, wave, groups, outputs)
+                wave = []
+            slots.acquire(expert)
+            wave.append(expert)
+        if wave:
+            self._run_wave(slots, wave, groups, outputs)
+        return outputs
+
+    def _run_wave(self, slots: LayerSlots, wave: list[int], groups: dict[int, torch.Tensor],
+                  outputs: dict[int, torch.Tensor]) -> None:
+        start = time.perf_counter()
+        wave = sorted(wave, key=slots.slot_of)  # rows grouped by slot, slots ascending
+        index = [slots.slot_of(e) for e in wave]
+        counts = [0] * slots.capacity
+        for e, i in zip(wave, index):
+            counts[i] = int(groups[e].shape[0])
+        dtype = groups[wave[0]].dtype
+        x = torch.cat([groups[e] for e in wave]).to(self.device, non_blocking=True).to(self.format.dtype)  # [S, D]
+        offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)  # [k]
+        rows = torch.tensor(index, device=self.device).repeat_interleave(
+            torch.tensor([counts[i] for i in index], device=self.device))  # [S] slot of each row
+        y = self.math.forward_grouped(self.format.decode_stacked(slots.slab), x, rows, offsets)  # [S, D]
+        for e, part in zip(wave, y.split([counts[i] for i in index])):
+            outputs[e] = part.to(dtype)
+        slots.counters.compute_s += time.perf_counter() - start
+        for e in wave:
+            slots.release(e)
+
+    def warm(self) -> None:
+        """Fill every layer's slots (all experts when k = E) and wait for the loads: no first-use misses."""
+        for slots in self.slots.values():
+            experts = list(range(slots.capacity))
+            slots.prefetch(experts)
+            for e in experts:
+                slots.acquire(e)
+                slots.release(e)
+            slots.counters = ExpertCounters()  # warming is not part of any run's counters
+
+    def close(self) -> None:
+        self.loader.close()
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
+
+
+def open_local_experts(ckpt: Checkpoint, layout, cfg: OffloadConfig, device: torch.device, dtype: torch.dtype,
+                       progress: bool = False, layers: list[int] | None = None) -> LocalExperts:
+    """The expert side of a model from its checkpoint (shared by the coordinator and the worker).
+
+    Dense experts are read from the checkpoint itself; quantized ones from the quantized cache, which is
+    built on first use (on the GPU when there is one: quantizing is much faster there)."""
+    fmt = expert_format(layout.tensors, cfg.quant, dtype, quant_device=device if device.type == "cuda" else None)
+    if cfg.quant.experts_quantized:
+        from .quantized_cache import QuantizedCacheSource, open_quantized_cache
+
+        cache = open_quantized_cache(ckpt, layout, fmt, expert_fingerprint(ckpt, layout, fmt), root=cfg.cache_dir,
+                                     progress=progress)
+        source: ExpertSource = QuantizedCacheSource(cache, drop_page_cache=ckpt.drop_page_cache)
+    else:
+        source = CheckpointSource(ckpt, layout, fmt)
+    return LocalExperts(source, fmt, layout.math, device, layers if layers is not None else layout.sparse_layers,
+                        layout.num_experts, cfg.slots_per_layer, cfg.store_for(device.type), cfg.policy)
+
+
+def expert_fingerprint(ckpt: Checkpoint, layout, fmt) -> str:
+    """What a coordinator and a worker must agree on: the checkpoint (a sample of its bytes too), the
+    family's expert structure and arithmetic, and the expert format."""
+    return ckpt.fingerprint({"experts": fmt.describe(), "family": layout.describe()},
+                            sample=layout.fingerprint_sample())
