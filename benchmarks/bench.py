@@ -8,7 +8,6 @@ tokens are checked against transformers' so a fast wrong answer cannot win.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
@@ -23,11 +22,10 @@ import psutil
 import torch
 
 from .bench_model import BenchModelSpec, make_bench_checkpoint
+from .cli import SYSTEMS
 from .protocol import data_files, drop_page_cache, h2d_bandwidth, read_bandwidth
 
 logger = logging.getLogger(__name__)
-
-SYSTEMS = ("resident", "lru", "lru+prefetch", "naive", "workers", "hf-eager", "accelerate-offload")
 OFFLOADED = ("lru", "lru+prefetch", "naive", "accelerate-offload")
 
 
@@ -42,7 +40,7 @@ def decode(model, prompt: torch.Tensor, steps: int, before_step=None) -> dict:
         if before_step:
             before_step()
         start = time.perf_counter()
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids, cache=cache, use_cache=True).logits
         prefill_s = time.perf_counter() - start
         token = logits[:, -1:].argmax(-1)
         tokens, times = [int(token)], []
@@ -50,7 +48,7 @@ def decode(model, prompt: torch.Tensor, steps: int, before_step=None) -> dict:
             if before_step:
                 before_step()
             start = time.perf_counter()
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=token, cache=cache, use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
             times.append(time.perf_counter() - start)
             tokens.append(int(token))
@@ -65,24 +63,27 @@ class _System:
 
 
 def _moeshard(ckpt: Path, args, **kw):
-    from offload_core import load_model
+    from ..offload_core import load_model
 
     return load_model(ckpt, device=args.device, dtype=args.dtype, **kw)
 
 
 def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir: Path) -> dict[str, _System]:
-    from coordinator.cluster import ClusterSpec, attach_workers
-    from coordinator.local_workers import LocalWorkers
     from transformers import MixtralForCausalLM
+
+    from ..coordinator.cluster import ClusterConfig, join_workers
+    from ..coordinator.local_workers import LocalWorkers
+    from ..coordinator.placement import ClusterSpec
+    from ..offload_core.experts import ExpertKey
 
     E, k, m = spec.num_local_experts, args.slots_per_layer, args.prefetch
     ckpt_files = data_files(ckpt)
     state = {}
 
     def resident():
-        model = _moeshard(ckpt, args, slots_per_layer=E, prefetch=0, store="ram")
-        model.moeshard.backends["local"].warm()
-        return model
+        om = _moeshard(ckpt, args, slots_per_layer=E, prefetch=0, store="ram")
+        om.runtime.local.warm()
+        return om
 
     def offloaded(slots, prefetch, policy="lru"):
         return lambda: _moeshard(ckpt, args, slots_per_layer=slots, prefetch=prefetch, store=args.store,
@@ -94,13 +95,11 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
                                                               *(("--dtype", args.dtype) if args.dtype else ())),
                                         threads=psutil.cpu_count(logical=True) or 1)
         addresses = state["workers"].__enter__().addresses
-        model = _moeshard(ckpt, args, slots_per_layer=1, prefetch=0, store="disk")
+        om = _moeshard(ckpt, args, slots_per_layer=1, prefetch=0, store="disk")
         keys = [(layer, e) for layer in range(spec.num_hidden_layers) for e in range(E)]
-        from offload_core import ExpertKey
-
         placement = {ExpertKey(*key): (addresses[i % 2],) for i, key in enumerate(keys)}
-        attach_workers(model, ClusterSpec(tuple(addresses), placement))
-        return model
+        join_workers(om, ClusterConfig(ClusterSpec(tuple(addresses), placement)))
+        return om
 
     def close_workers():
         if "workers" in state:
@@ -125,8 +124,8 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
         return MixtralForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map="auto", max_memory=max_memory,
                                                   offload_folder=str(offload_dir)).eval()
 
-    def runtime_stats(model):
-        return model.moeshard.stats()["total"]
+    def runtime_stats(om):
+        return om.stats().total
 
     return {
         "resident": _System("resident", resident, (), runtime_stats),
@@ -140,45 +139,44 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
 
 
 def _run(system: _System, prompt, steps: int, cold: bool, warmup_steps: int) -> dict:
-    model = system.build()
+    from ..offload_core.model import OffloadedModel
+
+    built = system.build()
+    model = built.model if isinstance(built, OffloadedModel) else built  # transformers' model either way
     try:
         files = data_files(*[f for f in system.files if Path(f).is_dir()]) + [f for f in system.files if Path(f).is_file()]
         drop = (lambda: drop_page_cache(files)) if cold and files else None
         if warmup_steps:
             decode(model, prompt, warmup_steps)  # first-call overheads (allocations, lazy inits) are not timed
-        before = system.stats(model) if system.stats else None
+        before = system.stats(built) if system.stats else None
         io_before = psutil.Process().io_counters().read_bytes
         result = decode(model, prompt, steps, drop)
         result["disk_read_bytes"] = psutil.Process().io_counters().read_bytes - io_before
         if system.stats:
-            after = system.stats(model)
-            result["counters"] = {k: after[k] - before[k] for k in ("hits", "misses", "bytes_loaded", "predicted",
-                                                                   "predicted_needed", "needed_after_prediction")}
+            result["counters"] = system.stats(built) - before
         return result
     finally:
-        runtime = getattr(model, "moeshard", None)
-        if runtime is not None:
-            runtime.close()
+        if built is not model:
+            built.close()
         if system.close:
             system.close()
-        del model
+        del model, built
         gc.collect()
 
 
 def _summarise(name: str, raw: dict, prompt_len: int, steps: int, bandwidth: float) -> dict:
     step_s = statistics.median(raw["step_s"])
-    c = raw.get("counters")
-    per_token = c["bytes_loaded"] / steps if c and name in OFFLOADED else (
+    c = raw.get("counters")  # ExpertCounters of the timed steps (moeshard systems)
+    per_token = c.bytes_loaded / steps if c and name in OFFLOADED else (
         raw["disk_read_bytes"] / steps if name in OFFLOADED else 0)
-    hit = c["hits"] / (c["hits"] + c["misses"]) if c and c["hits"] + c["misses"] else None
     return {
         "name": name,
         "decode_tok_s": 1.0 / step_s,
         "decode_s_per_token": step_s,
         "prefill_tok_s": prompt_len / raw["prefill_s"],
-        "hit_rate": hit,
-        "prefetch_recall": c["predicted_needed"] / c["needed_after_prediction"] if c and c["needed_after_prediction"] else None,
-        "prefetch_precision": c["predicted_needed"] / c["predicted"] if c and c["predicted"] else None,
+        "hit_rate": c.hit_rate if c else None,
+        "prefetch_recall": c.prefetch_recall if c else None,
+        "prefetch_precision": c.prefetch_precision if c else None,
         "bytes_per_token": per_token if name in OFFLOADED else None,
         "floor_s_per_token": per_token / bandwidth if name in OFFLOADED else None,
         "disk_read_bytes_per_token": raw["disk_read_bytes"] / steps,
@@ -288,28 +286,6 @@ def plot(report: dict, path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the report as JSON")
-    p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw decode tokens/s per system")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
-    p.add_argument("--protocol", choices=["cold", "warm"], default="cold",
-                   help="cold: drop offloaded files from the page cache before each decode step (default)")
-    p.add_argument("--device", default="cpu", help="primary device for every system (default cpu)")
-    p.add_argument("--store", choices=["disk", "ram"], default="disk",
-                   help="where offloaded experts wait: disk (default; the cold protocol applies) or host RAM (GPU)")
-    p.add_argument("--dtype", default=None, help="compute dtype (default: the benchmark model's)")
-    p.add_argument("--model-dtype", default="float32", help="dtype the benchmark checkpoint is written in")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--slots-per-layer", type=int, default=4, help="the memory budget, in experts per layer")
-    p.add_argument("--prefetch", type=int, default=2)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=16, help="decode steps timed per system")
-    p.add_argument("--warmup", type=int, default=2, help="untimed decode steps before the timed ones")
-    p.add_argument("--workdir", type=Path, default=None, help="where the benchmark model is written (reused)")
 
 
 def main(args) -> int:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from offload_core.cache import LayerCache, Loader
-from offload_core.store import DiskStore
+from ..offload_core.policies import RouterPolicy, make_policy
+from ..offload_core.slots import LayerSlots, Loader
+from ..offload_core.stores import DiskStore
 
 # N = tokens in the trace, L = MoE layers, E = experts per layer, K = experts per token
 
@@ -48,7 +49,7 @@ def capture_trace(model, token_ids: list[int]) -> Trace:
         for token in token_ids:
             logits_seen.clear()
             inputs.clear()
-            model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([[token]], device=device), cache=cache, use_cache=True)
             step = torch.cat(logits_seen)  # [L, E]
             probs.append(step.softmax(-1))
             chosen.append(step.topk(model.config.num_experts_per_tok, dim=-1).indices)
@@ -83,49 +84,45 @@ class _NullSource:
         pass
 
 
-class _OracleCache(LayerCache):
-    """The router policy's streaming, told the next step's experts instead of predicting them: the ceiling
-    for any policy that predicts one step ahead."""
+class OraclePolicy(RouterPolicy):
+    """The router policy's keep-or-stream, told the next step's experts instead of predicting them: the
+    ceiling for any policy that predicts one step ahead."""
 
-    def __init__(self, *args, upcoming: list[list[int]], **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, num_experts: int, upcoming: list[list[int]]):
+        super().__init__(num_experts)
         self._upcoming, self._step = upcoming, 0
 
-    def _favoured(self, needed: list[int]) -> set[int]:
+    def plan(self, needed: list[int], resident: list[int], capacity: int) -> set[int]:
         nxt = set(self._upcoming[self._step + 1]) if self._step + 1 < len(self._upcoming) else set()
         self._step += 1
-        self._next_scores = [1.0 if e in nxt else 0.0 for e in range(len(self._transitions))]
-        recency = {e: i for i, e in enumerate(self._resident)}
-        pool = set(self._resident) | set(needed)
-        return set(sorted(pool, key=lambda e: (-self._next_scores[e], -recency.get(e, len(recency))))[: self.capacity])
+        self.scores = [1.0 if e in nxt else 0.0 for e in range(len(self.scores))]
+        return self.favoured(needed, resident, capacity)
 
 
 def simulate(trace: Trace, layer: int, k: int, policy: str) -> float:
     """Hit rate of one layer's k-slot cache replaying the trace. "lru" and "router" drive moeshard's own
-    LayerCache (so the replay is the implementation); "oracle" is the router policy told the next step;
+    LayerSlots (so the replay is the implementation); "oracle" is the router policy told the next step;
     "belady" is the offline optimum (see below)."""
     needed = [sorted(set(row)) for row in trace.chosen[:, layer].tolist()]
     if policy == "belady":
         return belady(needed, k)
     loader = Loader(DiskStore(_NullSource()), torch.device("cpu"))
-    if policy == "oracle":
-        cache = _OracleCache(layer, k, loader, _NullSource.nbytes, "router", trace.num_experts, upcoming=needed)
-    else:
-        cache = LayerCache(layer, k, loader, _NullSource.nbytes, policy, trace.num_experts)
+    strategy = OraclePolicy(trace.num_experts, needed) if policy == "oracle" else make_policy(policy, trace.num_experts)
+    slots = LayerSlots(layer, k, loader, _NullSource.nbytes, strategy)
     try:
         for want in needed:
-            for e in cache.begin(want):
-                cache.acquire(e)
-                cache.release(e)
+            for e in slots.begin(want):
+                slots.acquire(e)
+                slots.release(e)
     finally:
         loader.close()
-    return cache.stats.hits / (cache.stats.hits + cache.stats.misses)
+    return slots.counters.hit_rate
 
 
 def belady(needed: list[list[int]], k: int) -> float:
     """Belady's MIN with bypass: after each step keep the (at most k) experts, among the resident and the
     just-used, whose next uses come soonest. An expert may be used without being kept (it streams through
-    a slot), as LayerCache can do, provided a slot is free of kept old experts for it to pass through (or
+    a slot), as LayerSlots can do, provided a slot is free of kept old experts for it to pass through (or
     a needed hit that is not kept frees one)."""
     from itertools import combinations
 
@@ -165,17 +162,16 @@ def moeshard_recall(path, token_ids: list[int], m: int) -> float:
     """Prefetch recall as moeshard's runtime counts it, decoding the same tokens one at a time."""
     from transformers import DynamicCache
 
-    from offload_core import load_model
+    from ..offload_core import load_model
 
-    model = load_model(path, slots_per_layer=model_experts(path), prefetch=m, dtype="float32")
+    om = load_model(path, slots_per_layer=model_experts(path), prefetch=m, dtype="float32")
     try:
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache(config=om.model.config)
         for token in token_ids:
-            model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-        total = model.expert_stats()["total"]
-        return total["prefetch_recall"]
+            om(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+        return om.stats().total.prefetch_recall
     finally:
-        model.moeshard.close()
+        om.close()
 
 
 def model_experts(path) -> int:
@@ -192,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer, MixtralForCausalLM
 
-    from offload_core.demo import demo_model_path
+    from ..offload_core.demo import demo_model_path
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.routing", allow_abbrev=False,
+    p = argparse.ArgumentParser(prog="python -m moeshard.benchmarks.routing", allow_abbrev=False,
                                 description="Cache policies and next-layer prediction on a routing trace.")
     p.add_argument("--model", type=Path, default=demo_model_path())
     p.add_argument("--text", type=Path, default=None, help="default: the demo model's held-out text")

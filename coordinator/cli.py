@@ -1,9 +1,10 @@
-"""`moe-coordinator`: generate, chat, demo, perplexity and serve on an offloaded MoE model.
+"""`moe-coordinator`'s parser: generate, chat, demo, info, perplexity and serve on an offloaded MoE model.
 
-argparse builds the options here; the commands (and the model machinery they need) live in
-`commands.py` and are imported only after the arguments parsed, so `--help` and a bad flag answer at
-once. Errors from bad input are one line on stderr and a non-zero exit. The model defaults to the
-bundled demo model, so every command works on a fresh install.
+argparse builds the options here, importing nothing heavy; the commands (and the model machinery they
+need) live in `commands.py` and are imported only after the arguments parsed, so `--help` and a bad flag
+answer at once. Errors from bad input are one line on stderr and exit 2. The model defaults to the
+bundled demo model, so every command works on a fresh install. The entry point that adds `bench` is
+`moeshard.cli`.
 """
 from __future__ import annotations
 
@@ -11,17 +12,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
-from offload_core import CheckpointError
-from offload_core.quant_config import ALLOWED_BITS
+from ..offload_core.config import ALLOWED_BITS, POLICIES
+from .errors import UsageError
 
 logger = logging.getLogger("moeshard")
 
 DEMO_PROMPT = "def fibonacci(n):"
-
-
-class UsageError(Exception):
-    """Bad input from the user; printed as one line."""
 
 
 def _int_at_least(minimum: int):
@@ -43,8 +41,9 @@ _nonnegative_int = _int_at_least(0)
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and offloading")
-    g.add_argument("--model", type=Path, default=None,
-                   help="Hugging Face MoE checkpoint folder (config.json, *.safetensors, tokenizer); "
+    g.add_argument("--model", default=None, metavar="FOLDER|REPO",
+                   help="Hugging Face MoE checkpoint folder (config.json, *.safetensors, tokenizer) or repository "
+                        "id (e.g. Qwen/Qwen3-30B-A3B, from the local Hugging Face cache or downloaded); "
                         "default: the bundled demo model")
     g.add_argument("--device", default=None,
                    help="primary device for attention, routers and expert slots: cpu, cuda, cuda:N "
@@ -53,7 +52,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="experts kept on the device per layer, an LRU cache (1..experts per layer; default 2)")
     g.add_argument("--prefetch", type=_nonnegative_int, default=1, metavar="M",
                    help="experts of the next layer to load speculatively per step (0 = off; default 1)")
-    g.add_argument("--policy", choices=["lru", "router", "none"], default="lru",
+    g.add_argument("--policy", choices=list(POLICIES), default="lru",
                    help="slot eviction: lru (the paper's), router (keep what the router favours; stream the rest), "
                         "none (naive: reload every expert every step)")
     g.add_argument("--store", choices=["ram", "disk"], default=None,
@@ -106,7 +105,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> N
     g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(
         prog="moe-coordinator", allow_abbrev=False,
         description="Run Mixture-of-Experts models that do not fit on one GPU: experts offloaded to RAM or disk "
@@ -141,21 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print one JSON object {"perplexity", "tokens", ...}')
     add_model_args(p)
 
-    p = sub.add_parser("bench", allow_abbrev=False, help="side-by-side speed benchmark against transformers and accelerate",
-                       description="Decode the same prompt with every system on a generated benchmark checkpoint, "
-                                   "in one run; print a table, write JSON and a PNG plot.")
-    from benchmarks.bench import add_arguments
-
-    add_arguments(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
-    p.add_argument("--verbose", action="store_true", help="log each system as it runs")
+    p = sub.add_parser("info", allow_abbrev=False, help="what a checkpoint is and what fits in a memory budget",
+                       description="Print the family, MoE layers, experts, top-k, shared experts, dense bytes, bytes "
+                                   "per expert at each bit width, and how many experts per layer fit in --memory.")
+    p.add_argument("--model", default=None, metavar="FOLDER|REPO",
+                   help="checkpoint folder or Hugging Face repository id (default: the bundled demo model)")
+    p.add_argument("--memory", default=None, metavar="SIZE", help="a memory budget, e.g. 24GiB: what fits in it")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--verbose", action="store_true", help="log details (and tracebacks on errors)")
 
     p = sub.add_parser("serve", allow_abbrev=False, help="an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)",
                        description="Serve /v1/models, /v1/completions, /v1/chat/completions, /health and /metrics.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_nonnegative_int, default=8000, help="port (default 8000)")
     add_model_args(p)
-    return parser
+    return parser, sub
 
 
 def configure_logging(args) -> None:
@@ -168,14 +168,15 @@ def configure_logging(args) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args, extra: dict[str, Callable] | None = None) -> int:
+    """Run the parsed command; bad input of every kind is one line on stderr and exit 2."""
     configure_logging(args)
+    from ..offload_core.checkpoint import CheckpointError
     from . import commands
 
+    table = {**commands.COMMANDS, **(extra or {})}
     try:
-        return commands.COMMANDS[args.command](args)
+        return table[args.command](args)
     except (UsageError, CheckpointError, ValueError, OSError, RuntimeError) as exc:
         if args.verbose:
             logger.exception("failed")
@@ -183,7 +184,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

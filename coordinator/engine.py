@@ -16,10 +16,10 @@ from typing import Callable
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from offload_core import load_model
-
-from .cluster import LOCAL, ClusterSpec, attach_workers
-from .remote import ClientConfig
+from ..offload_core.config import OffloadConfig
+from ..offload_core.counters import ExpertCounters
+from ..offload_core.model import OffloadedModel, load_model
+from .cluster import Cluster, ClusterConfig, join_workers
 
 logger = logging.getLogger(__name__)
 
@@ -79,36 +79,37 @@ class _Cancelled(StoppingCriteria):
 
 
 class Engine:
-    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, name: str):
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+    """An `OffloadedModel` (`om`), its tokenizer, and the cluster of workers joined to it (if any)."""
+
+    def __init__(self, om: OffloadedModel, tokenizer: PreTrainedTokenizerBase, name: str,
+                 cluster: Cluster | None = None):
+        self.om, self.tokenizer, self.name, self.cluster = om, tokenizer, name, cluster
+        self.model = om.model  # transformers' model
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path, *, cluster: ClusterSpec | None = None, client: ClientConfig = ClientConfig(),
-             local_fallback: bool = True, drop_unavailable: bool = False, progress: bool = True,
-             **load_kwargs) -> Engine:
-        model = load_model(path, progress=progress, **load_kwargs)
-        model.moeshard.local_fallback, model.moeshard.drop_unavailable = local_fallback, drop_unavailable
-        tokenizer = AutoTokenizer.from_pretrained(Path(path))
-        engine = cls(model, tokenizer, Path(path).name)
-        if cluster is not None:
-            try:
-                attach_workers(model, cluster, client, progress=progress)
-            except BaseException:
-                engine.close()
-                raise
+    def load(cls, path: str | Path, offload: OffloadConfig = OffloadConfig(), cluster: ClusterConfig | None = None,
+             progress: bool = True) -> Engine:
+        om = load_model(path, offload, progress=progress)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(Path(path))
+            engine = cls(om, tokenizer, Path(path).name)
+            if cluster is not None:
+                engine.cluster = join_workers(om, cluster, progress=progress)
+        except BaseException:
+            om.close()
+            raise
         return engine
 
     def close(self) -> None:
-        self.model.moeshard.close()
+        self.om.close()
 
     def worker_stats(self) -> dict:
         """Per worker: the coordinator's view (requests, RPC latency, bytes) and the worker's own counters."""
-        out = {}
-        for name, backend in self.model.moeshard.backends.items():
-            if name == LOCAL:
-                continue
-            out[name] = {k: v for k, v in backend.stats().items() if k != "layers"}
+        if self.cluster is None:
+            return {}
+        out = self.cluster.describe()
+        for name, backend in self.cluster.workers.items():
             try:
                 out[name]["worker"] = backend.worker_stats()
             except Exception as exc:  # stats are best effort: a worker that went away must not fail a reply
@@ -117,7 +118,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self.om.device
 
     @property
     def context_length(self) -> int:
@@ -147,8 +148,8 @@ class Engine:
             return self._generate(prompt_ids, params, on_text, cancel)
 
     def _generate(self, prompt_ids, params, on_text, cancel) -> GenerationResult:
-        runtime = self.model.moeshard
-        before = runtime.stats()["total"]
+        runtime = self.om.runtime
+        before = runtime.stats().total
         streamer = _TimedStreamer(self.tokenizer, on_text)
         kwargs = dict(max_new_tokens=params.max_new_tokens, streamer=streamer,
                       pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
@@ -183,15 +184,12 @@ class Engine:
         return GenerationResult(text, new_ids, len(prompt_ids), finish, stats)
 
 
-def _generation_stats(times: list[float], start: float, end: float, prompt_tokens: int, before: dict,
-                      after: dict) -> dict:
-    total = after["total"]
-    delta = {k: total[k] - before.get(k, 0) for k in ("hits", "misses", "predicted", "predicted_needed",
-                                                       "needed_after_prediction", "bytes_loaded")}
+def _generation_stats(times: list[float], start: float, end: float, prompt_tokens: int, before: ExpertCounters,
+                      after) -> dict:
+    delta = after.total - before  # this generation's share of the counters
     n = len(times)
     prefill_s = (times[0] - start) if times else end - start
     decode_s = (times[-1] - times[0]) if n > 1 else 0.0
-    hits, misses = delta["hits"], delta["misses"]
     return {
         "prompt_tokens": prompt_tokens,
         "new_tokens": n,
@@ -199,10 +197,9 @@ def _generation_stats(times: list[float], start: float, end: float, prompt_token
         "prefill_s": prefill_s,
         "prefill_tok_s": prompt_tokens / prefill_s if prefill_s > 0 else None,
         "decode_tok_s": (n - 1) / decode_s if decode_s > 0 else None,
-        "hit_rate": hits / (hits + misses) if hits + misses else None,
-        "prefetch_recall": (delta["predicted_needed"] / delta["needed_after_prediction"]
-                            if delta["needed_after_prediction"] else None),
-        "prefetch_precision": delta["predicted_needed"] / delta["predicted"] if delta["predicted"] else None,
-        "bytes_loaded": delta["bytes_loaded"],
-        "experts": after,
+        "hit_rate": delta.hit_rate,
+        "prefetch_recall": delta.prefetch_recall,
+        "prefetch_precision": delta.prefetch_precision,
+        "bytes_loaded": delta.bytes_loaded,
+        "experts": after.as_dict(),
     }

@@ -13,6 +13,13 @@ import time
 from pathlib import Path
 
 
+def worker_command() -> list[str]:
+    """This Python running moe-worker, with the current folder kept off sys.path: a user's own `moeshard.py`
+    or `worker.py` beside them cannot be run instead."""
+    code = "import sys; del sys.path[0]; from moeshard.worker.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", code]
+
+
 class LocalWorkers:
     """A context manager: `with LocalWorkers(2, model) as w: w.addresses`."""
 
@@ -31,7 +38,7 @@ class LocalWorkers:
     def _spawn(self, i: int, listen: str) -> subprocess.Popen:
         self._ready_file(i).unlink(missing_ok=True)
         with open(self.log_dir / f"worker{i}.log", "ab") as log:
-            cmd = [sys.executable, "-m", "worker", "--model", str(self.model), "--listen", listen,
+            cmd = [*worker_command(), "--model", str(self.model), "--listen", listen,
                    "--ready-file", str(self._ready_file(i)), *self.extra_args]
             env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

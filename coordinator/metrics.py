@@ -13,18 +13,19 @@ class _RuntimeCollector:
         self.engine = engine
 
     def collect(self):
-        stats = self.engine.model.moeshard.stats()
-        total = stats["total"]
-        for name, key, doc in (("moeshard_expert_cache_hit_rate", "hit_rate", "Expert cache hits / lookups"),
-                               ("moeshard_prefetch_recall", "prefetch_recall", "Needed experts that were predicted"),
-                               ("moeshard_prefetch_precision", "prefetch_precision", "Predicted experts that were needed")):
+        stats = self.engine.om.stats()
+        total = stats.total
+        for name, value, doc in (("moeshard_expert_cache_hit_rate", total.hit_rate, "Expert cache hits / lookups"),
+                                 ("moeshard_prefetch_recall", total.prefetch_recall, "Needed experts that were predicted"),
+                                 ("moeshard_prefetch_precision", total.prefetch_precision,
+                                  "Predicted experts that were needed")):
             g = GaugeMetricFamily(name, doc)
-            g.add_metric([], total[key] if total[key] is not None else float("nan"))
+            g.add_metric([], value if value is not None else float("nan"))
             yield g
-        for key, doc in (("hits", "Expert cache hits"), ("misses", "Expert cache misses"),
-                         ("bytes_loaded", "Expert bytes moved into slots")):
+        for key, value, doc in (("hits", total.hits, "Expert cache hits"), ("misses", total.misses, "Expert cache misses"),
+                                ("bytes_loaded", total.bytes_loaded, "Expert bytes moved into slots")):
             c = CounterMetricFamily(f"moeshard_expert_{key}", doc)
-            c.add_metric([], total[key])
+            c.add_metric([], value)
             yield c
         p50 = GaugeMetricFamily("moeshard_worker_rpc_latency_p50_seconds", "Median RunExperts latency", labels=["worker"])
         p99 = GaugeMetricFamily("moeshard_worker_rpc_latency_p99_seconds", "99th percentile RunExperts latency",
@@ -32,7 +33,7 @@ class _RuntimeCollector:
         requests = CounterMetricFamily("moeshard_worker_requests", "RunExperts sent", labels=["worker"])
         failures = CounterMetricFamily("moeshard_worker_failures", "RPCs to a worker that failed or timed out",
                                        labels=["worker"])
-        for name, backend in stats["backends"].items():
+        for name, backend in stats.backends.items():
             if "rpc_p50_ms" not in backend:
                 continue
             for family, key in ((p50, "rpc_p50_ms"), (p99, "rpc_p99_ms")):

@@ -6,6 +6,7 @@ touch generated messages. Every call has a deadline. No failover here: see `clus
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -16,10 +17,11 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from offload_core import ExpertKey
-from protos import expert_pb2 as pb
-from protos import expert_pb2_grpc as pb_grpc
-from protos.wire import AUTH_METADATA_KEY, bearer, tensor_from_pb, tensor_to_pb
+from ..offload_core.counters import ExpertCounters
+from ..offload_core.experts import ExpertKey
+from ..protos import expert_pb2 as pb
+from ..protos import expert_pb2_grpc as pb_grpc
+from ..protos.wire import AUTH_METADATA_KEY, WorkerInfo, WorkerStats, bearer, tensor_from_pb, tensor_to_pb
 
 logger = logging.getLogger(__name__)
 
@@ -33,29 +35,6 @@ class ClientConfig:
     max_message_bytes: int = 256 << 20
     token: str | None = None  # shared secret sent with every call
     tls_ca: bytes | None = None  # PEM CA bundle: connect with TLS and verify the worker against it
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    address: str
-    fingerprint: str
-    hosted: frozenset[ExpertKey]
-    device: str
-    capacity_bytes: int
-    expert_bytes: int
-    version: str
-    num_layers: int
-    num_experts: int
-    hidden_size: int
-    slots_per_layer: int
-    expert_format: str
-    max_tokens: int
-
-    @classmethod
-    def from_pb(cls, address: str, msg: pb.InfoResponse) -> WorkerInfo:
-        return cls(address, msg.fingerprint, frozenset(ExpertKey(e.layer, e.expert) for e in msg.hosted), msg.device,
-                   msg.capacity_bytes, msg.expert_bytes, msg.version, msg.num_layers, msg.num_experts,
-                   msg.hidden_size, msg.slots_per_layer, msg.expert_format, msg.max_tokens)
 
 
 class WorkerClient:
@@ -75,8 +54,8 @@ class WorkerClient:
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo.from_pb(self.address, self.stub.Info(pb.InfoRequest(), timeout=self.cfg.control_timeout_s,
-                                                                   metadata=self.metadata))
+        return WorkerInfo.from_pb(self.stub.Info(pb.InfoRequest(), timeout=self.cfg.control_timeout_s,
+                                                 metadata=self.metadata))
 
     def wait_ready(self, timeout_s: float) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
@@ -107,8 +86,9 @@ class WorkerClient:
         req = pb.PrefetchRequest(fingerprint=self.fingerprint, layer=layer, experts=experts)
         return self._calls.submit(self.stub.Prefetch, req, timeout=self.cfg.rpc_timeout_s, metadata=self.metadata)
 
-    def stats(self) -> pb.StatsResponse:
-        return self.stub.Stats(pb.StatsRequest(), timeout=self.cfg.rpc_timeout_s, metadata=self.metadata)
+    def stats(self) -> WorkerStats:
+        return WorkerStats.from_pb(self.stub.Stats(pb.StatsRequest(), timeout=self.cfg.rpc_timeout_s,
+                                                   metadata=self.metadata))
 
     def close(self) -> None:
         self._calls.shutdown(wait=False, cancel_futures=True)
@@ -133,22 +113,24 @@ class _RemotePending:
             b.latencies.append(latency)
             del b.latencies[:-_LATENCY_WINDOW]
             b.counters["bytes_received"] += reply.ByteSize()
-            layer = b.layers.setdefault(self.layer, {"hits": 0, "misses": 0})
-            layer["hits"] += reply.hits
-            layer["misses"] += reply.misses
+            layer = b.layers.setdefault(self.layer, ExpertCounters())
+            layer.hits += reply.hits
+            layer.misses += reply.misses
         out = out.to(self.device, non_blocking=True)
         return dict(zip(self.experts, out.split(self.counts)))
 
 
 class RemoteExperts:
-    """An `ExpertBackend` whose experts are computed by one worker."""
+    """The experts one worker computes: submit a layer's groups, hint, count. Failures are the caller's
+    (`Cluster` re-routes them)."""
 
-    def __init__(self, client: WorkerClient, hidden_size: int):
-        self.client, self.hidden_size = client, hidden_size
+    def __init__(self, client: WorkerClient, info: WorkerInfo):
+        self.client, self.info = client, info
+        self.hidden_size, self.slots_per_layer = info.hidden_size, info.slots_per_layer
         self.name = client.address
         self.latencies: list[float] = []
         self.counters = dict(requests=0, tokens=0, bytes_sent=0, bytes_received=0, prefetch_hints=0)
-        self.layers: dict[int, dict[str, int]] = {}  # worker-side hits and misses, as its replies report them
+        self.layers: dict[int, ExpertCounters] = {}  # worker-side hits and misses, as its replies report them
         self._lock = threading.Lock()
 
     def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: tuple[int, list[int]] | None = None):
@@ -168,20 +150,20 @@ class RemoteExperts:
         future.add_done_callback(_log_failed_hint)
         self.counters["prefetch_hints"] += 1
 
-    def stats(self) -> dict:
+    def layer_counters(self) -> dict[int, ExpertCounters]:
+        with self._lock:
+            return {layer: ExpertCounters() + c for layer, c in self.layers.items()}
+
+    def describe(self) -> dict:
+        """Requests, tokens, bytes on the wire and RPC latency percentiles, as the coordinator saw them."""
         with self._lock:
             lat = sorted(self.latencies)
             counters = dict(self.counters)
-            layers = {layer: dict(c) for layer, c in self.layers.items()}
-        return {**counters, "layers": layers,
-                "rpc_p50_ms": 1e3 * lat[len(lat) // 2] if lat else None,
+        return {**counters, "rpc_p50_ms": 1e3 * lat[len(lat) // 2] if lat else None,
                 "rpc_p99_ms": 1e3 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None}
 
     def worker_stats(self) -> dict:
-        s = self.client.stats()
-        return {"requests": s.requests, "tokens": s.tokens, "hits": s.hits, "misses": s.misses,
-                "prefetch_issued": s.prefetch_issued, "prefetch_used": s.prefetch_used,
-                "bytes_loaded": s.bytes_loaded, "busy_s": s.busy_s, "errors": s.errors}
+        return dataclasses.asdict(self.client.stats())
 
     def close(self) -> None:
         self.client.close()

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from .engine import Engine, GenerationResult, SamplingParams
 from .metrics import ServerMetrics
 
@@ -92,38 +93,21 @@ class _StopFilter:
         return out
 
 
-def create_app(engine: Engine) -> FastAPI:
-    app = FastAPI(title="moeshard", version="0.1.0")
-    metrics = ServerMetrics(engine)
-    created = int(time.time())
+class OpenAIService:
+    """The handlers of the OpenAI-compatible API over one `Engine` (registered by `create_app`)."""
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, exc: APIError):
-        return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.metrics = ServerMetrics(engine)
+        self.created = int(time.time())
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return _error_response(400, f"request body is not valid JSON: {first.get('msg', '')}",
-                                   "invalid_request_error")
-        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        return _error_response(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", "invalid_request_error",
-                               param)
-
-    @app.exception_handler(ValueError)
-    async def _value_error(request, exc: ValueError):
-        return _error_response(400, str(exc), "invalid_request_error")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc: StarletteHTTPException):
-        return _error_response(exc.status_code, str(exc.detail), "invalid_request_error")
-
-    def check_model(name: str) -> None:
-        if name != engine.name:
-            raise APIError(404, f"the model {name!r} does not exist: this server serves {engine.name!r}",
+    # -- helpers ------------------------------------------------------------------------------
+    def check_model(self, name: str) -> None:
+        if name != self.engine.name:
+            raise APIError(404, f"the model {name!r} does not exist: this server serves {self.engine.name!r}",
                            "invalid_request_error", "model", "model_not_found")
 
+    @staticmethod
     def params_for(req: _Sampling, max_tokens: int | None) -> SamplingParams:
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         if len(stop) > 4 or any(not s for s in stop):
@@ -131,32 +115,32 @@ def create_app(engine: Engine) -> FastAPI:
         return SamplingParams(max_new_tokens=max_tokens or 16, temperature=req.temperature, top_p=req.top_p,
                               seed=req.seed, stop=stop)
 
-    def check_context(prompt_ids: list[int], params: SamplingParams) -> None:
-        limit = engine.context_length
+    def check_context(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        limit = self.engine.context_length
         if limit and len(prompt_ids) + params.max_new_tokens > limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens; the request asks for "
                                 f"{len(prompt_ids)} prompt tokens + {params.max_new_tokens} max_tokens",
                            param="max_tokens", code="context_length_exceeded")
 
+    @staticmethod
     def usage(result: GenerationResult) -> dict:
         n = len(result.token_ids)
-        return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n,
-                "total_tokens": result.prompt_tokens + n}
+        return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
 
-    async def run(prompt_ids, params, endpoint: str, on_text=None, cancel=None) -> GenerationResult:
+    async def run(self, prompt_ids, params, endpoint: str, on_text=None, cancel=None) -> GenerationResult:
         start = time.perf_counter()
         try:
-            result = await asyncio.to_thread(engine.generate, prompt_ids, params, on_text, cancel)
+            result = await asyncio.to_thread(self.engine.generate, prompt_ids, params, on_text, cancel)
         except Exception:
-            metrics.requests.labels(endpoint, "error").inc()
+            self.metrics.requests.labels(endpoint, "error").inc()
             raise
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        metrics.requests.labels(endpoint, "ok").inc()
-        metrics.tokens.inc(len(result.token_ids))
-        metrics.prompt_tokens.inc(result.prompt_tokens)
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        self.metrics.requests.labels(endpoint, "ok").inc()
+        self.metrics.tokens.inc(len(result.token_ids))
+        self.metrics.prompt_tokens.inc(result.prompt_tokens)
         return result
 
-    def stream(prompt_ids, params, endpoint: str, make_chunk, final_chunk, request: Request):
+    def stream(self, prompt_ids, params, endpoint: str, make_chunk, final_chunk) -> StreamingResponse:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -167,7 +151,7 @@ def create_app(engine: Engine) -> FastAPI:
 
         async def produce():
             try:
-                result = await run(prompt_ids, params, endpoint, on_text, cancel)
+                result = await self.run(prompt_ids, params, endpoint, on_text, cancel)
                 await queue.put(("done", result))
             except Exception as exc:  # reported to the client in-stream; the server keeps serving
                 logger.exception("streaming generation failed")
@@ -199,54 +183,49 @@ def create_app(engine: Engine) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": created,
+    # -- endpoints ----------------------------------------------------------------------------
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.engine.name, "object": "model", "created": self.created,
                                             "owned_by": "moeshard"}]}
 
-    @app.get("/health")
-    async def health():
-        runtime = engine.model.moeshard
-        return {"status": "ok", "model": engine.name, "workers": [n for n in runtime.backends if n != "local"]}
+    async def health(self):
+        workers = list(self.engine.cluster.workers) if self.engine.cluster is not None else []
+        return {"status": "ok", "model": self.engine.name, "workers": workers}
 
-    @app.get("/metrics")
-    async def metrics_endpoint():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_endpoint(self):
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        check_model(req.model)
+    async def completions(self, req: CompletionRequest, request: Request):
+        self.check_model(req.model)
         if isinstance(req.prompt, list):
             if len(req.prompt) != 1:
                 raise APIError(400, "prompt: expected one string (batches of prompts are not supported)", param="prompt")
             prompt = req.prompt[0]
         else:
             prompt = req.prompt
-        params = params_for(req, req.max_tokens)
-        prompt_ids = engine.encode_prompt(prompt)
-        check_context(prompt_ids, params)
+        params = self.params_for(req, req.max_tokens)
+        prompt_ids = self.engine.encode_prompt(prompt)
+        self.check_context(prompt_ids, params)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": now, "model": engine.name}
+        base = {"id": rid, "object": "text_completion", "created": now, "model": self.engine.name}
         if req.stream:
-            return stream(prompt_ids, params, "completions",
-                          lambda text: {**base, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                                              "finish_reason": None}]},
-                          lambda r: {**base, "choices": [{"text": "", "index": 0, "logprobs": None,
-                                                          "finish_reason": r.finish_reason}], "usage": usage(r)},
-                          request)
-        result = await run(prompt_ids, params, "completions")
+            return self.stream(prompt_ids, params, "completions",
+                               lambda text: {**base, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                                                   "finish_reason": None}]},
+                               lambda r: {**base, "choices": [{"text": "", "index": 0, "logprobs": None,
+                                                               "finish_reason": r.finish_reason}], "usage": self.usage(r)})
+        result = await self.run(prompt_ids, params, "completions")
         return {**base, "choices": [{"text": result.text, "index": 0, "logprobs": None,
-                                     "finish_reason": result.finish_reason}], "usage": usage(result)}
+                                     "finish_reason": result.finish_reason}], "usage": self.usage(result)}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        check_model(req.model)
-        params = params_for(req, req.max_completion_tokens or req.max_tokens)
+    async def chat_completions(self, req: ChatCompletionRequest, request: Request):
+        self.check_model(req.model)
+        params = self.params_for(req, req.max_completion_tokens or req.max_tokens)
         messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
-        prompt_ids = engine.encode_chat(messages)
-        check_context(prompt_ids, params)
+        prompt_ids = self.engine.encode_chat(messages)
+        self.check_context(prompt_ids, params)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": engine.name}
+        base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": self.engine.name}
         if req.stream:
             first = [True]
 
@@ -255,15 +234,49 @@ def create_app(engine: Engine) -> FastAPI:
                 first[0] = False
                 return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
 
-            return stream(prompt_ids, params, "chat", chunk,
-                          lambda r: {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": r.finish_reason}],
-                                     "usage": usage(r)},
-                          request)
-        result = await run(prompt_ids, params, "chat")
+            return self.stream(prompt_ids, params, "chat", chunk,
+                               lambda r: {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": r.finish_reason}],
+                                          "usage": self.usage(r)})
+        result = await self.run(prompt_ids, params, "chat")
         return {**base, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": result.finish_reason}], "usage": usage(result)}
+                             "finish_reason": result.finish_reason}], "usage": self.usage(result)}
 
+
+async def _api_error(request, exc: APIError):
+    return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+
+async def _validation_error(request, exc: RequestValidationError):
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return _error_response(400, f"request body is not valid JSON: {first.get('msg', '')}", "invalid_request_error")
+    param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+    return _error_response(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", "invalid_request_error",
+                           param)
+
+
+async def _value_error(request, exc: ValueError):
+    return _error_response(400, str(exc), "invalid_request_error")
+
+
+async def _http_error(request, exc: StarletteHTTPException):
+    return _error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+
+
+def create_app(engine: Engine) -> FastAPI:
+    app = FastAPI(title="moeshard", version=__version__)
+    service = OpenAIService(engine)
+    app.state.service = service
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ValueError, _value_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_api_route("/v1/models", service.models, methods=["GET"])
+    app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/metrics", service.metrics_endpoint, methods=["GET"])
+    app.add_api_route("/v1/completions", service.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
     return app
 
 

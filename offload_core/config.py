@@ -4,6 +4,7 @@ No torch or hqq import at module level: the CLIs build and check these before lo
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,3 +147,18 @@ def resolve_dtype(name: str | None, config=None):
 
 def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'12GiB', '500MB', '1.5g', '1048576' -> bytes (> 0)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected a size such as 12GiB, 500MB or 1048576, got {text!r}")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"expected a size > 0, got {text!r}")
+    return value

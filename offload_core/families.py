@@ -225,8 +225,11 @@ class FamilyLayout:
                 names = by_part[part]
                 missing = sorted(set(range(self.num_experts)) - set(names))
                 if missing:
-                    raise CheckpointError(f"checkpoint {str(ckpt.path)!r} lacks expert {missing[0]} of layer {key[0]} "
-                                          f"(tensor {key[1]!r}, part {part}): expected {self.num_experts} experts")
+                    j, sample = next(iter(names.items()))
+                    name = re.sub(rf"(experts\.){j}(\.)", rf"\g<1>{missing[0]}\2", sample, count=1)
+                    raise CheckpointError(f"checkpoint {str(ckpt.path)!r} is missing tensor {name!r} (expert "
+                                          f"{missing[0]} of layer {key[0]}; config.json says {self.num_experts} "
+                                          "experts per layer)")
                 if max(names) >= self.num_experts:
                     raise CheckpointError(f"checkpoint {str(ckpt.path)!r} has expert {max(names)} in layer {key[0]}, "
                                           f"but config.json says {self.num_experts} experts per layer")

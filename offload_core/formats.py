@@ -42,6 +42,9 @@ class PackedLayout:
         self.entries: tuple[TensorEntry, ...] = tuple(entries)
         self.nbytes: int = max(offset, _ALIGN)
 
+    def empty(self, device: torch.device | str = "cpu", pin_memory: bool = False) -> torch.Tensor:
+        return torch.empty(self.nbytes, dtype=torch.uint8, device=device, pin_memory=pin_memory)
+
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed views into one expert's `buf` (no copy)."""
         return {e.name: buf[e.offset: e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in self.entries}

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import expert_pb2 as protos_dot_expert__pb2
+from moeshard.protos import expert_pb2 as moeshard_dot_protos_dot_expert__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/expert_pb2_grpc.py depends on'
+        + ' but the generated code in moeshard/protos/expert_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class ExpertServiceStub:
         """
         self.Info = channel.unary_unary(
                 '/moeshard.v1.ExpertService/Info',
-                request_serializer=protos_dot_expert__pb2.InfoRequest.SerializeToString,
-                response_deserializer=protos_dot_expert__pb2.InfoResponse.FromString,
+                request_serializer=moeshard_dot_protos_dot_expert__pb2.InfoRequest.SerializeToString,
+                response_deserializer=moeshard_dot_protos_dot_expert__pb2.InfoResponse.FromString,
                 _registered_method=True)
         self.Assign = channel.unary_unary(
                 '/moeshard.v1.ExpertService/Assign',
-                request_serializer=protos_dot_expert__pb2.AssignRequest.SerializeToString,
-                response_deserializer=protos_dot_expert__pb2.AssignResponse.FromString,
+                request_serializer=moeshard_dot_protos_dot_expert__pb2.AssignRequest.SerializeToString,
+                response_deserializer=moeshard_dot_protos_dot_expert__pb2.AssignResponse.FromString,
                 _registered_method=True)
         self.RunExperts = channel.unary_unary(
                 '/moeshard.v1.ExpertService/RunExperts',
-                request_serializer=protos_dot_expert__pb2.RunExpertsRequest.SerializeToString,
-                response_deserializer=protos_dot_expert__pb2.RunExpertsResponse.FromString,
+                request_serializer=moeshard_dot_protos_dot_expert__pb2.RunExpertsRequest.SerializeToString,
+                response_deserializer=moeshard_dot_protos_dot_expert__pb2.RunExpertsResponse.FromString,
                 _registered_method=True)
         self.Prefetch = channel.unary_unary(
                 '/moeshard.v1.ExpertService/Prefetch',
-                request_serializer=protos_dot_expert__pb2.PrefetchRequest.SerializeToString,
-                response_deserializer=protos_dot_expert__pb2.PrefetchResponse.FromString,
+                request_serializer=moeshard_dot_protos_dot_expert__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=moeshard_dot_protos_dot_expert__pb2.PrefetchResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/moeshard.v1.ExpertService/Stats',
-                request_serializer=protos_dot_expert__pb2.StatsRequest.SerializeToString,
-                response_deserializer=protos_dot_expert__pb2.StatsResponse.FromString,
+                request_serializer=moeshard_dot_protos_dot_expert__pb2.StatsRequest.SerializeToString,
+                response_deserializer=moeshard_dot_protos_dot_expert__pb2.StatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -104,28 +104,28 @@ def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_expert__pb2.InfoRequest.FromString,
-                    response_serializer=protos_dot_expert__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=moeshard_dot_protos_dot_expert__pb2.InfoRequest.FromString,
+                    response_serializer=moeshard_dot_protos_dot_expert__pb2.InfoResponse.SerializeToString,
             ),
             'Assign': grpc.unary_unary_rpc_method_handler(
                     servicer.Assign,
-                    request_deserializer=protos_dot_expert__pb2.AssignRequest.FromString,
-                    response_serializer=protos_dot_expert__pb2.AssignResponse.SerializeToString,
+                    request_deserializer=moeshard_dot_protos_dot_expert__pb2.AssignRequest.FromString,
+                    response_serializer=moeshard_dot_protos_dot_expert__pb2.AssignResponse.SerializeToString,
             ),
             'RunExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.RunExperts,
-                    request_deserializer=protos_dot_expert__pb2.RunExpertsRequest.FromString,
-                    response_serializer=protos_dot_expert__pb2.RunExpertsResponse.SerializeToString,
+                    request_deserializer=moeshard_dot_protos_dot_expert__pb2.RunExpertsRequest.FromString,
+                    response_serializer=moeshard_dot_protos_dot_expert__pb2.RunExpertsResponse.SerializeToString,
             ),
             'Prefetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefetch,
-                    request_deserializer=protos_dot_expert__pb2.PrefetchRequest.FromString,
-                    response_serializer=protos_dot_expert__pb2.PrefetchResponse.SerializeToString,
+                    request_deserializer=moeshard_dot_protos_dot_expert__pb2.PrefetchRequest.FromString,
+                    response_serializer=moeshard_dot_protos_dot_expert__pb2.PrefetchResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=protos_dot_expert__pb2.StatsRequest.FromString,
-                    response_serializer=protos_dot_expert__pb2.StatsResponse.SerializeToString,
+                    request_deserializer=moeshard_dot_protos_dot_expert__pb2.StatsRequest.FromString,
+                    response_serializer=moeshard_dot_protos_dot_expert__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -153,8 +153,8 @@ class ExpertService:
             request,
             target,
             '/moeshard.v1.ExpertService/Info',
-            protos_dot_expert__pb2.InfoRequest.SerializeToString,
-            protos_dot_expert__pb2.InfoResponse.FromString,
+            moeshard_dot_protos_dot_expert__pb2.InfoRequest.SerializeToString,
+            moeshard_dot_protos_dot_expert__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -180,8 +180,8 @@ class ExpertService:
             request,
             target,
             '/moeshard.v1.ExpertService/Assign',
-            protos_dot_expert__pb2.AssignRequest.SerializeToString,
-            protos_dot_expert__pb2.AssignResponse.FromString,
+            moeshard_dot_protos_dot_expert__pb2.AssignRequest.SerializeToString,
+            moeshard_dot_protos_dot_expert__pb2.AssignResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -207,8 +207,8 @@ class ExpertService:
             request,
             target,
             '/moeshard.v1.ExpertService/RunExperts',
-            protos_dot_expert__pb2.RunExpertsRequest.SerializeToString,
-            protos_dot_expert__pb2.RunExpertsResponse.FromString,
+            moeshard_dot_protos_dot_expert__pb2.RunExpertsRequest.SerializeToString,
+            moeshard_dot_protos_dot_expert__pb2.RunExpertsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -234,8 +234,8 @@ class ExpertService:
             request,
             target,
             '/moeshard.v1.ExpertService/Prefetch',
-            protos_dot_expert__pb2.PrefetchRequest.SerializeToString,
-            protos_dot_expert__pb2.PrefetchResponse.FromString,
+            moeshard_dot_protos_dot_expert__pb2.PrefetchRequest.SerializeToString,
+            moeshard_dot_protos_dot_expert__pb2.PrefetchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -261,8 +261,8 @@ class ExpertService:
             request,
             target,
             '/moeshard.v1.ExpertService/Stats',
-            protos_dot_expert__pb2.StatsRequest.SerializeToString,
-            protos_dot_expert__pb2.StatsResponse.FromString,
+            moeshard_dot_protos_dot_expert__pb2.StatsRequest.SerializeToString,
+            moeshard_dot_protos_dot_expert__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

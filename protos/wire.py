@@ -1,15 +1,19 @@
-"""Tensors to and from the wire: raw little-endian bytes + dtype + shape, checked on the way in.
+"""To and from the wire: tensors (raw little-endian bytes + dtype + shape, checked on the way in) and the
+domain objects that both sides of a call share (`WorkerInfo`, `WorkerStats`).
 
 Only this module (with the servicer and the client) touches generated message classes. Nothing is
 ever unpickled: a tensor is rebuilt from its bytes after its dtype, shape and length are validated.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
+from dataclasses import dataclass
 
 import torch
 
+from ..offload_core.experts import ExpertKey
 from . import expert_pb2 as pb
 
 WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,3 +61,53 @@ AUTH_METADATA_KEY = "authorization"  # gRPC metadata keys are lower-case
 
 def bearer(token: str) -> str:
     return f"Bearer {token}"
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker says about itself (InfoResponse): the worker builds one, the coordinator reads one."""
+
+    fingerprint: str  # model + expert format; a coordinator with another one is refused
+    hosted: frozenset[ExpertKey]
+    device: str
+    capacity_bytes: int  # memory this worker may use for hosted experts
+    expert_bytes: int  # bytes of one packed expert
+    version: str
+    num_layers: int
+    num_experts: int
+    hidden_size: int
+    slots_per_layer: int
+    expert_format: str  # e.g. "dense float32", "hqq 2-bit g16 (bfloat16)"
+    max_tokens: int  # most rows one RunExperts may carry
+
+    def to_pb(self) -> pb.InfoResponse:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hosted"}
+        return pb.InfoResponse(hosted=[pb.ExpertId(layer=k.layer, expert=k.expert) for k in sorted(self.hosted)],
+                               **fields)
+
+    @classmethod
+    def from_pb(cls, msg: pb.InfoResponse) -> WorkerInfo:
+        fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(cls) if f.name != "hosted"}
+        return cls(hosted=frozenset(ExpertKey(e.layer, e.expert) for e in msg.hosted), **fields)
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """A worker's counters since it started (StatsResponse)."""
+
+    requests: int = 0
+    tokens: int = 0
+    hits: int = 0
+    misses: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    bytes_loaded: int = 0
+    busy_s: float = 0.0
+    errors: int = 0
+
+    def to_pb(self) -> pb.StatsResponse:
+        return pb.StatsResponse(**dataclasses.asdict(self))
+
+    @classmethod
+    def from_pb(cls, msg: pb.StatsResponse) -> WorkerStats:
+        return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})

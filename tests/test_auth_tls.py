@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.remote import ClientConfig, WorkerClient
-from offload_core import ExpertKey, load_model
-from protos import expert_pb2 as pb
-from protos import expert_pb2_grpc as pb_grpc
-from protos.wire import AUTH_METADATA_KEY, tensor_from_pb
-from worker.server import ServerConfig, WorkerServer
-from worker.shard import ShardConfig
+from moeshard.coordinator.remote import ClientConfig, WorkerClient
+from moeshard.offload_core import ExpertKey, load_model
+from moeshard.protos import expert_pb2 as pb
+from moeshard.protos import expert_pb2_grpc as pb_grpc
+from moeshard.protos.wire import AUTH_METADATA_KEY, tensor_from_pb
+from moeshard.worker.server import ServerConfig, WorkerServer
+from moeshard.worker.shard import ShardConfig
 
 from .workers import InProcessWorker
 
@@ -99,8 +99,8 @@ def pki():
 def local(tiny_ckpt):
     """The coordinator-side experts of the same checkpoint: what a remote result must equal bit for bit."""
     model = load_model(tiny_ckpt, slots_per_layer=2, prefetch=0)
-    yield model.moeshard_fingerprint, model.moeshard.backends["local"]
-    model.moeshard.close()
+    yield model.fingerprint, model.runtime.local
+    model.close()
 
 
 def _check_remote_equals_local(client: WorkerClient, local_experts) -> None:
@@ -131,8 +131,8 @@ def test_right_token_works(token_worker, local):
     assert info.fingerprint == fingerprint and info.hosted == HOSTED
     before = token_worker.shard.stats()
     _check_remote_equals_local(client, local_experts)
-    assert token_worker.shard.stats()["requests"] == before["requests"] + 1
-    assert client.stats().requests == before["requests"] + 1
+    assert token_worker.shard.stats().requests == before.requests + 1
+    assert client.stats().requests == before.requests + 1
     client.close()
 
 

@@ -2,7 +2,7 @@
 tokens, and the report has the fields the README's table is built from (no timing is asserted)."""
 import json
 
-from coordinator.cli import main
+from moeshard.cli import main
 
 FIELDS = {"name", "decode_tok_s", "prefill_tok_s", "hit_rate", "prefetch_recall", "bytes_per_token",
           "floor_s_per_token", "tokens_match_reference"}

@@ -1,9 +1,11 @@
-"""LRU and prefetch semantics of LayerCache on scripted routing sequences (real loader, CPU slots)."""
+"""LRU, policies and prefetch semantics of LayerSlots on scripted routing sequences (real loader, CPU slots)."""
 import pytest
 import torch
 
-from offload_core.cache import LayerCache, Loader
-from offload_core.store import DiskStore, ExpertKey
+from moeshard.offload_core.experts import ExpertKey
+from moeshard.offload_core.policies import NoReusePolicy, RouterPolicy, make_policy
+from moeshard.offload_core.slots import LayerSlots, Loader
+from moeshard.offload_core.stores import DiskStore
 
 NBYTES = 64
 
@@ -22,10 +24,10 @@ class StampSource:
         out[0], out[1] = key.layer, key.expert
 
 
-def make_cache(capacity, layer=3):
+def make_cache(capacity, layer=3, policy=None):
     source = StampSource()
     loader = Loader(DiskStore(source), torch.device("cpu"), threads=1)
-    return LayerCache(layer, capacity, loader, NBYTES), source
+    return LayerSlots(layer, capacity, loader, NBYTES, policy), source
 
 
 def run_step(cache, needed):
@@ -50,14 +52,14 @@ def test_lru_hits_misses_and_eviction_order():
         ([1, 0], 0, 2, [0, 1]),  # both miss, ascending order: 0 evicts 2, then 1 evicts 3
     ]
     for needed, hits, misses, resident in script:
-        before = cache.stats.hits, cache.stats.misses
+        before = cache.counters.hits, cache.counters.misses
         run_step(cache, needed)
-        assert (cache.stats.hits - before[0], cache.stats.misses - before[1]) == (hits, misses), needed
+        assert (cache.counters.hits - before[0], cache.counters.misses - before[1]) == (hits, misses), needed
         assert cache.resident() == resident, needed
-    assert cache.stats.hits == 3 and cache.stats.misses == 7
-    assert cache.stats.evictions == 5
+    assert cache.counters.hits == 3 and cache.counters.misses == 7
+    assert cache.counters.evictions == 5
     assert [k.expert for k in source.reads] == [0, 1, 2, 0, 3, 0, 1]
-    assert cache.stats.bytes_loaded == 7 * NBYTES
+    assert cache.counters.bytes_loaded == 7 * NBYTES
 
 
 def test_hits_are_computed_before_misses_and_more_needed_than_slots():
@@ -66,7 +68,7 @@ def test_hits_are_computed_before_misses_and_more_needed_than_slots():
     order = run_step(cache, [2, 5, 7])  # 5 resident: computed first; 2 and 7 then share the single slot
     assert order == [5, 2, 7]
     assert cache.resident() == [7]
-    assert (cache.stats.hits, cache.stats.misses) == (1, 3)
+    assert (cache.counters.hits, cache.counters.misses) == (1, 3)
 
 
 def test_needed_expert_is_never_evicted_while_pending():
@@ -93,7 +95,7 @@ def test_prefetch_bookkeeping():
     assert cache.resident() == [5, 4, 6]
     assert cache.prefetch([6, 7]) == 1  # 6 resident: touched, not issued; 7 evicts 5, which was never used
     run_step(cache, [7])
-    s = cache.stats
+    s = cache.counters
     assert (s.prefetch_issued, s.prefetch_used, s.hits, s.misses) == (3, 2, 2, 2)
     assert cache.resident() == [4, 6, 7]
 
@@ -117,26 +119,36 @@ def test_zero_slots_rejected():
 def test_router_policy_learns_what_comes_next_and_streams_the_rest():
     """Routing alternates between {0, 1} and {2, 3}: LRU with 2 slots always holds the wrong pair; the router
     policy learns the alternation, keeps the pair needed next and streams the current one through a slot."""
-    source = StampSource()
-    cache = LayerCache(0, 2, Loader(DiskStore(source), torch.device("cpu"), threads=1), NBYTES, policy="router",
-                       num_experts=4)
+    cache, _ = make_cache(capacity=2, layer=0, policy=RouterPolicy(num_experts=4))
     lru, _ = make_cache(capacity=2)
     for step in range(12):
         for c in (cache, lru):
             run_step(c, [0, 1] if step % 2 == 0 else [2, 3])  # run_step checks every slot holds its expert
-    assert lru.stats.hits == 0
-    assert cache.stats.hits >= 8  # after a few steps of learning, one of each pair is kept for its next use
-    assert cache.stats.hits + cache.stats.misses == 24
+    assert lru.counters.hits == 0
+    assert cache.counters.hits >= 8  # after a few steps of learning, one of each pair is kept for its next use
+    assert cache.counters.hits + cache.counters.misses == 24
 
 
 def test_router_policy_needs_the_expert_count():
-    with pytest.raises(ValueError, match="needs num_experts"):
-        LayerCache(0, 2, Loader(DiskStore(StampSource()), torch.device("cpu")), NBYTES, policy="router")
+    with pytest.raises(ValueError, match="needs the number of experts"):
+        make_policy("router", num_experts=0)
+    with pytest.raises(ValueError, match="eviction policy must be one of"):
+        make_policy("mru", num_experts=8)
+
+
+def test_router_policy_prefetch_before_any_call_evicts_lru_first():
+    """The crash users hit: a prefetch-driven eviction in a layer whose first call has not happened yet (the
+    router policy had no scores). Each policy's state is built in its constructor: the victim is the LRU one."""
+    cache, source = make_cache(capacity=2, layer=0, policy=RouterPolicy(num_experts=8))
+    assert cache.prefetch([0, 1]) == 2
+    assert cache.prefetch([2]) == 1  # evicts a prefetched expert: all scores are equal, LRU breaks the tie
+    assert cache.resident() == [1, 2]
+    run_step(cache, [2, 3])
+    assert cache.counters.evictions == 2
 
 
 def test_naive_policy_reuses_nothing():
-    source = StampSource()
-    cache = LayerCache(0, 2, Loader(DiskStore(source), torch.device("cpu"), threads=1), NBYTES, policy="none")
+    cache, _ = make_cache(capacity=2, layer=0, policy=NoReusePolicy())
     run_step(cache, [0, 1])
     run_step(cache, [0, 1])
-    assert (cache.stats.hits, cache.stats.misses) == (0, 4)
+    assert (cache.counters.hits, cache.counters.misses) == (0, 4)

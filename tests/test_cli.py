@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from coordinator.cli import main
+from moeshard.cli import main
 
 PROMPT = "def add(a, b):"
 
@@ -85,11 +85,11 @@ def test_non_moe_folder(tmp_path, capsys):
     save_tiny_tokenizer(tmp_path)
     code, _, err = run_cli(capsys, "generate", "--prompt", "x", "--model", str(tmp_path), "--quiet")
     assert code == 2
-    assert "model_type 'llama' is not a supported MoE family" in err and len(err.strip().splitlines()) == 1
+    assert "model_type 'llama' is not a Mixture-of-Experts family moeshard can run" in err and len(err.strip().splitlines()) == 1
 
 
 def test_console_script_bad_flag_exits_nonzero():
-    proc = subprocess.run([sys.executable, "-m", "coordinator", "generate", "--prompt", "x", "--prefetch", "many"],
+    proc = subprocess.run([sys.executable, "-m", "moeshard", "generate", "--prompt", "x", "--prefetch", "many"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "argument --prefetch: expected a whole number, got 'many'" in proc.stderr
@@ -97,7 +97,7 @@ def test_console_script_bad_flag_exits_nonzero():
 
 
 def test_help_documents_every_flag():
-    proc = subprocess.run([sys.executable, "-m", "coordinator", "generate", "--help"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "moeshard", "generate", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0
     for flag in ("--model", "--prompt", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--device",

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from coordinator.cluster import ClusterError, ClusterSpec
-from offload_core import ExpertKey
+from moeshard.coordinator.placement import ClusterError, ClusterSpec
+from moeshard.offload_core import ExpertKey
 
 
 def write(tmp_path, data) -> str:

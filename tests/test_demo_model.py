@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, MixtralForCausalLM
 
-from offload_core import load_model
-from offload_core.demo import demo_model_path
-from offload_core.evaluate import cross_entropy
+from moeshard.offload_core import load_model
+from moeshard.offload_core.demo import demo_model_path
+from moeshard.offload_core.evaluate import cross_entropy
 
 DEMO = demo_model_path()
 
@@ -30,9 +30,9 @@ def test_heldout_loss_within_5_percent_of_recorded(report):
     text = (DEMO / "heldout.txt").read_text(encoding="utf-8")
     model = load_model(DEMO, slots_per_layer=2, prefetch=2, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(DEMO)
-    result = cross_entropy(model, tokenizer, text, seq_len=report["seq_len"])
+    result = cross_entropy(model.model, tokenizer, text, seq_len=report["seq_len"])
     assert abs(result["loss"] - report["heldout_loss"]) <= 0.05 * report["heldout_loss"], result
-    model.moeshard.close()
+    model.close()
 
 
 def test_demo_writes_python_and_matches_transformers():
@@ -45,4 +45,4 @@ def test_demo_writes_python_and_matches_transformers():
     assert torch.equal(tokens, expected)
     text = tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True)
     assert "\n" in text and any(word in text for word in ("return", "if ", "self", "for ", "=", "("))
-    model.moeshard.close()
+    model.close()

@@ -24,11 +24,12 @@ import grpc
 import pytest
 import yaml
 
-from coordinator import cli as coordinator_cli
-from coordinator.cluster import ClusterSpec
-from worker import cli as worker_cli
-from worker.server import ServerConfig, WorkerServer
-from worker.shard import ShardConfig
+from moeshard.benchmarks.cli import add_bench_command
+from moeshard.coordinator import cli as coordinator_cli
+from moeshard.coordinator.placement import ClusterSpec
+from moeshard.worker import cli as worker_cli
+from moeshard.worker.server import ServerConfig, WorkerServer
+from moeshard.worker.shard import ShardConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -50,7 +51,14 @@ def _strict(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-PARSERS = {"moe-worker": worker_cli.build_parser, "moe-coordinator": coordinator_cli.build_parser}
+def coordinator_parser() -> argparse.ArgumentParser:
+    """moe-coordinator's parser as its entry point builds it (the coordinator's commands plus bench)."""
+    parser, commands = coordinator_cli.build_parser()
+    add_bench_command(commands)
+    return parser
+
+
+PARSERS = {"moe-worker": worker_cli.build_parser, "moe-coordinator": coordinator_parser}
 
 
 def parse_command(argv: list[str], where: str) -> tuple[str, argparse.Namespace]:
@@ -267,11 +275,12 @@ def test_dockerfile_runs_a_cli_as_non_root_and_installs_every_package(compose):
         i for i, k in enumerate(keywords) if k == "RUN"), "the image must end as a non-root USER after the last RUN"
     (cmd,) = [json.loads(v) for k, v in instructions if k == "CMD"]
     parse_command(cmd, "Dockerfile: CMD")
-    # [tool.setuptools.packages.find] include = [...] (read with a regex: tomllib needs Python 3.11)
-    include = re.search(r"^include\s*=\s*\[([^\]]*)\]", (ROOT / "pyproject.toml").read_text(), re.M)
-    packages = re.findall(r'"(\w+)\*?"', include.group(1))
+    # [tool.setuptools.package-dir]: every folder an installed package comes from (read with a regex: tomllib
+    # needs Python 3.11)
+    section = re.search(r"^\[tool\.setuptools\.package-dir\]\n((?:.+\n)+)", (ROOT / "pyproject.toml").read_text(), re.M)
+    folders = set(re.findall(r'=\s*"(\w+)"', section.group(1)))
     copied = {Path(v.split()[0]).name for k, v in instructions if k == "COPY"}
-    assert packages and set(packages) <= copied, f"Dockerfile does not COPY {set(packages) - copied}"
+    assert folders and folders <= copied, f"Dockerfile does not COPY {folders - copied}"
     for service in compose["services"].values():
         build = service["build"]
         assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == (DEPLOY / "Dockerfile").resolve()

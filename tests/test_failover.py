@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from coordinator.cluster import ClusterSpec, attach_workers
-from coordinator.local_workers import LocalWorkers
-from coordinator.remote import ClientConfig, WorkerClient
-from offload_core import ExpertKey, load_model
-from offload_core.runtime import ExpertUnavailable
+from moeshard.coordinator.cluster import ClusterConfig, ExpertUnavailable, Unavailable, join_workers
+from moeshard.coordinator.local_workers import LocalWorkers
+from moeshard.coordinator.placement import ClusterSpec
+from moeshard.coordinator.remote import ClientConfig, WorkerClient
+from moeshard.offload_core import ExpertKey, load_model
 
 from .conftest import NUM_EXPERTS, make_checkpoint
 
@@ -58,15 +58,15 @@ def cluster(tiny_ckpt):
         a, b = workers.addresses
         placement = {k: ((a, b) if k.expert % 2 else (a,)) if k.layer % 2 == 0 else (b,) for k in ALL_KEYS}
         model = load_model(tiny_ckpt, slots_per_layer=2, prefetch=1)
-        attach_workers(model, ClusterSpec((a, b), placement), ClientConfig(rpc_timeout_s=2.0), probe_max_s=0.5)
-        yield model, workers
-        model.moeshard.close()
+        cluster = join_workers(model, ClusterConfig(ClusterSpec((a, b), placement), ClientConfig(rpc_timeout_s=2.0),
+                                                    probe_max_s=0.5))
+        yield model, workers, cluster
+        model.close()
 
 
 def test_sigkill_at_a_random_step_ten_times(cluster, reference_tokens):
-    model, workers = cluster
+    model, workers, runtime = cluster
     rng = random.Random(0)
-    runtime = model.moeshard
     for run in range(10):
         victim = run % 2
         address = workers.addresses[victim]
@@ -76,15 +76,14 @@ def test_sigkill_at_a_random_step_ten_times(cluster, reference_tokens):
         assert address in runtime.down
         workers.restart(victim)
         wait_until(lambda a=address: a not in runtime.down, 30, f"{address} to rejoin")
-        before = runtime.backends[address].stats()["requests"]
+        before = runtime.workers[address].describe()["requests"]
         assert torch.equal(generate(model), reference_tokens)
-        assert runtime.backends[address].stats()["requests"] > before, f"{address} did not serve after rejoining"
+        assert runtime.workers[address].describe()["requests"] > before, f"{address} did not serve after rejoining"
     assert runtime.failures[workers.addresses[0]] >= 5 and runtime.failures[workers.addresses[1]] >= 5
 
 
 def test_worker_past_its_deadline_falls_back(cluster, reference_tokens):
-    model, workers = cluster
-    runtime = model.moeshard
+    model, workers, runtime = cluster
     address = workers.addresses[1]
     workers.signal(1, signal.SIGSTOP)  # a hung machine: connections stay open, nothing answers
     try:
@@ -100,16 +99,17 @@ def test_worker_past_its_deadline_falls_back(cluster, reference_tokens):
 def test_no_live_owner_and_no_fallback_fails_naming_the_expert(tiny_ckpt):
     with LocalWorkers(1, tiny_ckpt) as workers:
         (a,) = workers.addresses
-        model = load_model(tiny_ckpt, prefetch=0)
-        model.moeshard.local_fallback = False
-        attach_workers(model, ClusterSpec((a,), {k: (a,) for k in ALL_KEYS}), ClientConfig(rpc_timeout_s=2.0))
+        spec = ClusterSpec((a,), {k: (a,) for k in ALL_KEYS})
+        failing, dropping = load_model(tiny_ckpt, prefetch=0), load_model(tiny_ckpt, prefetch=0)
+        join_workers(failing, ClusterConfig(spec, ClientConfig(rpc_timeout_s=2.0), Unavailable.FAIL))
+        join_workers(dropping, ClusterConfig(spec, ClientConfig(rpc_timeout_s=2.0), Unavailable.DROP))
         workers.signal(0, signal.SIGKILL)
         with pytest.raises(ExpertUnavailable, match=r"expert \(layer 0, expert \d\) has no live owner"):
-            generate(model)
-        model.moeshard.drop_unavailable = True  # explicit: drop and re-weight instead of failing
-        tokens = generate(model)
+            generate(failing)
+        tokens = generate(dropping)  # explicit: every expert dropped, so every MoE output is zero
         assert tokens.shape == (1, PROMPT.shape[1] + NEW)
-        model.moeshard.close()
+        failing.close()
+        dropping.close()
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def wide_ckpt(tmp_path_factory):
 def test_sigterm_during_a_request_completes_it_then_exits_zero(wide_ckpt):
     with LocalWorkers(1, wide_ckpt, extra_args=("--grace", "30")) as workers:
         model = load_model(wide_ckpt, prefetch=0)
-        client = WorkerClient(workers.addresses[0], model.moeshard_fingerprint, ClientConfig(rpc_timeout_s=60))
+        client = WorkerClient(workers.addresses[0], model.fingerprint, ClientConfig(rpc_timeout_s=60))
         client.assign([ExpertKey(0, 0)])
         hidden = torch.randn(6000, 256, generator=torch.Generator().manual_seed(0))  # ~1-3 s of compute
         _, future = client.run_experts_future(0, [0], [6000], hidden)

@@ -21,13 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.remote import WorkerClient
-from offload_core import ExpertKey, load_model
-from offload_core.backend import LocalExperts
-from protos import expert_pb2 as pb
-from protos import expert_pb2_grpc as pb_grpc
-from protos.wire import tensor_from_pb
-from worker.shard import ShardConfig
+from moeshard.coordinator.remote import WorkerClient
+from moeshard.offload_core import ExpertKey, OffloadConfig, load_model
+from moeshard.offload_core.local_experts import LocalExperts
+from moeshard.protos import expert_pb2 as pb
+from moeshard.protos import expert_pb2_grpc as pb_grpc
+from moeshard.protos.wire import tensor_from_pb
+from moeshard.worker.shard import ShardConfig
 
 from .conftest import NUM_EXPERTS
 from .workers import InProcessWorker
@@ -414,15 +414,15 @@ def _warm_up(b: Barrage) -> None:
 
 
 def test_hostile_requests_get_clean_refusals_and_the_worker_survives(tiny_ckpt):
-    with InProcessWorker(ShardConfig(model=tiny_ckpt, slots_per_layer=SLOTS, max_tokens=MAX_TOKENS),
+    with InProcessWorker(ShardConfig(model=tiny_ckpt, offload=OffloadConfig(slots_per_layer=SLOTS, store="ram"), max_tokens=MAX_TOKENS),
                          max_receive_bytes=MAX_RECEIVE) as w:
         model = load_model(tiny_ckpt, slots_per_layer=SLOTS, prefetch=0)
-        local = model.moeshard.backends["local"]
-        client = WorkerClient(w.address, model.moeshard_fingerprint)
+        local = model.runtime.local
+        client = WorkerClient(w.address, model.fingerprint)
         assert client.assign(HOSTED_KEYS) == HOSTED_KEYS
         # A client allowed to send more than the worker receives, so that the worker is the one refusing.
         channel = grpc.insecure_channel(w.address, options=[("grpc.max_send_message_length", 4 * MAX_RECEIVE)])
-        b = Barrage(pb_grpc.ExpertServiceStub(channel), model.moeshard_fingerprint, local)
+        b = Barrage(pb_grpc.ExpertServiceStub(channel), model.fingerprint, local)
         start = client.stats()
         _warm_up(b)
         warm, rss_before = Counter(b.sent), _rss()
@@ -465,7 +465,7 @@ def test_hostile_requests_get_clean_refusals_and_the_worker_survives(tiny_ckpt):
             f"RSS grew by {(rss_again - rss_barrage) / 2**20:.1f} MiB over the same barrage again"
         channel.close()
         client.close()
-        model.moeshard.close()
+        model.close()
 
 
 def test_default_receive_limit_refuses_a_message_over_64_mib(tiny_ckpt):
@@ -476,7 +476,7 @@ def test_default_receive_limit_refuses_a_message_over_64_mib(tiny_ckpt):
         code, _, details = _call(pb_grpc.ExpertServiceStub(channel).RunExperts, req)
         channel.close()
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
-        assert w.shard.stats()["requests"] == 0 and w.shard.stats()["errors"] == 0  # gRPC refused it, not the shard
+        assert w.shard.stats().requests == 0 and w.shard.stats().errors == 0  # gRPC refused it, not the shard
 
 
 def test_empty_tensor_with_overflowing_strides_is_invalid(tiny_ckpt):
@@ -518,5 +518,5 @@ def test_undecodable_request_bytes_are_invalid_argument(plain_worker, method):
     send = channel.unary_unary(_METHODS[method], request_serializer=None, response_deserializer=None)
     code, _, details = _call(send, b"\xff\xff\xff")  # a truncated varint field: not a protobuf message
     channel.close()
-    assert plain_worker.shard.stats()["requests"] == 0
+    assert plain_worker.shard.stats().requests == 0
     assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {details}"

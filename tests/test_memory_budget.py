@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from benchmarks.bench_model import BenchModelSpec, make_bench_checkpoint
+from moeshard.benchmarks.bench_model import BenchModelSpec, make_bench_checkpoint
 
 OVERHEAD = 64 << 20  # activations, KV cache, allocator slack: measured 132 MiB grown = 96 slots + ~7 dense + ~29
 
@@ -20,7 +20,7 @@ SPEC = BenchModelSpec(hidden_size=256, intermediate_size=4096, num_hidden_layers
 SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
     import psutil, torch
-    from offload_core import load_model
+    from moeshard.offload_core import load_model
     import transformers, accelerate  # imported before the baseline: their import is not the budget's business
 
     proc = psutil.Process()
@@ -34,11 +34,11 @@ SCRIPT = textwrap.dedent("""
     threading.Thread(target=sample, daemon=True).start()
     model = load_model(sys.argv[1], slots_per_layer=1, prefetch=1, store="disk", dtype="float32")
     out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=12, do_sample=False)
-    stats = model.expert_stats()["total"]
+    stats = model.stats().total
     done.set()
     time.sleep(0.01)
-    print(json.dumps({"base": base, "peak": max(peak[0], proc.memory_info().rss), "misses": stats["misses"],
-                      "bytes_loaded": stats["bytes_loaded"], "tokens": out.shape[1]}))
+    print(json.dumps({"base": base, "peak": max(peak[0], proc.memory_info().rss), "misses": stats.misses,
+                      "bytes_loaded": stats.bytes_loaded, "tokens": out.shape[1]}))
 """)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from offload_core import load_model
+from moeshard.offload_core import load_model
 
 from .conftest import NUM_EXPERTS
 
@@ -30,15 +30,15 @@ def test_logits_and_greedy_tokens_match_transformers(ckpt_and_ref, k, m):
     tokens = model.generate(PROMPT, max_new_tokens=32, do_sample=False, min_new_tokens=32)
     assert tokens.shape[1] == PROMPT.shape[1] + 32
     assert torch.equal(tokens, ref_tokens)
-    total = model.expert_stats()["total"]
-    assert total["hits"] + total["misses"] > 0
+    total = model.stats().total
+    assert total.hits + total.misses > 0
     if k == NUM_EXPERTS:  # everything stays resident: each expert is loaded at most once
-        assert total["misses"] <= NUM_EXPERTS * 3
+        assert total.misses <= NUM_EXPERTS * 3
     if m == 0:
-        assert total["prefetch_issued"] == 0 and total["predicted"] == 0
+        assert total.prefetch_issued == 0 and total.predicted == 0
     else:
-        assert total["predicted"] > 0
-    model.moeshard.close()
+        assert total.predicted > 0
+    model.close()
 
 
 def test_ram_store_matches_disk_store(tiny_ckpt, reference):
@@ -49,7 +49,8 @@ def test_ram_store_matches_disk_store(tiny_ckpt, reference):
         model = load_model(tiny_ckpt, slots_per_layer=2, prefetch=1, store=store)
         with torch.no_grad():
             torch.testing.assert_close(model(PROMPT).logits, expected, atol=1e-5, rtol=0)
-        assert model.expert_stats()["backends"]["local"]["store"] == store
+        assert model.stats().backends["local"]["store"] == store
+        model.close()
 
 
 def test_batched_prompts_match(tiny_ckpt, reference):
@@ -79,4 +80,4 @@ def test_other_eviction_policies_keep_exact_tokens(tiny_ckpt, reference, policy,
     expected = reference(tiny_ckpt).generate(PROMPT, max_new_tokens=32, do_sample=False, min_new_tokens=32)
     model = load_model(tiny_ckpt, slots_per_layer=k, prefetch=1, policy=policy)
     assert torch.equal(model.generate(PROMPT, max_new_tokens=32, do_sample=False, min_new_tokens=32), expected)
-    model.moeshard.close()
+    model.close()

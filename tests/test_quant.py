@@ -9,17 +9,18 @@ import torch
 from hqq.core.quantize import HQQLinear, hqq_base_quant_config
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, MixtralForCausalLM
+from transformers import MixtralForCausalLM
 
-from offload_core.backend import LocalExperts
-from offload_core.checkpoint import Checkpoint
-from offload_core.families import adapter_for
-from offload_core.model import expert_fingerprint
-from offload_core.packing import DenseFormat
-from offload_core.qcache import (QuantizedCache, QuantizedCacheSource, default_cache_root, open_quantized_cache)
-from offload_core.quant import (DEFAULT_EXPERT_GROUP, HQQExpertFormat, QuantConfig, expert_format,
-                                quantize_attention)
-from offload_core.store import CheckpointSource, ExpertKey
+from moeshard.offload_core.checkpoint import Checkpoint
+from moeshard.offload_core.config import DEFAULT_EXPERT_GROUP, QuantConfig
+from moeshard.offload_core.experts import ExpertKey, ExpertTensor
+from moeshard.offload_core.families import open_layout
+from moeshard.offload_core.formats import DenseFormat, expert_format
+from moeshard.offload_core.local_experts import LocalExperts, expert_fingerprint
+from moeshard.offload_core.quant import HQQExpertFormat, quantize_attention
+from moeshard.offload_core.quantized_cache import (QuantizedCache, QuantizedCacheSource, default_cache_root,
+                                                   open_quantized_cache)
+from moeshard.offload_core.stores import CheckpointSource
 
 from .conftest import NUM_EXPERTS, make_checkpoint
 
@@ -27,6 +28,10 @@ from .conftest import NUM_EXPERTS, make_checkpoint
 # measured over 3 seeds: 0.0050-0.0051, 0.085-0.087, 0.176-0.185, 0.299-0.308. Bounds leave ~20% margin.
 ERROR_BOUND = {8: 0.008, 4: 0.11, 3: 0.22, 2: 0.35}
 SHAPES = {"gate_up": (96, 32), "down": (32, 48)}  # the tiny Mixtral's expert (I = 48, D = 32)
+
+
+def tensors(shapes: dict[str, tuple[int, ...]] = SHAPES, transposed: bool = False) -> tuple[ExpertTensor, ...]:
+    return tuple(ExpertTensor(name, name, shape, transposed and len(shape) == 2) for name, shape in shapes.items())
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,7 +69,7 @@ def test_quantized_linear_error_grows_as_bits_shrink():
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_expert_format_round_trip_is_self_contained(bits):
     weights = _random_expert()
-    fmt = HQQExpertFormat(SHAPES, bits, DEFAULT_EXPERT_GROUP[bits], torch.float32)
+    fmt = HQQExpertFormat(tensors(), bits, DEFAULT_EXPERT_GROUP[bits], torch.float32)
     buf = fmt.encode(weights, fmt.layout.empty())
     fresh = torch.empty(fmt.layout.nbytes, dtype=torch.uint8)
     fresh.copy_(buf)  # one copy of nbytes moves the whole expert
@@ -80,7 +85,7 @@ def test_expert_format_matches_hqq_linear_bit_for_bit(bits):
     # Same quantizer, same fp16 meta-data: our packing must lose nothing that HQQLinear keeps.
     group = DEFAULT_EXPERT_GROUP[bits]
     weights = _random_expert(1)
-    fmt = HQQExpertFormat(SHAPES, bits, group, torch.float16)
+    fmt = HQQExpertFormat(tensors(), bits, group, torch.float16)
     decoded = fmt.decode(fmt.encode(weights, fmt.layout.empty()))
     config = hqq_base_quant_config(nbits=bits, group_size=group, axis=1)
     for name, w in weights.items():
@@ -90,7 +95,7 @@ def test_expert_format_matches_hqq_linear_bit_for_bit(bits):
 
 def test_expert_format_bf16_and_bits_per_param():
     weights = _random_expert(2)
-    fmt = HQQExpertFormat(SHAPES, 8, 64, torch.bfloat16)
+    fmt = HQQExpertFormat(tensors(), 8, 64, torch.bfloat16)
     decoded = fmt.decode(fmt.encode(weights, fmt.layout.empty()))
     assert decoded["gate_up"].dtype == torch.bfloat16
     assert _rel(decoded["gate_up"], weights["gate_up"]) < ERROR_BOUND[8]
@@ -98,10 +103,10 @@ def test_expert_format_bf16_and_bits_per_param():
     mixtral = {"gate_up": (28672, 4096), "down": (4096, 14336)}
     expected = {8: 8.5, 4: 4.5, 3: 3.70, 2: 4.0}
     for bits, bpp in expected.items():
-        assert HQQExpertFormat(mixtral, bits, DEFAULT_EXPERT_GROUP[bits], torch.bfloat16).bits_per_param == \
+        assert HQQExpertFormat(tensors(mixtral), bits, DEFAULT_EXPERT_GROUP[bits], torch.bfloat16).bits_per_param == \
             pytest.approx(bpp, abs=0.01)
     # Tiny tensors pay for 64-byte alignment: measured 4.00 bits/param at 2-bit g16 here too.
-    assert HQQExpertFormat(SHAPES, 2, 16, torch.float32).bits_per_param == pytest.approx(4.0, abs=0.01)
+    assert HQQExpertFormat(tensors(), 2, 16, torch.float32).bits_per_param == pytest.approx(4.0, abs=0.01)
 
 
 def test_bad_settings_are_refused_with_the_allowed_values():
@@ -110,18 +115,18 @@ def test_bad_settings_are_refused_with_the_allowed_values():
     with pytest.raises(ValueError, match="multiple of 8"):
         QuantConfig(attn_group=30)
     with pytest.raises(ValueError, match="not a multiple of group"):
-        HQQExpertFormat({"w": (10, 10)}, 4, 64, torch.float32)
+        HQQExpertFormat(tensors({"w": (10, 10)}), 4, 64, torch.float32)
     assert QuantConfig(expert_bits=2).expert_group_size == 16
     assert QuantConfig(expert_bits=3).describe() == {"attn_bits": 16, "attn_group": None, "expert_bits": 3,
                                                      "expert_group": 64}
-    assert isinstance(expert_format(SHAPES, QuantConfig(), torch.float32), DenseFormat)
+    assert isinstance(expert_format(tensors(), QuantConfig(), torch.float32), DenseFormat)
 
 
 def _fake_quantize_experts(model: MixtralForCausalLM, bits: int) -> None:
     """Put each expert through HQQExpertFormat's encode/decode, in place in transformers' fused params."""
     for layer in model.model.layers:
         experts = layer.mlp.experts
-        fmt = HQQExpertFormat(SHAPES, bits, DEFAULT_EXPERT_GROUP[bits], torch.float32)
+        fmt = HQQExpertFormat(tensors(), bits, DEFAULT_EXPERT_GROUP[bits], torch.float32)
         buf = fmt.layout.empty()
         for e in range(experts.gate_up_proj.shape[0]):
             decoded = fmt.decode(fmt.encode({"gate_up": experts.gate_up_proj[e], "down": experts.down_proj[e]}, buf))
@@ -161,9 +166,9 @@ def test_int8_attention_and_experts_keep_greedy_tokens(tiny_ckpt, reference):
 
 def _open(path, root, bits: int = 3, **kwargs) -> QuantizedCache:
     ckpt = Checkpoint(path)
-    adapter = adapter_for(AutoConfig.from_pretrained(path))
-    fmt = expert_format(adapter.expert_shape().tensors, QuantConfig(expert_bits=bits), torch.float32)
-    return open_quantized_cache(ckpt, adapter, fmt, expert_fingerprint(ckpt, adapter, fmt), root=root, **kwargs)
+    _, layout = open_layout(ckpt)
+    fmt = expert_format(layout.tensors, QuantConfig(expert_bits=bits), torch.float32)
+    return open_quantized_cache(ckpt, layout, fmt, expert_fingerprint(ckpt, layout, fmt), root=root, **kwargs)
 
 
 def _all_bytes(cache: QuantizedCache) -> dict[ExpertKey, torch.Tensor]:
@@ -181,13 +186,13 @@ def test_cache_builds_once_then_reuses(tiny_ckpt, tmp_path, caplog):
     before = QuantizedCache.experts_quantized
     cache = _open(tiny_ckpt, tmp_path)
     assert cache.built_layers == [0, 1, 2] and QuantizedCache.experts_quantized - before == 3 * NUM_EXPERTS
-    with caplog.at_level(logging.INFO, logger="offload_core.qcache"):
+    with caplog.at_level(logging.INFO, logger="moeshard.offload_core.quantized_cache"):
         again = _open(tiny_ckpt, tmp_path)
     assert again.reused and QuantizedCache.experts_quantized - before == 3 * NUM_EXPERTS
     assert "reusing quantized cache" in caplog.text
 
     # Bytes read by offset equal what the format encodes straight from the checkpoint.
-    direct = CheckpointSource(Checkpoint(tiny_ckpt), cache.source.adapter, cache.format)
+    direct = CheckpointSource(Checkpoint(tiny_ckpt), cache.source.layout, cache.format)
     source = QuantizedCacheSource(again, drop_page_cache=True)
     for key in (ExpertKey(0, 0), ExpertKey(2, NUM_EXPERTS - 1)):
         expected, got = torch.zeros(cache.nbytes, dtype=torch.uint8), torch.empty(cache.nbytes, dtype=torch.uint8)
@@ -220,7 +225,7 @@ def test_damaged_cache_file_is_rebuilt_not_used(tiny_ckpt, tmp_path, caplog, dam
     else:
         data[8:12] = b"\x00[[["
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="offload_core.qcache"):
+    with caplog.at_level(logging.WARNING, logger="moeshard.offload_core.quantized_cache"):
         rebuilt = _open(tiny_ckpt, tmp_path)
     assert rebuilt.built_layers == [1]
     assert "layer 1 is unusable" in caplog.text
@@ -232,7 +237,7 @@ def test_damaged_manifest_rebuilds_everything(tiny_ckpt, tmp_path, caplog):
     cache = _open(tiny_ckpt, tmp_path)
     manifest = cache.folder / "manifest.json"
     manifest.write_text(json.dumps({"version": 1}))
-    with caplog.at_level(logging.WARNING, logger="offload_core.qcache"):
+    with caplog.at_level(logging.WARNING, logger="moeshard.offload_core.quantized_cache"):
         assert _open(tiny_ckpt, tmp_path).built_layers == [0, 1, 2]
     assert "does not match" in caplog.text
 
@@ -251,9 +256,10 @@ def test_cache_key_follows_settings_and_content(tiny_ckpt, tmp_path, monkeypatch
 @pytest.mark.parametrize("store", ["ram", "disk"])
 def test_local_experts_run_from_the_quantized_cache(tiny_ckpt, tmp_path, store):
     cache = _open(tiny_ckpt, tmp_path, bits=2)
-    adapter, fmt = cache.source.adapter, cache.format
+    layout, fmt = cache.source.layout, cache.format
     source = QuantizedCacheSource(cache)
-    backend = LocalExperts(source, adapter, fmt, torch.device("cpu"), 2, adapter.moe_layers(), store=store)
+    backend = LocalExperts(source, fmt, layout.math, torch.device("cpu"), layout.sparse_layers, layout.num_experts,
+                           slots_per_layer=2, store=store)
     g = torch.Generator().manual_seed(0)
     groups = {e: torch.randn(3, 32, generator=g) for e in (1, 4, 6)}  # 3 experts through 2 slots: one eviction
     try:
@@ -261,10 +267,9 @@ def test_local_experts_run_from_the_quantized_cache(tiny_ckpt, tmp_path, store):
     finally:
         backend.close()
         source.close()
-    direct = CheckpointSource(Checkpoint(tiny_ckpt), adapter, fmt)
-    act = torch.nn.functional.silu
+    direct = CheckpointSource(Checkpoint(tiny_ckpt), layout, fmt)
     for expert, x in groups.items():
         buf = torch.zeros(fmt.layout.nbytes, dtype=torch.uint8)
         direct.read_into(ExpertKey(1, expert), buf)
-        torch.testing.assert_close(outputs[expert], adapter.expert_forward(fmt.decode(buf), x, act), rtol=0, atol=0)
+        torch.testing.assert_close(outputs[expert], layout.math.forward(fmt.decode(buf), x), rtol=0, atol=0)
     assert source.bytes_read == 3 * cache.nbytes

@@ -2,7 +2,7 @@
 and with moeshard's runtime."""
 import torch
 
-from benchmarks.routing import Trace, belady, capture_trace, moeshard_recall, prediction_recall, simulate
+from moeshard.benchmarks.routing import Trace, belady, capture_trace, moeshard_recall, prediction_recall, simulate
 
 
 def alternating_trace(steps: int = 40) -> Trace:

@@ -12,9 +12,10 @@ import uvicorn
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.cli import main
-from coordinator.engine import Engine
-from coordinator.server import create_app
+from moeshard.cli import main
+from moeshard.coordinator.engine import Engine
+from moeshard.coordinator.server import create_app
+from moeshard.offload_core import OffloadConfig
 
 PROMPT = "def add(a, b):"
 
@@ -30,7 +31,7 @@ def http(method: str, url: str, body: bytes | None = None) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def served(tiny_tok_ckpt):
-    engine = Engine.load(tiny_tok_ckpt, progress=False, slots_per_layer=2, prefetch=1)
+    engine = Engine.load(tiny_tok_ckpt, OffloadConfig(slots_per_layer=2, prefetch=1), progress=False)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

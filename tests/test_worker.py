@@ -4,14 +4,15 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.cluster import ClusterError, ClusterSpec, attach_workers, plan_placement
-from coordinator.local_workers import LocalWorkers
-from coordinator.remote import WorkerClient, WorkerInfo
-from offload_core import ExpertKey, load_model
-from protos import expert_pb2 as pb
-from protos import expert_pb2_grpc as pb_grpc
-from protos.wire import WireError, tensor_from_pb, tensor_to_pb
-from worker.shard import ShardConfig
+from moeshard.coordinator.cluster import ClusterConfig, join_workers
+from moeshard.coordinator.local_workers import LocalWorkers
+from moeshard.coordinator.placement import ClusterError, ClusterSpec, plan_placement
+from moeshard.coordinator.remote import WorkerClient
+from moeshard.offload_core import ExpertKey, OffloadConfig, load_model
+from moeshard.protos import expert_pb2 as pb
+from moeshard.protos import expert_pb2_grpc as pb_grpc
+from moeshard.protos.wire import WireError, WorkerInfo, tensor_from_pb, tensor_to_pb
+from moeshard.worker.shard import ShardConfig
 
 from .conftest import NUM_EXPERTS
 from .workers import InProcessWorker
@@ -50,35 +51,34 @@ def test_two_worker_processes_match_transformers(tiny_ckpt, two_workers, expecte
     placement = _placements(*two_workers)[name]
     model = load_model(tiny_ckpt, slots_per_layer=2, prefetch=1)
     local_tokens = model.generate(PROMPT, max_new_tokens=24, min_new_tokens=24, do_sample=False)
-    attach_workers(model, ClusterSpec(tuple(two_workers), placement))
-    assert model.moeshard.placement == placement
+    cluster = join_workers(model, ClusterConfig(ClusterSpec(tuple(two_workers), placement)))
+    assert cluster.placement == placement
     with torch.no_grad():
         torch.testing.assert_close(model(PROMPT).logits, ref_logits, atol=1e-5, rtol=0)
     tokens = model.generate(PROMPT, max_new_tokens=24, min_new_tokens=24, do_sample=False)
     assert torch.equal(tokens, ref_tokens)
     assert torch.equal(tokens, local_tokens)
-    stats = model.expert_stats()["backends"]
+    stats = model.stats().backends
     used = {owner for owners in placement.values() for owner in owners}
     for address in used:
         assert stats[address]["requests"] > 0 and stats[address]["bytes_sent"] > 0
         assert stats[address]["failures"] == 0
-    model.moeshard.close()
+    model.close()
 
 
 def test_balanced_placement_by_reported_memory():
-    def info(address, experts_capacity):
-        return WorkerInfo(address, "f", frozenset(), "cpu", (experts_capacity + 6) * 100, 100, "0", 3, 8, 32, 2,
-                          "dense", 64)
-    placement = plan_placement(ALL_KEYS, [info("a:1", 30), info("b:1", 10)])
+    def info(experts_capacity):
+        return WorkerInfo("f", frozenset(), "cpu", (experts_capacity + 6) * 100, 100, "0", 3, 8, 32, 2, "dense", 64)
+    placement = plan_placement(ALL_KEYS, {"a:1": info(30), "b:1": info(10)})
     owners = [o for (o,) in placement.values()]
     assert owners.count("a:1") == 18 and owners.count("b:1") == 6  # 3:1 by capacity, all 24 placed
     for layer in range(LAYERS):  # every worker serves every layer
         assert {placement[ExpertKey(layer, e)] for e in range(NUM_EXPERTS)} == {("a:1",), ("b:1",)}
-    small = plan_placement(ALL_KEYS, [info("a:1", 5)], local_share=0.0)
+    small = plan_placement(ALL_KEYS, {"a:1": info(5)}, local_share=0.0)
     assert len(small) == 5  # the other 19 stay on the coordinator
-    shared = plan_placement(ALL_KEYS, [info("a:1", 100)], local_share=0.5)
+    shared = plan_placement(ALL_KEYS, {"a:1": info(100)}, local_share=0.5)
     assert len(shared) == 12
-    replicated = plan_placement(ALL_KEYS, [info("a:1", 30), info("b:1", 30), info("c:1", 30)], replicas=2)
+    replicated = plan_placement(ALL_KEYS, {"a:1": info(30), "b:1": info(30), "c:1": info(30)}, replicas=2)
     assert len(replicated) == 24 and all(len(set(o)) == 2 for o in replicated.values())
     load = [sum(a in o for o in replicated.values()) for a in ("a:1", "b:1", "c:1")]
     assert load == [16, 16, 16]
@@ -107,7 +107,7 @@ def test_wire_round_trip_is_bit_exact(dtype):
     x[0, :4] = torch.tensor([0.0, -0.0, 1e-30, -65504.0]).to(dtype)
     back = tensor_from_pb(tensor_to_pb(x), max_elements=10_000)
     assert back.dtype == dtype and back.shape == x.shape
-    assert torch.equal(back.view(torch.uint8) if False else back, x)
+    assert torch.equal(back, x)
     assert back.contiguous().view(-1).view(torch.uint8).tolist() == x.contiguous().view(-1).view(torch.uint8).tolist()
 
 
@@ -123,25 +123,25 @@ def test_wire_rejects_inconsistent_tensors():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_remote_expert_output_equals_local_bit_for_bit(tiny_ckpt, dtype):
-    with InProcessWorker(ShardConfig(model=tiny_ckpt, dtype=dtype)) as w:
+    with InProcessWorker(ShardConfig(model=tiny_ckpt, offload=OffloadConfig(dtype=dtype, store="ram"))) as w:
         shard = w.shard
         model = load_model(tiny_ckpt, dtype=dtype, slots_per_layer=2, prefetch=0)
-        client = WorkerClient(w.address, model.moeshard_fingerprint)
+        client = WorkerClient(w.address, model.fingerprint)
         client.assign([ExpertKey(2, 5), ExpertKey(2, 6)])
         hidden = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).to(getattr(torch, dtype))
         _, future = client.run_experts_future(2, [5, 6], [3, 2], hidden)
         out = tensor_from_pb(future.result().output, max_elements=10_000)
-        local = model.moeshard.backends["local"].run(2, {5: hidden[:3], 6: hidden[3:]})
+        local = model.runtime.local.run(2, {5: hidden[:3], 6: hidden[3:]})
         assert out.dtype == hidden.dtype
         assert torch.equal(out, torch.cat([local[5], local[6]]))
-        assert shard.stats()["requests"] == 1
+        assert shard.stats().requests == 1
         client.close()
 
 
 def test_unhosted_expert_is_not_found_and_fingerprint_is_checked(tiny_ckpt):
     with InProcessWorker(ShardConfig(model=tiny_ckpt)) as w:
         model = load_model(tiny_ckpt, prefetch=0)
-        client = WorkerClient(w.address, model.moeshard_fingerprint)
+        client = WorkerClient(w.address, model.fingerprint)
         assert client.assign([ExpertKey(0, 1)]) == client.assign([ExpertKey(0, 1)])  # idempotent
         assert client.info().hosted == frozenset({ExpertKey(0, 1)})
         _, future = client.run_experts_future(0, [2], [1], torch.zeros(1, 32))
@@ -166,10 +166,10 @@ def test_coordinator_refuses_a_worker_with_another_model(tiny_ckpt, tiny_sharded
     with InProcessWorker(ShardConfig(model=tiny_sharded_ckpt)) as w:
         model = load_model(tiny_ckpt, prefetch=0)
         with pytest.raises(ClusterError, match=f"worker {w.address} serves fingerprint .* but this coordinator has"):
-            attach_workers(model, ClusterSpec((w.address,)))
+            join_workers(model, ClusterConfig(ClusterSpec((w.address,))))
 
 
 def test_unreachable_worker_is_a_clear_error(tiny_ckpt):
     model = load_model(tiny_ckpt, prefetch=0)
     with pytest.raises(ClusterError, match="did not answer within 1 s"):
-        attach_workers(model, ClusterSpec(("127.0.0.1:9",)), connect_timeout_s=1.0)
+        join_workers(model, ClusterConfig(ClusterSpec(("127.0.0.1:9",)), connect_timeout_s=1.0))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from worker.server import ServerConfig, WorkerServer
-from worker.shard import ShardConfig
+from moeshard.worker.server import ServerConfig, WorkerServer
+from moeshard.worker.shard import ShardConfig
 
 
 class InProcessWorker:

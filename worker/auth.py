@@ -11,7 +11,7 @@ import logging
 
 import grpc
 
-from protos.wire import AUTH_METADATA_KEY, bearer
+from ..protos.wire import AUTH_METADATA_KEY, bearer
 
 logger = logging.getLogger(__name__)
 

@@ -8,35 +8,22 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import signal
 import sys
 from pathlib import Path
 
-import torch
-
-from offload_core import CheckpointError, QuantConfig
-from offload_core.quant_config import ALLOWED_BITS
-from offload_core.settings import token_from_env
-
-from .server import ServerConfig, WorkerServer
-from .shard import ShardConfig
+from ..offload_core.checkpoint import CheckpointError
+from ..offload_core.config import ALLOWED_BITS, OffloadConfig, QuantConfig
+from ..offload_core.config import parse_size as _parse_size
+from ..offload_core.settings import token_from_env
 
 logger = logging.getLogger("moeshard.worker")
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
-
-
 def parse_size(text: str) -> int:
-    """'12GiB', '500MB', '1.5g', '1048576' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size such as 12GiB, 500MB or 1048576, got {text!r}")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a size > 0, got {text!r}")
-    return value
+    try:
+        return _parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -92,14 +79,18 @@ def _read(path: Path | None) -> bytes | None:
 
 
 async def _serve(args) -> int:
-    from offload_core.demo import demo_model_path
+    import torch
 
-    shard_cfg = ShardConfig(model=args.model or demo_model_path(),
-                            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                            slots_per_layer=args.slots_per_layer, store=args.store, dtype=args.dtype,
-                            memory_bytes=args.memory, max_tokens=args.max_tokens,
+    from ..offload_core.demo import demo_model_path
+    from .server import ServerConfig, WorkerServer
+    from .shard import ShardConfig
+
+    offload = OffloadConfig(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                            slots_per_layer=args.slots_per_layer, prefetch=0, store=args.store, dtype=args.dtype,
                             quant=QuantConfig(expert_bits=args.expert_bits, expert_group=args.expert_group),
                             cache_dir=args.cache_dir)
+    shard_cfg = ShardConfig(model=args.model or demo_model_path(), offload=offload, memory_bytes=args.memory,
+                            max_tokens=args.max_tokens)
     server_cfg = ServerConfig(listen=args.listen, grace_s=args.grace, token=args.token or token_from_env(),
                               tls_cert=_read(args.tls_cert), tls_key=_read(args.tls_key))
     server = WorkerServer(shard_cfg, server_cfg)

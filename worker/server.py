@@ -18,17 +18,19 @@ import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from offload_core import ExpertKey
-from protos import expert_pb2 as pb
-from protos import expert_pb2_grpc as pb_grpc
-from protos.wire import WireError, tensor_from_pb, tensor_to_pb
+from ..offload_core.experts import ExpertKey
+from ..protos import expert_pb2 as pb
+from ..protos import expert_pb2_grpc as pb_grpc
+from ..protos.wire import WireError, tensor_from_pb, tensor_to_pb
 
+from .. import __version__
 from .auth import TokenInterceptor
 from .shard import ExpertShard, FingerprintMismatch, OverCapacity, ShardConfig, UnknownExpert
 
 logger = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+VERSION = __version__
+
 SERVICE = "moeshard.v1.ExpertService"
 
 
@@ -130,12 +132,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     @_rpc
     async def Info(self, request, context):
-        s = self.shard
-        return pb.InfoResponse(
-            fingerprint=s.fingerprint, hosted=[pb.ExpertId(layer=k.layer, expert=k.expert) for k in sorted(s.hosted)],
-            device=str(s.device), capacity_bytes=s.capacity_bytes, expert_bytes=s.expert_bytes, version=VERSION,
-            num_layers=len(s.moe_layers), num_experts=s.adapter.num_experts, hidden_size=s.adapter.hidden_size,
-            slots_per_layer=s.cfg.slots_per_layer, expert_format=s.expert_format, max_tokens=s.cfg.max_tokens)
+        return self.shard.info(VERSION).to_pb()
 
     @_rpc
     async def Assign(self, request, context):
@@ -148,7 +145,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     async def RunExperts(self, request, context):
         s = self.shard
         s.check_fingerprint(request.fingerprint)
-        hidden = tensor_from_pb(request.hidden, max_elements=s.cfg.max_tokens * s.adapter.hidden_size, name="hidden")
+        hidden = tensor_from_pb(request.hidden, max_elements=s.cfg.max_tokens * s.layout.hidden_size, name="hidden")
         hint = (request.prefetch_layer, list(request.prefetch_experts)) if request.prefetch_experts else None
         output, hits, misses = await self._call(s.run, request.layer, list(request.experts), list(request.counts),
                                                 hidden, hint)
@@ -162,11 +159,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     @_rpc
     async def Stats(self, request, context):
-        s = self.shard.stats()
-        return pb.StatsResponse(requests=s["requests"], tokens=s["tokens"], hits=s["hits"], misses=s["misses"],
-                                prefetch_issued=s["prefetch_issued"], prefetch_used=s["prefetch_used"],
-                                bytes_loaded=s["bytes_loaded"], busy_s=s["compute_s"] + s["wait_s"],
-                                errors=s["errors"])
+        return self.shard.stats().to_pb()
 
     def close(self) -> None:
         self._compute.shutdown(wait=True)

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
-from offload_core import Checkpoint, ExpertKey, QuantConfig
-from offload_core.families import adapter_for
-from offload_core.experts import build_local_experts, expert_fingerprint, resolve_device, resolve_dtype
+from ..offload_core.checkpoint import Checkpoint
+from ..offload_core.counters import ExpertCounters
+from ..offload_core.config import OffloadConfig, resolve_device, resolve_dtype
+from ..offload_core.experts import ExpertKey
+from ..offload_core.families import open_layout
+from ..offload_core.local_experts import expert_fingerprint, open_local_experts
+from ..protos.wire import WorkerInfo, WorkerStats
 
 logger = logging.getLogger(__name__)
 
@@ -41,43 +45,37 @@ class OverCapacity(Exception):
 @dataclass(frozen=True)
 class ShardConfig:
     model: Path  # this worker's own copy of the checkpoint folder
-    device: str = "cpu"  # where the expert slots live and experts compute: cpu, cuda, cuda:N
-    slots_per_layer: int = 2  # experts resident on the device per layer (LRU); the rest wait in the store
-    store: str = "ram"  # "ram": hosted experts read once into (pinned) RAM; "disk": read on every miss
-    dtype: str | None = None  # expert compute dtype; None = the checkpoint's (must match the coordinator's)
+    # The expert settings, as the coordinator's own (device, slots per layer, store, dtype, expert bits, cache
+    # dir): dtype and expert bits must match the coordinator's. Workers keep the RAM store by default.
+    offload: OffloadConfig = field(default_factory=lambda: OffloadConfig(store="ram", prefetch=0))
     memory_bytes: int | None = None  # memory offered for hosted experts; None = 80% of what is free now
     max_tokens: int = 8192  # most rows one RunExperts may carry
-    quant: QuantConfig = QuantConfig()  # expert bits (must match the coordinator's); attention is not here
-    cache_dir: Path | None = None  # quantized cache location; None = $MOESHARD_CACHE_DIR or ~/.cache/moeshard
 
     def __post_init__(self):
-        if self.slots_per_layer < 1:
-            raise ValueError(f"slots_per_layer must be >= 1, got {self.slots_per_layer}")
-        if self.store not in ("ram", "disk"):
-            raise ValueError(f"store must be 'ram' or 'disk', got {self.store!r}")
         if self.memory_bytes is not None and self.memory_bytes <= 0:
             raise ValueError(f"memory must be > 0 bytes, got {self.memory_bytes}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
+    @property
+    def store(self) -> str:
+        return self.offload.store or "ram"
+
 
 class ExpertShard:
     def __init__(self, cfg: ShardConfig):
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.offload.device)
         self.ckpt = Checkpoint(cfg.model)
-        config = AutoConfig.from_pretrained(self.ckpt.path)
-        self.adapter = adapter_for(config)
-        self.adapter.validate(self.ckpt)
-        if cfg.slots_per_layer > self.adapter.num_experts:
-            raise ValueError(f"slots_per_layer must be <= {self.adapter.num_experts}, got {cfg.slots_per_layer}")
-        self.dtype = resolve_dtype(cfg.dtype, config)
-        self.backend = build_local_experts(self.ckpt, config, self.adapter, self.device, cfg.slots_per_layer,
-                                           cfg.store, self.dtype, cfg.quant, cfg.cache_dir, progress=True)
-        self.fingerprint = expert_fingerprint(self.ckpt, self.adapter, self.backend.format)
+        config, self.layout = open_layout(self.ckpt)
+        cfg.offload.check_model(self.layout.num_experts)
+        self.dtype = resolve_dtype(cfg.offload.dtype, config)
+        offload = dataclasses.replace(cfg.offload, store=cfg.store)
+        self.backend = open_local_experts(self.ckpt, self.layout, offload, self.device, self.dtype, progress=True)
+        self.fingerprint = expert_fingerprint(self.ckpt, self.layout, self.backend.format)
         self.expert_bytes = self.backend.format.layout.nbytes
         self.capacity_bytes = cfg.memory_bytes or self._free_memory()
-        self.moe_layers = set(self.adapter.moe_layers())
+        self.moe_layers = set(self.layout.sparse_layers)
         self.hosted: frozenset[ExpertKey] = frozenset()
         self._lock = threading.Lock()  # caches and store are driven by one request at a time
         self.counters = dict(requests=0, tokens=0, errors=0)
@@ -90,7 +88,14 @@ class ExpertShard:
 
     @property
     def expert_format(self) -> str:
-        return " ".join(str(v) for v in self.backend.format.describe().values())
+        return self.backend.format.label
+
+    def info(self, version: str) -> WorkerInfo:
+        return WorkerInfo(fingerprint=self.fingerprint, hosted=self.hosted, device=str(self.device),
+                          capacity_bytes=self.capacity_bytes, expert_bytes=self.expert_bytes, version=version,
+                          num_layers=len(self.moe_layers), num_experts=self.layout.num_experts,
+                          hidden_size=self.layout.hidden_size, slots_per_layer=self.cfg.offload.slots_per_layer,
+                          expert_format=self.expert_format, max_tokens=self.cfg.max_tokens)
 
     # -- validation ----------------------------------------------------------------------------
     def check_fingerprint(self, fingerprint: str) -> None:
@@ -104,8 +109,8 @@ class ExpertShard:
     def check_key(self, layer: int, expert: int) -> ExpertKey:
         if layer not in self.moe_layers:
             raise ValueError(f"layer {layer} out of range: expected an MoE layer in 0..{max(self.moe_layers)}")
-        if not 0 <= expert < self.adapter.num_experts:
-            raise ValueError(f"expert {expert} out of range: expected 0..{self.adapter.num_experts - 1}")
+        if not 0 <= expert < self.layout.num_experts:
+            raise ValueError(f"expert {expert} out of range: expected 0..{self.layout.num_experts - 1}")
         return ExpertKey(layer, expert)
 
     # -- operations ----------------------------------------------------------------------------
@@ -113,7 +118,7 @@ class ExpertShard:
         """Host exactly `keys` from now on; with the RAM store, read them now (idempotent)."""
         keys = frozenset(self.check_key(*k) for k in keys)
         need = len(keys) * self.expert_bytes if self.cfg.store == "ram" else 0
-        need += len(self.moe_layers) * self.cfg.slots_per_layer * self.expert_bytes
+        need += len(self.moe_layers) * self.cfg.offload.slots_per_layer * self.expert_bytes
         if need > self.capacity_bytes:
             raise OverCapacity(f"assigning {len(keys)} experts needs {need / 2**20:.1f} MiB, more than this worker's "
                                f"{self.capacity_bytes / 2**20:.1f} MiB (raise --memory or assign fewer experts)")
@@ -142,8 +147,8 @@ class ExpertShard:
         rows = sum(counts)
         if rows > self.cfg.max_tokens:
             raise ValueError(f"{rows} rows exceed this worker's limit of {self.cfg.max_tokens} per request")
-        if hidden.dim() != 2 or hidden.shape[0] != rows or hidden.shape[1] != self.adapter.hidden_size:
-            raise ValueError(f"hidden has shape {list(hidden.shape)}, expected [{rows}, {self.adapter.hidden_size}] "
+        if hidden.dim() != 2 or hidden.shape[0] != rows or hidden.shape[1] != self.layout.hidden_size:
+            raise ValueError(f"hidden has shape {list(hidden.shape)}, expected [{rows}, {self.layout.hidden_size}] "
                              "(sum of counts x hidden size)")
         if not torch.isfinite(hidden).all():
             raise ValueError("hidden contains NaN or Inf: expected finite hidden states")
@@ -154,7 +159,7 @@ class ExpertShard:
         self._check_activation_memory(rows)
         groups = dict(zip(experts, hidden.to(self.device).split(counts)))
         with self._lock:
-            stats = self.backend.caches[layer].stats
+            stats = self.backend.slots[layer].counters
             hits, misses = stats.hits, stats.misses
             if hint is not None:
                 hint = (hint[0], self._hosted_only(*hint))
@@ -168,7 +173,7 @@ class ExpertShard:
         # The largest expert's intermediates for all rows, in fp32, with room for the output: refuse what
         # cannot fit rather than be killed by the OOM killer (or a CUDA OOM) halfway through. Small requests
         # (every decode step) skip the memory query, which would otherwise cost a system call per request.
-        need = rows * (3 * self.adapter.intermediate_size + 2 * self.adapter.hidden_size) * 4
+        need = rows * (self._activation_width + 2 * self.layout.hidden_size) * 4
         if need < _SMALL_REQUEST_BYTES:
             return
         free = self._free_memory() / _MEMORY_HEADROOM
@@ -182,18 +187,29 @@ class ExpertShard:
         return [e for e in experts if ExpertKey(layer, e) in self.hosted]
 
     def prefetch(self, layer: int, experts: list[int]) -> int:
-        """A hint: unknown layers and unhosted experts are ignored, never an error."""
+        """A hint: unknown layers and unhosted experts are ignored, never an error. Returns the loads started."""
         experts = self._hosted_only(layer, experts)
         if not experts:
             return 0
         with self._lock:
-            return self.backend.prefetch(layer, experts)
+            counters = self.backend.slots[layer].counters
+            before = counters.prefetch_issued
+            self.backend.prefetch(layer, experts)
+            return counters.prefetch_issued - before
 
-    def stats(self) -> dict:
-        layers = self.backend.stats()["layers"].values()
-        total = {k: sum(s[k] for s in layers) for k in ("hits", "misses", "prefetch_issued", "prefetch_used",
-                                                          "bytes_loaded", "compute_s", "wait_s")}
-        return {**self.counters, **total}
+    @property
+    def _activation_width(self) -> int:
+        """Intermediate values per row: the up projection's output (2I with a gate) and the gated half."""
+        up = next(t for t in self.layout.tensors if t.name == self.layout.math.up)
+        out_features = up.shape[1] if up.transposed else up.shape[0]
+        return out_features * 3 // 2 if self.layout.math.has_gate else out_features
+
+    def stats(self) -> WorkerStats:
+        total = ExpertCounters.total(self.backend.counters().values())
+        return WorkerStats(requests=self.counters["requests"], tokens=self.counters["tokens"], hits=total.hits,
+                           misses=total.misses, prefetch_issued=total.prefetch_issued,
+                           prefetch_used=total.prefetch_used, bytes_loaded=total.bytes_loaded,
+                           busy_s=total.compute_s + total.wait_s, errors=self.counters["errors"])
 
     def close(self) -> None:
         self.backend.close()
