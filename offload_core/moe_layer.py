@@ -89,7 +89,7 @@ class MoELayer:
             # added): more accurate, and its loads still overlap the next layer's attention.
             refined = self._predict_next(residual.reshape(T, -1) + result)
             if refined is not None:
-                self.runtime.prefetch(*refined, already=hint[1] if hint else ())
+                self.runtime.prefetch(*refined)
         return result
 
     def _drop(self, experts, counts, outputs, weights, order, top_k_weights, dropped, hidden):

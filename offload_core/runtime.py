@@ -96,10 +96,10 @@ class ExpertRuntime:
             self._predicted[hint[0]] = set(hinted)
         return _Merged(local_pending, remote_pending)
 
-    def prefetch(self, layer: int, experts: list[int], already: Iterable[int] = ()) -> None:
-        """The prediction for `layer` is now `experts` (ranked): load those not `already` hinted. A hint,
-        never an error."""
-        already = set(already)
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """The prediction for `layer` is now `experts` (ranked, refined): load those not hinted already by the
+        earlier guess for that layer. A hint, never an error."""
+        already = self._predicted.get(layer, set())
         local_hint, remote_hint = self._split((layer, experts)) if self.remote is not None else ((layer, experts), None)
         predicted = []
         if local_hint is not None:

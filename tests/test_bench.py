@@ -2,12 +2,15 @@
 tokens, and the report has the fields the README's table is built from (no timing is asserted)."""
 import json
 
+import pytest
+
 from moeshard.cli import main
 
 FIELDS = {"name", "decode_tok_s", "prefill_tok_s", "hit_rate", "prefetch_recall", "bytes_per_token",
           "floor_s_per_token", "tokens_match_reference"}
 
 
+@pytest.mark.slow  # every system end to end: ~15 s
 def test_bench_small(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--hidden", "64", "--intermediate", "128", "--layers", "2", "--tokens", "3",

@@ -26,6 +26,7 @@ def test_demo_model_is_a_small_mixtral(report):
     assert size < 16 << 20, f"the demo folder is {size / 2**20:.1f} MiB"
 
 
+@pytest.mark.slow  # 16k tokens of held-out text
 def test_heldout_loss_within_5_percent_of_recorded(report):
     text = (DEMO / "heldout.txt").read_text(encoding="utf-8")
     model = load_model(DEMO, slots_per_layer=2, prefetch=2, dtype="float32")

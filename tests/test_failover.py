@@ -16,6 +16,8 @@ from moeshard.offload_core import ExpertKey, load_model
 
 from .conftest import NUM_EXPERTS, make_checkpoint
 
+pytestmark = pytest.mark.slow  # real worker processes killed, stopped and drained: ~2 min on 2 cores
+
 PROMPT = torch.tensor([[1, 17, 42, 5, 88, 23, 61, 9]])
 NEW = 16
 ALL_KEYS = [ExpertKey(layer, e) for layer in range(3) for e in range(NUM_EXPERTS)]

@@ -413,6 +413,7 @@ def _warm_up(b: Barrage) -> None:
     send_run(b, pb.RunExpertsRequest(fingerprint=b.fingerprint, hidden=pb.Tensor(data=bytes(2 * MAX_RECEIVE))))
 
 
+@pytest.mark.slow  # 1,229 malformed requests: ~40 s
 def test_hostile_requests_get_clean_refusals_and_the_worker_survives(tiny_ckpt):
     with InProcessWorker(ShardConfig(model=tiny_ckpt, offload=OffloadConfig(slots_per_layer=SLOTS, store="ram"), max_tokens=MAX_TOKENS),
                          max_receive_bytes=MAX_RECEIVE) as w:

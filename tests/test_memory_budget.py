@@ -47,6 +47,7 @@ def big_ckpt(tmp_path_factory):
     return make_bench_checkpoint(tmp_path_factory.mktemp("big"), SPEC)
 
 
+@pytest.mark.slow  # writes and decodes a 0.8 GB checkpoint: ~15 s
 def test_peak_rss_stays_within_dense_plus_slots_plus_overhead(big_ckpt):
     expert_bytes = SPEC.expert_bytes()
     total_experts = SPEC.total_expert_bytes()

@@ -45,6 +45,7 @@ def _placements(a, b):
     }
 
 
+@pytest.mark.slow  # two worker processes: ~12 s
 @pytest.mark.parametrize("name", ["all-remote", "half-remote", "single-expert"])
 def test_two_worker_processes_match_transformers(tiny_ckpt, two_workers, expected, name):
     ref_logits, ref_tokens = expected
