@@ -132,10 +132,10 @@ class FamilyLayout:
         self.config = model.config
         self.model_type: str = model.config.model_type
         self.quantization = quantization
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
         layers = getattr(decoder, "layers", None)
         if layers is None:
-            raise CheckpointError(f"{type(model).__name__} has no decoder layers moeshard can find")
+            raise CheckpointError(self._unsupported())
         prefix = _path_of(model, decoder) + ".layers"
         self.experts_paths: dict[int, str] = {}
         self.router_paths: dict[int, str] = {}
@@ -163,10 +163,7 @@ class FamilyLayout:
                 self.shared_experts[index] = _join(base, block_name, shared)
             first = first or experts
         if first is None:
-            raise CheckpointError(
-                f"model_type {self.model_type!r} is not a Mixture-of-Experts family moeshard can run: none of its "
-                "layers has an experts module with transformers' experts interface (expected e.g. mixtral, "
-                "qwen3_moe, qwen2_moe, olmoe, deepseek_v2/v3, gpt_oss, phimoe)")
+            raise CheckpointError(self._unsupported())
         self.sparse_layers: list[int] = sorted(self.experts_paths)
         try:
             self.math = ExpertMath(first)
@@ -184,6 +181,11 @@ class FamilyLayout:
         self.dense: dict[str, str] = {}  # checkpoint name -> model parameter/buffer name
         self.sources: dict[tuple[int, str], Source] = {}  # (layer, tensor name) -> where its experts are
         self._scan(model, ckpt)
+
+    def _unsupported(self) -> str:
+        return (f"model_type {self.model_type!r} is not a Mixture-of-Experts family moeshard can run: none of its "
+                "layers has an experts module with transformers' experts interface (expected e.g. mixtral, "
+                "qwen3_moe, qwen2_moe, olmoe, deepseek_v2/v3, gpt_oss, phimoe)")
 
     # -- the checkpoint's names ---------------------------------------------------------------
     def _scan(self, model: nn.Module, ckpt: Checkpoint) -> None:

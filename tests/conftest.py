@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Mixtral checkpoints written with save_pretrained, and process cleanup."""
+"""Shared fixtures: tiny random Mixtral checkpoints written with save_pretrained, transformers' reference model,
+a tiny tokenizer, and the cleanup of any child process a test left running."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import psutil
 import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
@@ -83,3 +85,15 @@ def tiny_tok_ckpt(tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp("tiny_tok"), seed=5, vocab_size=300, pad_token_id=0)
     save_tiny_tokenizer(path)
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def kill_leftover_children():
+    """Worker processes are stopped by the tests that start them; any a failing test left behind is killed here,
+    by pid, so a red run does not leave servers holding ports and memory."""
+    yield
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
