@@ -1,10 +1,14 @@
 """`moe-coordinator bench`: every system decodes the same prompt on the same checkpoint, in one run.
 
-Systems: moeshard all resident, LRU, LRU + prefetch, naive (every active expert loaded every token),
-moeshard with two local workers; transformers eager with everything in RAM; transformers + accelerate
-disk offloading at the same memory budget. Offloaded systems run under the cold protocol (page cache
-dropped before each decode step, see protocol.py); warm figures are reported too. Each system's greedy
-tokens are checked against transformers' so a fast wrong answer cannot win.
+Systems: moeshard all resident, LRU, LRU + prefetch, naive (every active expert loaded every token), moeshard
+with two local workers; transformers with everything in RAM, once per experts implementation (eager loop,
+batched_mm, grouped_mm: the fastest is the one to beat); transformers + accelerate disk offloading at the same
+memory budget. Method: every system is built and warmed up first (untimed decode steps), then timed in
+`--repeats` rounds, interleaved (ABC, CBA, ABC, ...) so that drift of a shared machine falls on every system
+alike; each system's figure is the median over rounds of its median step time, with the spread (min..max)
+beside it, and every ratio is computed from medians. Offloaded systems run under the cold protocol (page cache
+dropped before each decode step, see protocol.py). Each system's greedy tokens are checked against
+transformers' in every round, so a fast wrong answer cannot win.
 """
 from __future__ import annotations
 
@@ -15,18 +19,18 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import torch
 
 from .bench_model import BenchModelSpec, make_bench_checkpoint
-from .cli import SYSTEMS
+from .cli import HF_SYSTEMS, OFFLOADED, SYSTEMS
 from .protocol import data_files, drop_page_cache, h2d_bandwidth, read_bandwidth
 
 logger = logging.getLogger(__name__)
-OFFLOADED = ("lru", "lru+prefetch", "naive", "accelerate-offload")
 
 
 def decode(model, prompt: torch.Tensor, steps: int, before_step=None) -> dict:
@@ -55,61 +59,81 @@ def decode(model, prompt: torch.Tensor, steps: int, before_step=None) -> dict:
     return {"prefill_s": prefill_s, "step_s": times, "tokens": tokens}
 
 
+@dataclass
 class _System:
-    """One benchmarked system: how to build it, which files it reads while decoding, its counters."""
+    """One benchmarked system: how to build it, which files it reads while decoding, and what it measured."""
 
-    def __init__(self, name, build, files=(), stats=None, close=None):
-        self.name, self.build, self.files, self.stats, self.close = name, build, list(files), stats, close
+    name: str
+    build: Callable
+    files: list = field(default_factory=list)
+    close: Callable | None = None
+    built: object = None  # an OffloadedModel, or transformers' model
+    rounds: list = field(default_factory=list)  # per round: {"step_s", "prefill_s", "counters", "disk_read_bytes"}
 
+    @property
+    def model(self):
+        return getattr(self.built, "model", None) if self.is_moeshard else self.built
 
-def _moeshard(ckpt: Path, args, **kw):
-    from ..offload_core import load_model
+    @property
+    def is_moeshard(self) -> bool:
+        from ..offload_core.model import OffloadedModel
 
-    return load_model(ckpt, device=args.device, dtype=args.dtype, **kw)
+        return isinstance(self.built, OffloadedModel)
+
+    def shutdown(self) -> None:
+        if self.is_moeshard:
+            self.built.close()
+        if self.close is not None:
+            self.close()
+        self.built = None
+        gc.collect()
 
 
 def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir: Path) -> dict[str, _System]:
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from ..coordinator.cluster import ClusterConfig, join_workers
     from ..coordinator.local_workers import LocalWorkers
     from ..coordinator.placement import ClusterSpec
+    from ..offload_core import load_model
     from ..offload_core.experts import ExpertKey
 
     E, k, m = spec.num_local_experts, args.slots_per_layer, args.prefetch
     ckpt_files = data_files(ckpt)
-    state = {}
+    workers_state = {}
+    dtype = getattr(torch, args.dtype or spec.dtype)
+    device = torch.device(args.device)
+
+    def moeshard(**kw):
+        return load_model(ckpt, device=args.device, dtype=args.dtype, **kw)
 
     def resident():
-        om = _moeshard(ckpt, args, slots_per_layer=E, prefetch=0, store="ram")
+        om = moeshard(slots_per_layer=E, prefetch=0, store="ram")
         om.runtime.local.warm()
         return om
 
     def offloaded(slots, prefetch, policy="lru"):
-        return lambda: _moeshard(ckpt, args, slots_per_layer=slots, prefetch=prefetch, store=args.store,
-                                 drop_page_cache=args.protocol == "cold", policy=policy)
+        return lambda: moeshard(slots_per_layer=slots, prefetch=prefetch, store=args.store,
+                                drop_page_cache=args.protocol == "cold", policy=policy)
 
     def workers():
         # Each worker gets every core, as it would on a machine of its own (here they share them).
-        state["workers"] = LocalWorkers(2, ckpt, extra_args=("--slots-per-layer", str(E), "--store", "ram",
-                                                              *(("--dtype", args.dtype) if args.dtype else ())),
-                                        threads=psutil.cpu_count(logical=True) or 1)
-        addresses = state["workers"].__enter__().addresses
-        om = _moeshard(ckpt, args, slots_per_layer=1, prefetch=0, store="disk")
+        pool = workers_state["pool"] = LocalWorkers(2, ckpt, threads=psutil.cpu_count(logical=True) or 1, extra_args=(
+            "--slots-per-layer", str(E), "--store", "ram", *(("--dtype", args.dtype) if args.dtype else ())))
+        addresses = pool.__enter__().addresses
+        om = moeshard(slots_per_layer=1, prefetch=0, store="disk")
         keys = [(layer, e) for layer in range(spec.num_hidden_layers) for e in range(E)]
         placement = {ExpertKey(*key): (addresses[i % 2],) for i, key in enumerate(keys)}
         join_workers(om, ClusterConfig(ClusterSpec(tuple(addresses), placement)))
         return om
 
     def close_workers():
-        if "workers" in state:
-            state.pop("workers").__exit__(None, None, None)
+        if "pool" in workers_state:
+            workers_state.pop("pool").__exit__(None, None, None)
 
-    dtype = getattr(torch, args.dtype or spec.dtype)
-    device = torch.device(args.device)
-
-    def hf_eager():
-        return MixtralForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+    def hf(implementation):
+        return lambda: AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, experts_implementation=implementation
+                                                            ).to(device).eval()
 
     offload_dir = workdir / "accelerate-offload"
 
@@ -121,74 +145,75 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
             max_memory = {device.index or 0: budget_bytes, "cpu": host}
         else:
             max_memory = {"cpu": budget_bytes}
-        return MixtralForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map="auto", max_memory=max_memory,
-                                                  offload_folder=str(offload_dir)).eval()
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map="auto", max_memory=max_memory,
+                                                    offload_folder=str(offload_dir)).eval()
 
-    def runtime_stats(om):
-        return om.stats().total
-
-    return {
-        "resident": _System("resident", resident, (), runtime_stats),
-        "lru": _System("lru", offloaded(k, 0), ckpt_files, runtime_stats),
-        "lru+prefetch": _System("lru+prefetch", offloaded(k, m), ckpt_files, runtime_stats),
-        "naive": _System("naive", offloaded(spec.num_experts_per_tok, 0, "none"), ckpt_files, runtime_stats),
-        "workers": _System("workers", workers, (), runtime_stats, close_workers),
-        "hf-eager": _System("hf-eager", hf_eager),
+    systems = {
+        "resident": _System("resident", resident),
+        "lru": _System("lru", offloaded(k, 0), ckpt_files),
+        "lru+prefetch": _System("lru+prefetch", offloaded(k, m), ckpt_files),
+        "naive": _System("naive", offloaded(spec.num_experts_per_tok, 0, "none"), ckpt_files),
+        "workers": _System("workers", workers, close=close_workers),
         "accelerate-offload": _System("accelerate-offload", accelerate_offload, [offload_dir, ckpt]),
     }
+    for name, implementation in HF_SYSTEMS.items():
+        systems[name] = _System(name, hf(implementation))
+    return systems
 
 
-def _run(system: _System, prompt, steps: int, cold: bool, warmup_steps: int) -> dict:
-    from ..offload_core.model import OffloadedModel
-
-    built = system.build()
-    model = built.model if isinstance(built, OffloadedModel) else built  # transformers' model either way
-    try:
-        files = data_files(*[f for f in system.files if Path(f).is_dir()]) + [f for f in system.files if Path(f).is_file()]
-        drop = (lambda: drop_page_cache(files)) if cold and files else None
-        if warmup_steps:
-            decode(model, prompt, warmup_steps)  # first-call overheads (allocations, lazy inits) are not timed
-        before = system.stats(built) if system.stats else None
-        io_before = psutil.Process().io_counters().read_bytes
-        result = decode(model, prompt, steps, drop)
-        result["disk_read_bytes"] = psutil.Process().io_counters().read_bytes - io_before
-        if system.stats:
-            result["counters"] = system.stats(built) - before
-        return result
-    finally:
-        if built is not model:
-            built.close()
-        if system.close:
-            system.close()
-        del model, built
-        gc.collect()
+def _cold_files(system: _System) -> list[Path]:
+    return data_files(*[f for f in system.files if Path(f).is_dir()]) + [f for f in system.files if Path(f).is_file()]
 
 
-def _summarise(name: str, raw: dict, prompt_len: int, steps: int, bandwidth: float) -> dict:
-    step_s = statistics.median(raw["step_s"])
-    c = raw.get("counters")  # ExpertCounters of the timed steps (moeshard systems)
-    per_token = c.bytes_loaded / steps if c and name in OFFLOADED else (
-        raw["disk_read_bytes"] / steps if name in OFFLOADED else 0)
+def _round(system: _System, prompt, steps: int, cold: bool) -> dict:
+    files = _cold_files(system)
+    drop = (lambda: drop_page_cache(files)) if cold and files else None
+    before = system.built.stats().total if system.is_moeshard else None
+    io_before = psutil.Process().io_counters().read_bytes
+    result = decode(system.model, prompt, steps, drop)
+    result["disk_read_bytes"] = psutil.Process().io_counters().read_bytes - io_before
+    result["counters"] = system.built.stats().total - before if system.is_moeshard else None
+    return result
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _summarise(system: _System, prompt_len: int, steps: int, bandwidth: float) -> dict:
+    name, rounds = system.name, system.rounds
+    tok_s = [1.0 / statistics.median(r["step_s"]) for r in rounds]  # per round: its median step
+    step_s = statistics.median(statistics.median(r["step_s"]) for r in rounds)
+    counters = rounds[0]["counters"]
+    for r in rounds[1:]:
+        counters = counters + r["counters"] if counters is not None else None
+    decoded = steps * len(rounds)
+    offloaded = name in OFFLOADED
+    per_token = (counters.bytes_loaded / decoded if counters is not None else
+                 sum(r["disk_read_bytes"] for r in rounds) / decoded) if offloaded else None
     return {
         "name": name,
         "decode_tok_s": 1.0 / step_s,
+        "decode_tok_s_spread": _spread(tok_s),
         "decode_s_per_token": step_s,
-        "prefill_tok_s": prompt_len / raw["prefill_s"],
-        "hit_rate": c.hit_rate if c else None,
-        "prefetch_recall": c.prefetch_recall if c else None,
-        "prefetch_precision": c.prefetch_precision if c else None,
-        "bytes_per_token": per_token if name in OFFLOADED else None,
-        "floor_s_per_token": per_token / bandwidth if name in OFFLOADED else None,
-        "disk_read_bytes_per_token": raw["disk_read_bytes"] / steps,
-        "tokens": raw["tokens"],
+        "prefill_tok_s": prompt_len / statistics.median(r["prefill_s"] for r in rounds),
+        "hit_rate": counters.hit_rate if counters is not None else None,
+        "prefetch_recall": counters.prefetch_recall if counters is not None else None,
+        "prefetch_precision": counters.prefetch_precision if counters is not None else None,
+        "bytes_per_token": per_token,
+        "floor_s_per_token": per_token / bandwidth if offloaded else None,
+        "disk_read_bytes_per_token": sum(r["disk_read_bytes"] for r in rounds) / decoded,
     }
 
 
 def run_benchmark(args) -> dict:
-    spec = BenchModelSpec(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                          dtype=args.model_dtype)
+    spec = BenchModelSpec.of_kind(args.model_kind, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                                  num_hidden_layers=args.layers, dtype=args.model_dtype)
+    if args.slots_per_layer is None:  # the budget: half the experts (the paper's setting), a quarter of many
+        args.slots_per_layer = spec.num_local_experts // (2 if spec.num_local_experts <= 8 else 4)
     workdir = Path(args.workdir or Path(tempfile.gettempdir()) / "moeshard-bench")
-    ckpt = make_bench_checkpoint(workdir / f"model-{spec.hidden_size}x{spec.num_hidden_layers}", spec)
+    ckpt = make_bench_checkpoint(workdir / f"model-{spec.family}-{spec.hidden_size}x{spec.num_hidden_layers}"
+                                           f"x{spec.num_local_experts}", spec)
     largest = max(data_files(ckpt), key=lambda p: p.stat().st_size)
     bandwidth = {"cold": read_bandwidth(largest, cold=True), "warm": read_bandwidth(largest, cold=False)}
     if torch.device(args.device).type == "cuda":
@@ -198,32 +223,44 @@ def run_benchmark(args) -> dict:
     dense = sum(p.stat().st_size for p in data_files(ckpt)) - spec.total_expert_bytes()
     budget = dense + args.slots_per_layer * spec.num_hidden_layers * spec.expert_bytes()
     prompt = torch.randint(3, spec.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
-    systems = _systems(ckpt, args, spec, budget, workdir)
-    runs, reference = [], None
-    for name in args.systems:
-        logger.info("running %s", name)
-        raw = _run(systems[name], prompt, args.tokens, cold=args.protocol == "cold" and name in OFFLOADED,
-                   warmup_steps=args.warmup)
-        summary = _summarise(name, raw, args.prompt_tokens, args.tokens, floor_bandwidth)
-        if name == "hf-eager":
-            reference = summary["tokens"]
+    all_systems = _systems(ckpt, args, spec, budget, workdir)
+    systems = [all_systems[name] for name in args.systems]
+    try:
+        for system in systems:  # build and warm up every system before any is timed
+            logger.info("building %s", system.name)
+            system.built = system.build()
+            decode(system.model, prompt, args.warmup)
+        for r in range(args.repeats):
+            order = systems if r % 2 == 0 else systems[::-1]
+            for system in order:
+                result = _round(system, prompt, args.tokens, cold=args.protocol == "cold" and system.name in OFFLOADED)
+                system.rounds.append(result)
+            print(f"round {r + 1}/{args.repeats}: " + ", ".join(
+                f"{s.name} {1 / statistics.median(s.rounds[-1]['step_s']):.2f}" for s in systems) + " tok/s", flush=True)
+    finally:
+        for system in systems:
+            if system.built is not None:
+                system.shutdown()
+    hf = [s for s in systems if s.name in HF_SYSTEMS]
+    reference = hf[0].rounds[0]["tokens"] if hf else _reference_tokens(ckpt, spec, args, prompt)
+    runs = []
+    for system in systems:
+        summary = _summarise(system, args.prompt_tokens, args.tokens, floor_bandwidth)
+        summary["tokens_match_reference"] = all(r["tokens"] == reference for r in system.rounds)
         runs.append(summary)
-        print(f"{name:>20}: {summary['decode_tok_s']:8.2f} tok/s decode, {summary['prefill_tok_s']:8.1f} tok/s "
-              f"prefill", flush=True)
-    for run in runs:
-        run["tokens_match_reference"] = None if reference is None else run.pop("tokens") == reference
-        run.pop("tokens", None)
     return {
         "model": {**asdict(spec), "expert_bytes": spec.expert_bytes(), "total_expert_bytes": spec.total_expert_bytes(),
-                  "dense_bytes": dense},
+                  "dense_bytes": dense, "kind": args.model_kind},
         "quantization": {"attn_bits": 16, "expert_bits": 16, "dtype": args.dtype or spec.dtype},
         "budget": {"slots_per_layer": args.slots_per_layer, "prefetch": args.prefetch, "bytes": budget},
         "protocol": {"name": args.protocol, "read_bandwidth_bytes_s": bandwidth,
                      "description": "page cache of offloaded files dropped (POSIX_FADV_DONTNEED) before each decode "
                                     "step" if args.protocol == "cold" else "page cache allowed"},
+        "method": {"repeats": args.repeats, "warmup_steps": args.warmup, "order": "interleaved, alternating direction",
+                   "figure": "median over rounds of each round's median step time; spread = min..max over rounds"},
         "prompt_tokens": args.prompt_tokens, "decode_tokens": args.tokens,
         "machine": {"cpu_count": psutil.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
-                    "platform": platform.platform(), "device": args.device,
+                    "platform": platform.platform(), "device": args.device, "torch_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
@@ -231,13 +268,28 @@ def run_benchmark(args) -> dict:
     }
 
 
+def _reference_tokens(ckpt: Path, spec: BenchModelSpec, args, prompt) -> list[int]:
+    """transformers' greedy tokens, when no transformers system was among those benchmarked."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, args.dtype or spec.dtype)).eval()
+    tokens = decode(model, prompt, args.tokens)["tokens"]
+    del model
+    gc.collect()
+    return tokens
+
+
 def _targets(runs: list[dict], layers: int) -> dict:
     by = {r["name"]: r for r in runs}
     out = {}
+    hf = [by[n] for n in HF_SYSTEMS if n in by]
+    fastest = max(hf, key=lambda r: r["decode_tok_s"]) if hf else None
+    if fastest is not None:
+        out["fastest_transformers"] = fastest["name"]
     if "lru+prefetch" in by and "accelerate-offload" in by:
         out["lru+prefetch_vs_accelerate"] = by["lru+prefetch"]["decode_tok_s"] / by["accelerate-offload"]["decode_tok_s"]
-    if "resident" in by and "hf-eager" in by:
-        out["resident_vs_hf_eager"] = by["resident"]["decode_tok_s"] / by["hf-eager"]["decode_tok_s"]
+    if "resident" in by and fastest is not None:
+        out["resident_vs_fastest_transformers"] = by["resident"]["decode_tok_s"] / fastest["decode_tok_s"]
     if "resident" in by:
         for name in ("lru", "lru+prefetch"):
             if name in by:
@@ -251,16 +303,21 @@ def _targets(runs: list[dict], layers: int) -> dict:
 
 
 def format_table(report: dict) -> str:
-    head = f"{'system':>20} {'decode tok/s':>12} {'prefill tok/s':>13} {'hit rate':>8} {'recall':>6} {'MB/token':>8} " \
-           f"{'floor s/tok':>11} {'same tokens':>11}"
+    head = (f"{'system':>20} {'decode tok/s':>12} {'spread':>13} {'prefill tok/s':>13} {'hit rate':>8} {'recall':>6} "
+            f"{'MB/token':>8} {'floor s/tok':>11} {'same tokens':>11}")
     lines = [head]
+
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
     for r in report["runs"]:
-        def f(v, spec):
-            return "-" if v is None else format(v, spec)
-        lines.append(f"{r['name']:>20} {r['decode_tok_s']:12.2f} {r['prefill_tok_s']:13.1f} {f(r['hit_rate'], '.3f'):>8} "
-                     f"{f(r['prefetch_recall'], '.3f'):>6} {f(r['bytes_per_token'] and r['bytes_per_token'] / 1e6, '.1f'):>8} "
+        s = r["decode_tok_s_spread"]
+        lines.append(f"{r['name']:>20} {r['decode_tok_s']:12.2f} {s['min']:6.2f}-{s['max']:<6.2f} "
+                     f"{r['prefill_tok_s']:13.1f} {f(r['hit_rate'], '.3f'):>8} {f(r['prefetch_recall'], '.3f'):>6} "
+                     f"{f(r['bytes_per_token'] and r['bytes_per_token'] / 1e6, '.1f'):>8} "
                      f"{f(r['floor_s_per_token'], '.3f'):>11} {str(r['tokens_match_reference']):>11}")
-    lines.append("targets: " + ", ".join(f"{k} = {v:.2f}" for k, v in report["targets"].items()))
+    lines.append("targets: " + ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else f"{k} = {v}"
+                                         for k, v in report["targets"].items()))
     return "\n".join(lines)
 
 
@@ -275,12 +332,15 @@ def plot(report: dict, path: Path) -> bool:
         return False
     runs = report["runs"]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar([r["name"] for r in runs], [r["decode_tok_s"] for r in runs],
+    medians = [r["decode_tok_s"] for r in runs]
+    errors = [[m - r["decode_tok_s_spread"]["min"] for m, r in zip(medians, runs)],
+              [r["decode_tok_s_spread"]["max"] - m for m, r in zip(medians, runs)]]
+    ax.bar([r["name"] for r in runs], medians, yerr=errors, capsize=3,
            color=["tab:blue" if r["name"] not in OFFLOADED else "tab:orange" for r in runs])
     ax.set_yscale("log")
-    ax.set_ylabel("decode tokens/s (log)")
-    ax.set_title(f"{report['protocol']['name']} protocol, budget {report['budget']['slots_per_layer']} slots/layer, "
-                 f"{report['machine']['device']}")
+    ax.set_ylabel("decode tokens/s (median, min..max)")
+    ax.set_title(f"{report['model']['kind']}: {report['protocol']['name']} protocol, budget "
+                 f"{report['budget']['slots_per_layer']} slots/layer, {report['machine']['device']}")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -293,6 +353,8 @@ def main(args) -> int:
     unknown = sorted(set(args.systems) - set(SYSTEMS))
     if unknown:
         raise ValueError(f"unknown systems {unknown}: expected a subset of {list(SYSTEMS)}")
+    if len(set(args.systems)) != len(args.systems):
+        raise ValueError("--systems lists a system twice: rounds already repeat each system (--repeats)")
     report = run_benchmark(args)
     print(format_table(report))
     if args.json:

@@ -1,9 +1,11 @@
-"""The benchmark checkpoint: a Mixtral-architecture model written straight to safetensors.
+"""The benchmark checkpoints, written straight to safetensors in each family's own naming.
 
-Random weights (seeded), scaled so the residual stream behaves like a trained model's: each layer adds a
-small update to a large residual (output projections at 1/10 of the usual init), so consecutive layers
-see similar states and routers, sharpened, are decisive. Written tensor by tensor, so making a multi-GB
-checkpoint needs little RAM and no model object.
+Two kinds: `mixtral` (the paper's architecture: 8 large experts, top-2) and `many-experts` (Qwen3-MoE's: 64
+small experts, top-8, what people run at home now, where per-expert work rather than bandwidth is the cost).
+Random weights (seeded), scaled so the residual stream behaves like a trained model's: each layer adds a small
+update to a large residual (output projections at 1/10 of the usual init), so consecutive layers see similar
+states and routers, sharpened, are decisive. Written tensor by tensor, so a multi-GB checkpoint needs little
+RAM and no model object.
 """
 from __future__ import annotations
 
@@ -14,15 +16,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import MixtralConfig
 
 logger = logging.getLogger(__name__)
+
+KINDS = ("mixtral", "many-experts")
 
 
 @dataclass(frozen=True)
 class BenchModelSpec:
+    family: str = "mixtral"  # transformers model_type: "mixtral" or "qwen3_moe"
     hidden_size: int = 1024
-    intermediate_size: int = 2048
+    intermediate_size: int = 2048  # of one expert
     num_hidden_layers: int = 8
     num_local_experts: int = 8
     num_experts_per_tok: int = 2
@@ -31,13 +35,43 @@ class BenchModelSpec:
     vocab_size: int = 4096
     dtype: str = "float32"
     seed: int = 0
-    version: int = 2  # bump when the weights' recipe changes, so cached checkpoints are rewritten
+    version: int = 3  # bump when the weights' recipe changes, so cached checkpoints are rewritten
+
+    @classmethod
+    def of_kind(cls, kind: str, **overrides) -> BenchModelSpec:
+        """The default spec of a kind (`KINDS`); `overrides` replace fields (None ones are ignored)."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if kind == "mixtral":
+            return cls(**overrides)
+        if kind == "many-experts":  # Qwen3-MoE architecture: 64 experts of 1.5 MB, top-8, 12 layers = 1.2 GB fp32
+            return cls(**{**dict(family="qwen3_moe", hidden_size=512, intermediate_size=256, num_hidden_layers=12,
+                                 num_local_experts=64, num_experts_per_tok=8, num_attention_heads=8,
+                                 num_key_value_heads=4), **overrides})
+        raise ValueError(f"benchmark model kind must be one of {list(KINDS)}, got {kind!r}")
 
     def expert_bytes(self) -> int:
-        return 3 * self.hidden_size * self.intermediate_size * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return 3 * self.hidden_size * self.intermediate_size * getattr(torch, self.dtype).itemsize
 
     def total_expert_bytes(self) -> int:
         return self.expert_bytes() * self.num_local_experts * self.num_hidden_layers
+
+    def config(self):
+        from transformers import AutoConfig
+
+        common = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                      num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                      num_key_value_heads=self.num_key_value_heads, num_experts_per_tok=self.num_experts_per_tok,
+                      max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        if self.family == "mixtral":
+            config = AutoConfig.for_model("mixtral", intermediate_size=self.intermediate_size,
+                                          num_local_experts=self.num_local_experts, **common)
+        else:
+            config = AutoConfig.for_model("qwen3_moe", moe_intermediate_size=self.intermediate_size,
+                                          intermediate_size=4 * self.intermediate_size, decoder_sparse_step=1,
+                                          num_experts=self.num_local_experts, norm_topk_prob=True,
+                                          head_dim=self.hidden_size // self.num_attention_heads, **common)
+        config.dtype = self.dtype
+        return config
 
 
 def make_bench_checkpoint(folder: Path, spec: BenchModelSpec = BenchModelSpec()) -> Path:
@@ -47,17 +81,12 @@ def make_bench_checkpoint(folder: Path, spec: BenchModelSpec = BenchModelSpec())
     if stamp.is_file() and json.loads(stamp.read_text()) == asdict(spec):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    config = MixtralConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-                           intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
-                           num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-                           num_local_experts=spec.num_local_experts, num_experts_per_tok=spec.num_experts_per_tok,
-                           max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    config.dtype = spec.dtype
+    config = spec.config()
     config.save_pretrained(folder)
     gen = torch.Generator().manual_seed(spec.seed)
     dtype = getattr(torch, spec.dtype)
     D, I = spec.hidden_size, spec.intermediate_size
-    H = config.head_dim or D // spec.num_attention_heads
+    H = getattr(config, "head_dim", None) or D // spec.num_attention_heads
 
     def rand(*shape, std=0.02):
         return (torch.randn(*shape, generator=gen) * std).to(dtype)
@@ -79,12 +108,21 @@ def make_bench_checkpoint(folder: Path, spec: BenchModelSpec = BenchModelSpec())
                    f"{p}.self_attn.q_proj.weight": rand(spec.num_attention_heads * H, D),
                    f"{p}.self_attn.k_proj.weight": rand(spec.num_key_value_heads * H, D),
                    f"{p}.self_attn.v_proj.weight": rand(spec.num_key_value_heads * H, D),
-                   f"{p}.self_attn.o_proj.weight": rand(D, spec.num_attention_heads * H, std=out_std),
-                   f"{p}.block_sparse_moe.gate.weight": rand(spec.num_local_experts, D, std=0.5)}
-        for e in range(spec.num_local_experts):
-            q = f"{p}.block_sparse_moe.experts.{e}"
-            tensors.update({f"{q}.w1.weight": rand(I, D), f"{q}.w3.weight": rand(I, D),
-                            f"{q}.w2.weight": rand(D, I, std=out_std)})
+                   f"{p}.self_attn.o_proj.weight": rand(D, spec.num_attention_heads * H, std=out_std)}
+        if spec.family == "mixtral":
+            tensors[f"{p}.block_sparse_moe.gate.weight"] = rand(spec.num_local_experts, D, std=0.5)
+            for e in range(spec.num_local_experts):
+                q = f"{p}.block_sparse_moe.experts.{e}"
+                tensors.update({f"{q}.w1.weight": rand(I, D), f"{q}.w3.weight": rand(I, D),
+                                f"{q}.w2.weight": rand(D, I, std=out_std)})
+        else:  # qwen3_moe: per-expert gate/up/down projections, q/k norms in attention
+            tensors.update({f"{p}.self_attn.q_norm.weight": torch.ones(H, dtype=dtype),
+                            f"{p}.self_attn.k_norm.weight": torch.ones(H, dtype=dtype),
+                            f"{p}.mlp.gate.weight": rand(spec.num_local_experts, D, std=0.5)})
+            for e in range(spec.num_local_experts):
+                q = f"{p}.mlp.experts.{e}"
+                tensors.update({f"{q}.gate_proj.weight": rand(I, D), f"{q}.up_proj.weight": rand(I, D),
+                                f"{q}.down_proj.weight": rand(D, I, std=out_std)})
         write(f"model-layer{layer:03d}.safetensors", tensors)
         logger.info("wrote layer %d of %d", layer + 1, spec.num_hidden_layers)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

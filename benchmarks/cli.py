@@ -4,36 +4,69 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SYSTEMS = ("resident", "lru", "lru+prefetch", "naive", "workers", "hf-eager", "accelerate-offload")
+from .bench_model import KINDS
+
+# transformers with everything in RAM, once per experts implementation (the fastest is the one to beat)
+HF_SYSTEMS = {"hf-eager": "eager", "hf-batched_mm": "batched_mm", "hf-grouped_mm": "grouped_mm"}
+SYSTEMS = ("resident", "lru", "lru+prefetch", "naive", "workers", *HF_SYSTEMS, "accelerate-offload")
+OFFLOADED = ("lru", "lru+prefetch", "naive", "accelerate-offload")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive(text)
 
 
 def add_bench_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("bench", allow_abbrev=False,
                             help="side-by-side speed benchmark against transformers and accelerate",
                             description="Decode the same prompt with every system on a generated benchmark "
-                                        "checkpoint, in one run; print a table, write JSON and a PNG plot.")
+                                        "checkpoint, in one run: every system warmed up, then timed in interleaved "
+                                        "rounds; prints a table of medians and spreads, writes JSON and a PNG plot.")
     add_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
-    p.add_argument("--verbose", action="store_true", help="log each system as it runs")
+    p.add_argument("--verbose", action="store_true", help="log each system as it is built")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw decode tokens/s per system")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--systems", default=",".join(SYSTEMS), metavar="LIST",
+                   help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)")
+    p.add_argument("--model-kind", choices=KINDS, default="mixtral",
+                   help="mixtral: 8 experts of 25 MB, top-2 (the paper's); many-experts: Qwen3-MoE, 64 experts of "
+                        "1.5 MB, top-8 (default mixtral)")
+    p.add_argument("--repeats", type=_positive, default=3, metavar="N",
+                   help="timed rounds per system, interleaved across systems (default 3)")
+    p.add_argument("--tokens", type=_positive, default=16, metavar="N", help="decode steps timed per round (default 16)")
+    p.add_argument("--warmup", type=_positive, default=2, metavar="N",
+                   help="untimed decode steps per system before the first round (default 2)")
     p.add_argument("--protocol", choices=["cold", "warm"], default="cold",
-                   help="cold: drop offloaded files from the page cache before each decode step (default)")
+                   help="cold: drop offloaded files from the page cache before each decode step (default cold)")
     p.add_argument("--device", default="cpu", help="primary device for every system (default cpu)")
     p.add_argument("--store", choices=["disk", "ram"], default="disk",
                    help="where offloaded experts wait: disk (default; the cold protocol applies) or host RAM (GPU)")
-    p.add_argument("--dtype", default=None, help="compute dtype (default: the benchmark model's)")
-    p.add_argument("--model-dtype", default="float32", help="dtype the benchmark checkpoint is written in")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--slots-per-layer", type=int, default=4, help="the memory budget, in experts per layer")
-    p.add_argument("--prefetch", type=int, default=2)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=16, help="decode steps timed per system")
-    p.add_argument("--warmup", type=int, default=2, help="untimed decode steps before the timed ones")
-    p.add_argument("--workdir", type=Path, default=None, help="where the benchmark model is written (reused)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the benchmark model's)")
+    p.add_argument("--model-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype the benchmark checkpoint is written in (default float32)")
+    p.add_argument("--hidden", type=_positive, default=None, help="hidden size (default: the kind's: 1024 / 512)")
+    p.add_argument("--intermediate", type=_positive, default=None,
+                   help="intermediate size of one expert (default: the kind's: 2048 / 256)")
+    p.add_argument("--layers", type=_positive, default=None, help="decoder layers (default: the kind's: 8 / 12)")
+    p.add_argument("--slots-per-layer", type=_positive, default=None, metavar="K",
+                   help="the memory budget, in experts per layer (default: half the experts, a quarter of 64)")
+    p.add_argument("--prefetch", type=_nonnegative, default=2, metavar="M",
+                   help="experts per token predicted for the next layer by lru+prefetch (default 2)")
+    p.add_argument("--prompt-tokens", type=_positive, default=32, metavar="N", help="prompt length (default 32)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the benchmark model is written and reused (default: the system's temp dir)")

@@ -14,20 +14,39 @@ FIELDS = {"name", "decode_tok_s", "prefill_tok_s", "hit_rate", "prefetch_recall"
 def test_bench_small(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--hidden", "64", "--intermediate", "128", "--layers", "2", "--tokens", "3",
-                 "--prompt-tokens", "6", "--warmup", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
-                 "--plot", str(tmp_path / "bench.png")])
+                 "--prompt-tokens", "6", "--warmup", "1", "--repeats", "2", "--workdir", str(tmp_path / "work"),
+                 "--json", str(out), "--plot", str(tmp_path / "bench.png")])
     assert code == 0
     report = json.loads(out.read_text())
     names = [r["name"] for r in report["runs"]]
-    assert names == ["resident", "lru", "lru+prefetch", "naive", "workers", "hf-eager", "accelerate-offload"]
+    assert names == ["resident", "lru", "lru+prefetch", "naive", "workers", "hf-eager", "hf-batched_mm",
+                     "hf-grouped_mm", "accelerate-offload"]
     for run in report["runs"]:
         assert FIELDS <= set(run)
         assert run["tokens_match_reference"] is True, run["name"]
-        assert run["decode_tok_s"] > 0
+        spread = run["decode_tok_s_spread"]
+        assert spread["n"] == 2 and spread["min"] <= run["decode_tok_s"] <= spread["max"]
+    assert report["targets"]["fastest_transformers"].startswith("hf-")
     by = {r["name"]: r for r in report["runs"]}
     assert by["naive"]["hit_rate"] == 0.0 and by["resident"]["hit_rate"] == 1.0
     assert by["lru"]["bytes_per_token"] > 0 and by["resident"]["bytes_per_token"] is None
     cold = report["protocol"]["read_bandwidth_bytes_s"]
     assert cold["cold"] > 0 and cold["warm"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 1000
-    assert "targets:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "targets:" in printed and "round 2/2" in printed
+
+
+@pytest.mark.slow  # a 64-expert top-8 model
+def test_bench_many_experts_small(tmp_path):
+    out = tmp_path / "many.json"
+    code = main(["bench", "--model-kind", "many-experts", "--hidden", "64", "--intermediate", "32", "--layers", "2",
+                 "--tokens", "3", "--prompt-tokens", "6", "--warmup", "1", "--repeats", "1",
+                 "--systems", "resident,lru+prefetch,hf-grouped_mm,accelerate-offload", "--workdir",
+                 str(tmp_path / "work"), "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["model"]["family"] == "qwen3_moe" and report["model"]["num_local_experts"] == 64
+    assert report["budget"]["slots_per_layer"] == 16  # a quarter of the experts
+    assert all(r["tokens_match_reference"] for r in report["runs"])
+    assert {"resident_vs_fastest_transformers", "lru+prefetch_vs_accelerate"} <= set(report["targets"])
