@@ -45,6 +45,18 @@ class ExpertUnavailable(RuntimeError):
     """An expert with no live owner, and no fallback allowed."""
 
 
+class WorkerRefused(ValueError):
+    """A worker refused a request as invalid (INVALID_ARGUMENT, e.g. activations that overflow): the step's own
+    fault, so no other worker would do better; it fails the step instead of being routed around."""
+
+
+def _refusal(exc: Exception) -> str | None:
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)) \
+            and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return exc.details()
+    return None
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     spec: ClusterSpec  # the workers, and optionally who hosts what
@@ -204,6 +216,9 @@ class _ClusterPending:
             except Exception as exc:  # a worker died, hung past its deadline, or lost its experts
                 if owner == HERE:
                     raise
+                refused = _refusal(exc)
+                if refused is not None:
+                    raise WorkerRefused(f"worker {owner} refused layer {self.layer}'s request: {refused}") from exc
                 self.cluster.mark_down(owner, exc)
                 outputs.update(self.cluster.rerun(self.layer, groups))
         return outputs

@@ -23,6 +23,23 @@ class ExpertKey(NamedTuple):
     expert: int
 
 
+class NonFiniteOutput(ValueError):
+    """An expert turned finite inputs into NaN or Inf (activations beyond the dtype's range): an error naming
+    the layer and expert, never silent garbage in the residual stream."""
+
+
+def check_finite(layer: int, outputs: dict[int, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    """Raise `NonFiniteOutput` naming the experts of `layer` whose outputs hold NaN or Inf."""
+    if not outputs:
+        return
+    flags = torch.stack([torch.isfinite(out).all() for out in outputs.values()]).tolist()  # one host sync
+    bad = [e for e, ok in zip(outputs, flags) if not ok]
+    if bad:
+        where = ", ".join(f"expert {e}" for e in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise NonFiniteOutput(f"layer {layer}: {where} produced NaN or Inf (activations beyond the range of "
+                              f"{str(dtype or next(iter(outputs.values())).dtype).removeprefix('torch.')}?)")
+
+
 @dataclass(frozen=True)
 class ExpertTensor:
     """One tensor of one expert, named as moeshard packs it ("gate_up", "down", "gate_up_bias", ...)."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from .experts import check_finite
 from .runtime import ExpertRuntime
 
 # T = tokens, K = experts per token, E = experts per layer, D = hidden size
@@ -80,6 +81,8 @@ class MoELayer:
         if dropped:
             outputs, weights = self._drop(experts, counts, outputs, weights, order, top_k_weights, dropped, hidden)
         out = torch.cat([outputs[e] for e in experts])  # [T*K, D] in expert order
+        if not bool(torch.isfinite(out).all()):  # never garbage into the residual stream: name who made it
+            check_finite(self.layer, outputs)
         weighted = out * weights.unsqueeze(-1)  # float32 like transformers
         combined = torch.empty_like(weighted)
         combined[order] = weighted  # back to (token, k) order

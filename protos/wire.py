@@ -18,6 +18,13 @@ from . import expert_pb2 as pb
 
 WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+MAX_DIMS = 8  # a tensor on the wire has at most this many dimensions (ours have 2)
+
+
+def quote(value, limit: int = 48) -> str:
+    """A client-supplied value for a message or a log line: repr'd (no raw newlines), cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text) - limit} more characters)"
 
 if sys.byteorder != "little":  # the wire format is little-endian; we never silently byte-swap
     raise ImportError("moeshard's wire format needs a little-endian host")
@@ -39,7 +46,9 @@ def tensor_from_pb(msg: pb.Tensor, *, max_elements: int, name: str = "tensor") -
     """Rebuild a tensor, refusing unknown dtypes, negative or huge shapes and a byte length that disagrees."""
     dtype = WIRE_DTYPES.get(msg.dtype)
     if dtype is None:
-        raise WireError(f"{name}.dtype {msg.dtype!r} is not allowed: expected one of {sorted(WIRE_DTYPES)}")
+        raise WireError(f"{name}.dtype {quote(msg.dtype)} is not allowed: expected one of {sorted(WIRE_DTYPES)}")
+    if len(msg.shape) > MAX_DIMS:
+        raise WireError(f"{name}.shape has {len(msg.shape)} dimensions: expected at most {MAX_DIMS}")
     shape = list(msg.shape)
     if any(s < 0 for s in shape):
         raise WireError(f"{name}.shape {shape} has a negative dimension")
@@ -47,7 +56,7 @@ def tensor_from_pb(msg: pb.Tensor, *, max_elements: int, name: str = "tensor") -
     # Zero dimensions do not make a huge shape harmless (torch still computes its strides).
     if math.prod(max(s, 1) for s in shape) > max_elements:
         raise WireError(f"{name}.shape {shape} is larger than the limit of {max_elements} elements")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if len(msg.data) != numel * itemsize:
         raise WireError(f"{name} carries {len(msg.data)} bytes, expected {numel * itemsize} for shape {shape} "
                         f"of {msg.dtype}")

@@ -220,7 +220,7 @@ def _nonfinite(draw, f):
     f["data"] = _raw(values)
 
 
-def _extreme_values(draw, f):  # still finite, so still valid; the outputs may overflow and that is fine
+def _extreme_values(draw, f):  # still finite, so still valid; outputs that overflow are refused, naming the expert
     if not f["data"]:
         return
     values = torch.frombuffer(bytearray(f["data"]), dtype=getattr(torch, f["dtype"])).clone()
@@ -308,9 +308,18 @@ def send_run(b: Barrage, req: pb.RunExpertsRequest) -> None:
     code, reply, details = _call(b.stub.RunExperts, req)
     if not defects:
         b.sent["run valid"] += 1
-        assert code == grpc.StatusCode.OK, f"a valid request was refused: {code.name}: {details}"
         hidden = torch.frombuffer(bytearray(req.hidden.data), dtype=getattr(torch, req.hidden.dtype)).view(-1, D)
         local = b.local.run(req.layer, dict(zip(req.experts, hidden.split(list(req.counts)))))
+        overflowed = [e for e in req.experts if not torch.isfinite(local[e]).all()]
+        if overflowed:  # finite inputs, outputs past the dtype's range: computed, then refused naming the expert
+            b.sent["run overflowing"] += 1
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name} ({details}) for outputs that overflow"
+            assert details.startswith(f"layer {req.layer}: ") and "NaN or Inf" in details, details
+            assert all(f"expert {e}" in details for e in overflowed[:8]), (overflowed, details)
+            b.rows_ok += hidden.shape[0]
+            b.refused_by_handler += 1
+            return
+        assert code == grpc.StatusCode.OK, f"a valid request was refused: {code.name}: {details}"
         out = tensor_from_pb(reply.output, max_elements=hidden.numel())
         assert out.dtype == hidden.dtype and out.shape == hidden.shape
         assert torch.equal(_bits(out), _bits(torch.cat([local[e] for e in req.experts])))

@@ -11,8 +11,10 @@ from moeshard.worker.shard import ShardConfig
 class InProcessWorker:
     """`with InProcessWorker(cfg, load=False) as w:` — a real grpc.aio server on 127.0.0.1:0."""
 
-    def __init__(self, shard_cfg: ShardConfig, load: bool = True, **server_kwargs):
-        self.server = WorkerServer(shard_cfg, ServerConfig(listen="127.0.0.1:0", grace_s=2.0), **server_kwargs)
+    def __init__(self, shard_cfg: ShardConfig, load: bool = True, server_cfg: ServerConfig | None = None,
+                 **server_kwargs):
+        server_cfg = server_cfg or ServerConfig(listen="127.0.0.1:0", grace_s=2.0)
+        self.server = WorkerServer(shard_cfg, server_cfg, **server_kwargs)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.load_on_enter = load

@@ -1,8 +1,12 @@
 """The gRPC side of `moe-worker`: a thin `ExpertService` servicer around an `ExpertShard`, plus health.
 
-Each RPC validates its request, runs the shard's work on one compute thread (the event loop never
-blocks), and maps exceptions to status codes in one place. Health is NOT_SERVING until the shard is
-loaded and SERVING after; on shutdown it goes NOT_SERVING, in-flight requests finish, then the server stops.
+Each RPC checks the sizes of what it was sent before touching its contents, runs the shard's work (decoding
+included) on one compute thread so that the event loop, and with it health, never blocks, and maps exceptions
+to status codes in one place. Messages are read by `MessageGuard`: with a deadline for the message itself, and
+parsed off the event loop when large. At most `max_inflight` expert calls run or wait at once (more get
+RESOURCE_EXHAUSTED at once); health is outside that limit and answers under any load. Health is NOT_SERVING
+until the shard is loaded and SERVING after; on shutdown it goes NOT_SERVING, in-flight requests finish, then
+the server stops.
 """
 from __future__ import annotations
 
@@ -18,40 +22,62 @@ import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .. import __version__
 from ..offload_core.experts import ExpertKey
 from ..protos import expert_pb2 as pb
 from ..protos import expert_pb2_grpc as pb_grpc
 from ..protos.wire import WireError, tensor_from_pb, tensor_to_pb
-
-from .. import __version__
 from .auth import TokenInterceptor
 from .shard import ExpertShard, FingerprintMismatch, OverCapacity, ShardConfig, UnknownExpert
 
 logger = logging.getLogger(__name__)
 
 VERSION = __version__
-
 SERVICE = "moeshard.v1.ExpertService"
+_MAX_STATUS_CHARS = 512  # status messages stay far below gRPC's trailer limit, whatever a request held
+_PARSE_OFF_LOOP_BYTES = 1 << 20  # messages above this are parsed on a thread, not on the event loop
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"  # loopback unless told otherwise; port 0 picks a free port (tests)
     grace_s: float = 5.0  # drain time for in-flight requests after SIGTERM
-    max_concurrent_rpcs: int = 64  # more are refused with RESOURCE_EXHAUSTED by gRPC itself
+    max_inflight: int = 64  # expert calls running or queued at once; more get RESOURCE_EXHAUSTED (health is exempt)
+    message_timeout_s: float = 30.0  # a call whose request message has not arrived by then is refused
     token: str | None = None  # shared secret every RPC must carry; required off loopback
     tls_cert: bytes | None = None  # PEM certificate chain; with tls_key, the worker speaks TLS only
     tls_key: bytes | None = None
+    keepalive_s: float = 60.0  # ping an idle connection this often, and drop it if the ping goes unanswered
+    idle_s: float = 300.0  # close connections with no call for this long (a coordinator reconnects by itself)
 
     def __post_init__(self):
         host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"listen address {self.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"listen address {self.listen!r}: expected HOST:PORT with a port in 1-65535 (0 picks a "
+                             "free one), e.g. 127.0.0.1:50051")
         if not is_loopback(host) and not self.token:
             raise ValueError(f"listening on {host} (not loopback) needs a shared token: pass --token or set "
                              "MOESHARD_TOKEN (and preferably --tls-cert/--tls-key)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.max_inflight < 1 or self.message_timeout_s <= 0:
+            raise ValueError("max_inflight must be >= 1 and message_timeout_s > 0")
+
+    def grpc_options(self, max_receive_bytes: int) -> list[tuple[str, int]]:
+        ms = lambda s: int(s * 1000)  # noqa: E731
+        return [("grpc.max_receive_message_length", max_receive_bytes),
+                ("grpc.max_send_message_length", max_receive_bytes),
+                ("grpc.keepalive_time_ms", ms(self.keepalive_s)),
+                ("grpc.keepalive_timeout_ms", ms(min(20.0, self.keepalive_s))),
+                ("grpc.max_connection_idle_ms", ms(self.idle_s)),
+                # Pings from a client more often than this, with no call, end the connection (ping floods).
+                ("grpc.http2.min_ping_interval_without_data_ms", ms(10.0)),
+                ("grpc.http2.max_ping_strikes", 2),
+                # Flow-control windows stay at HTTP/2's 64 KiB per stream instead of growing with probes: what a
+                # client can make the worker buffer before its call is refused stays small, and 64 KiB in flight
+                # still fills a LAN's bandwidth-delay product.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.so_reuseport", 0)]  # a second worker on a taken port fails instead of sharing its traffic
 
 
 def is_loopback(host: str) -> bool:
@@ -78,35 +104,60 @@ def _status_for(exc: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class ParseGuard(grpc.aio.ServerInterceptor):
-    """Parses unary requests itself, so bytes that are not the expected message get INVALID_ARGUMENT with a
-    message instead of grpc's UNKNOWN."""
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_STATUS_CHARS else text[:_MAX_STATUS_CHARS] + "..."
+
+
+class MessageGuard(grpc.aio.ServerInterceptor):
+    """Reads the request message of unary calls itself: waits for it at most `timeout_s` (a call whose message
+    never comes holds nothing for long), parses large ones on a thread, and answers bytes that are not the
+    expected message with INVALID_ARGUMENT and a message instead of gRPC's UNKNOWN."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        # One thread for large parses: a pool would grow a malloc arena per thread it happens to start.
+        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeshard-parse")
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler
-        parse, inner = handler.request_deserializer, handler.unary_unary
+        parse, inner, timeout_s, parser = handler.request_deserializer, handler.unary_unary, self.timeout_s, self._parser
+        method = handler_call_details.method
 
-        async def guarded(raw: bytes, context):
+        async def guarded(request_iterator, context):
             try:
-                request = parse(raw)
+                raw = await asyncio.wait_for(context.read(), timeout=timeout_s)
+            except asyncio.TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"the request message did not arrive within {timeout_s:.0f} s")
+            if raw is grpc.aio.EOF:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the call carried no request message")
+            try:
+                if len(raw) > _PARSE_OFF_LOOP_BYTES:
+                    request = await asyncio.get_running_loop().run_in_executor(parser, parse, raw)
+                else:
+                    request = parse(raw)
             except DecodeError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"malformed request for {handler_call_details.method}: {exc}")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request for {method}: {exc}")
             return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=None,
-                                                   response_serializer=handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(guarded, request_deserializer=None,
+                                                    response_serializer=handler.response_serializer)
 
 
 def _rpc(method):
-    """Run the handler; map a failure to one status code with a message, log the unexpected ones."""
+    """Run the handler inside the in-flight limit; map a failure to one status code with a short message, log
+    the unexpected ones."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
         if self.shard is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its checkpoint")
+        if self.inflight >= self.max_inflight:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"worker busy: {self.inflight} calls in flight (limit {self.max_inflight})")
+        self.inflight += 1
         try:
             return await method(self, request, context)
         except Exception as exc:  # every failure becomes a status; the worker keeps serving
@@ -115,20 +166,28 @@ def _rpc(method):
             if code == grpc.StatusCode.INTERNAL:
                 logger.exception("%s failed", method.__name__)
             else:
-                logger.debug("%s refused: %s", method.__name__, exc)
-            await context.abort(code, str(exc))
+                logger.debug("%s refused: %s", method.__name__, _short(str(exc)))
+            await context.abort(code, _short(str(exc)))
+        finally:
+            self.inflight -= 1
 
     return wrapper
 
 
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
-    def __init__(self):
+    def __init__(self, max_inflight: int = 64):
         self.shard: ExpertShard | None = None
+        self.inflight, self.max_inflight = 0, max_inflight  # touched on the event loop only
         # One compute thread: the shard's caches are driven by one request at a time, in arrival order.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeshard-compute")
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._compute, functools.partial(fn, *args))
+
+    def _check_ids(self, what: str, count: int, limit: int) -> None:
+        # Sizes first, from len() alone: a list of millions of ids is refused before it is iterated.
+        if count > limit:
+            raise ValueError(f"{what} names {count} experts: expected at most {limit}")
 
     @_rpc
     async def Info(self, request, context):
@@ -137,6 +196,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     @_rpc
     async def Assign(self, request, context):
         self.shard.check_fingerprint(request.fingerprint)
+        self._check_ids("Assign", len(request.experts), self.shard.max_assign)
         keys = [ExpertKey(e.layer, e.expert) for e in request.experts]
         hosted = await self._call(self.shard.assign, keys)
         return pb.AssignResponse(hosted=[pb.ExpertId(layer=k.layer, expert=k.expert) for k in sorted(hosted)])
@@ -145,16 +205,24 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     async def RunExperts(self, request, context):
         s = self.shard
         s.check_fingerprint(request.fingerprint)
+        self._check_ids("RunExperts", max(len(request.experts), len(request.counts)), s.num_experts)
+        return await self._call(self._run, request)
+
+    def _run(self, request: pb.RunExpertsRequest) -> pb.RunExpertsResponse:
+        """Decode, compute, encode: all on the compute thread."""
+        s = self.shard
         hidden = tensor_from_pb(request.hidden, max_elements=s.cfg.max_tokens * s.layout.hidden_size, name="hidden")
-        hint = (request.prefetch_layer, list(request.prefetch_experts)) if request.prefetch_experts else None
-        output, hits, misses = await self._call(s.run, request.layer, list(request.experts), list(request.counts),
-                                                hidden, hint)
+        # A hint is never an error: one naming more experts than a layer has is cut, never iterated whole.
+        hint = (request.prefetch_layer, list(request.prefetch_experts[: s.num_experts])) \
+            if request.prefetch_experts else None
+        output, hits, misses = s.run(request.layer, list(request.experts), list(request.counts), hidden, hint)
         return pb.RunExpertsResponse(output=tensor_to_pb(output), hits=hits, misses=misses)
 
     @_rpc
     async def Prefetch(self, request, context):
         self.shard.check_fingerprint(request.fingerprint)
-        issued = await self._call(self.shard.prefetch, request.layer, list(request.experts))
+        # A hint, never an error: ids past a layer's worth are cut before anything iterates them.
+        issued = await self._call(self.shard.prefetch, request.layer, list(request.experts[: self.shard.num_experts]))
         return pb.PrefetchResponse(issued=issued)
 
     @_rpc
@@ -174,29 +242,31 @@ class WorkerServer:
                  max_receive_bytes: int = 64 << 20):
         self.shard_cfg, self.server_cfg = shard_cfg, server_cfg
         self.max_receive_bytes = max_receive_bytes
-        self.servicer = ExpertServicer()
+        self.servicer = ExpertServicer(server_cfg.max_inflight)
         self.address: str | None = None
 
     async def start(self) -> str:
         # grpc.aio objects belong to the event loop they are created on: build them here, not in __init__.
         self.health = health.aio.HealthServicer()
-        options = [("grpc.max_receive_message_length", self.max_receive_bytes),
-                   ("grpc.max_send_message_length", self.max_receive_bytes)]
         cfg = self.server_cfg
         interceptors = [TokenInterceptor(cfg.token)] if cfg.token else []
-        interceptors.append(ParseGuard())
-        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
-                                      interceptors=interceptors)
+        interceptors.append(MessageGuard(cfg.message_timeout_s))
+        self.server = grpc.aio.server(options=cfg.grpc_options(self.max_receive_bytes), interceptors=interceptors)
         pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         host = cfg.listen.rsplit(":", 1)[0]
-        if cfg.tls_cert is not None:
-            creds = grpc.ssl_server_credentials([(cfg.tls_key, cfg.tls_cert)])
-            port = self.server.add_secure_port(cfg.listen, creds)
-        else:
-            port = self.server.add_insecure_port(cfg.listen)
+        try:
+            if cfg.tls_cert is not None:
+                creds = grpc.ssl_server_credentials([(cfg.tls_key, cfg.tls_cert)])
+                port = self.server.add_secure_port(cfg.listen, creds)
+            else:
+                port = self.server.add_insecure_port(cfg.listen)
+        except RuntimeError as exc:  # grpc raises when it cannot bind
+            raise OSError(f"could not listen on {cfg.listen}: address already in use, or not an address of this "
+                          "machine") from exc
         if port == 0:
-            raise OSError(f"could not listen on {self.server_cfg.listen}: is the port in use?")
+            raise OSError(f"could not listen on {cfg.listen}: address already in use, or not an address of this "
+                          "machine")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         self.address = f"{host}:{port}"

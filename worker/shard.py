@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from ..offload_core.checkpoint import Checkpoint
 from ..offload_core.counters import ExpertCounters
 from ..offload_core.config import OffloadConfig, resolve_device, resolve_dtype
-from ..offload_core.experts import ExpertKey
+from ..offload_core.experts import ExpertKey, check_finite
 from ..offload_core.families import open_layout
 from ..offload_core.local_experts import expert_fingerprint, open_local_experts
-from ..protos.wire import WorkerInfo, WorkerStats
+from ..protos.wire import WorkerInfo, WorkerStats, quote
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +102,18 @@ class ExpertShard:
         if fingerprint != self.fingerprint:
             raise FingerprintMismatch(
                 f"fingerprint mismatch: this worker serves {self.fingerprint} ({self.ckpt.path.name}, "
-                f"{self.expert_format}) but the coordinator sent {fingerprint or '(none)'}: start both on the same "
-                "checkpoint with the same dtype and quantization"
+                f"{self.expert_format}) but the coordinator sent {quote(fingerprint) if fingerprint else '(none)'}: "
+                "start both on the same checkpoint with the same dtype and quantization"
             )
+
+    @property
+    def num_experts(self) -> int:
+        return self.layout.num_experts
+
+    @property
+    def max_assign(self) -> int:
+        """Most experts one Assign may name: every expert of every MoE layer."""
+        return len(self.moe_layers) * self.layout.num_experts
 
     def check_key(self, layer: int, expert: int) -> ExpertKey:
         if layer not in self.moe_layers:
@@ -138,12 +147,14 @@ class ExpertShard:
         """Compute `experts` on their rows of `hidden` [sum(counts), D]; returns (outputs, hits, misses)."""
         if not experts:
             raise ValueError("experts is empty: expected at least one expert per request")
+        if len(experts) > self.layout.num_experts:
+            raise ValueError(f"{len(experts)} experts in one request: expected at most {self.layout.num_experts}")
         if len(experts) != len(counts):
             raise ValueError(f"{len(experts)} experts but {len(counts)} counts: expected one count per expert")
         if len(set(experts)) != len(experts):
-            raise ValueError(f"experts {experts} has duplicates: expected distinct expert ids")
+            raise ValueError(f"experts has {len(experts) - len(set(experts))} duplicate ids: expected distinct ids")
         if any(c < 1 for c in counts):
-            raise ValueError(f"counts {counts} must all be >= 1")
+            raise ValueError(f"counts must all be >= 1, got {min(counts)}")
         rows = sum(counts)
         if rows > self.cfg.max_tokens:
             raise ValueError(f"{rows} rows exceed this worker's limit of {self.cfg.max_tokens} per request")
@@ -167,6 +178,7 @@ class ExpertShard:
             hits, misses = stats.hits - hits, stats.misses - misses
             self.counters["requests"] += 1
             self.counters["tokens"] += rows
+        check_finite(layer, outputs, self.dtype)  # an error naming the expert, never NaN sent back
         return torch.cat([outputs[e] for e in experts]).cpu(), hits, misses
 
     def _check_activation_memory(self, rows: int) -> None:
