@@ -151,9 +151,36 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("--verbose", action="store_true", help="log details (and tracebacks on errors)")
 
     p = sub.add_parser("serve", allow_abbrev=False, help="an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)",
-                       description="Serve /v1/models, /v1/completions, /v1/chat/completions, /health and /metrics.")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+                       description="Serve /v1/models, /v1/completions, /v1/chat/completions, /health and /metrics. "
+                                   "With an API key, a client without it gets 401 and nothing else (only /health, "
+                                   "and /metrics with --public-metrics, answer it); off loopback a key is required.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; any other address needs "
+                        "--api-key or --insecure-no-api-key)")
     p.add_argument("--port", type=_nonnegative_int, default=8000, help="port (default 8000)")
+    g = p.add_argument_group("HTTP access and limits")
+    g.add_argument("--api-key", default=None, metavar="KEY",
+                   help="clients must send 'Authorization: Bearer KEY' (default: $MOESHARD_API_KEY, better than the "
+                        "flag, which other users can see in the process list)")
+    g.add_argument("--insecure-no-api-key", action="store_true",
+                   help="serve on a non-loopback --host without an API key: anyone who reaches the port can generate")
+    g.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without the API key (default: /metrics needs it; /health never does)")
+    g.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                   help="certificate chain for HTTPS on the API (with --tls-key; --tls-ca is for workers)")
+    g.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="private key of --tls-cert")
+    g.add_argument("--max-body-bytes", type=_positive_int, default=4 << 20, metavar="N",
+                   help="larger request bodies get 413, refused from Content-Length before reading, or as soon as a "
+                        "chunked body passes it (default 4194304 = 4 MiB)")
+    g.add_argument("--max-prompt-chars", type=_positive_int, default=None, metavar="N",
+                   help="longer prompts (chat: all messages' text) get 400 before tokenizing (default: 16 characters "
+                        "per token of the model's context length)")
+    g.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a connection that has not sent a whole request head within this is closed (default 10)")
+    g.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a request body not received within this after its head gets 408 (default 60)")
+    g.add_argument("--max-connections", type=_positive_int, default=64, metavar="N",
+                   help="connections past this get 503 and are closed before anything is read (default 64)")
     add_model_args(p)
     return parser, sub
 

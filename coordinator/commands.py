@@ -233,15 +233,17 @@ def cmd_info(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
+    from .http_security import serve_config
+    from .server import build_server
 
-    from .server import create_app
-
+    cfg = serve_config(args)  # a missing API key off loopback, bad TLS files or limits: refused before the model loads
     engine = load_engine(args)
-    app = create_app(engine)
-    print(f"moe-coordinator: serving {engine.name} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+        server = build_server(engine, cfg, log_level="warning" if args.quiet else "info")
+        scheme = "https" if cfg.tls_cert is not None else "http"
+        print(f"moe-coordinator: serving {engine.name} at {scheme}://{cfg.host}:{cfg.port}/v1 "
+              f"({'API key required' if cfg.api_key else 'no API key'})", file=sys.stderr, flush=True)
+        server.run()
     finally:
         engine.close()
     return 0

@@ -50,6 +50,9 @@ class ServerMetrics:
                                 registry=self.registry)
         self.tokens = Counter("moeshard_tokens_generated", "Tokens generated", registry=self.registry)
         self.prompt_tokens = Counter("moeshard_prompt_tokens", "Prompt tokens processed", registry=self.registry)
+        self.refusals = Counter("moeshard_http_refusals", "HTTP requests or connections refused before any work, "
+                                "by reason (unauthorized, body_too_large, body_timeout, header_timeout, busy)",
+                                ["reason"], registry=self.registry)
         self.latency = Histogram("moeshard_request_latency_seconds", "Generation request latency", ["endpoint"],
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_RuntimeCollector(engine))

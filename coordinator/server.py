@@ -3,30 +3,42 @@
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with and without
 `stream: true`, as server-sent events), GET /health, GET /metrics. Generations run one at a time on a
 worker thread (the engine's lock), so concurrent requests queue and never share a KV cache; a client
-that disconnects mid-stream stops its generation. Errors use OpenAI's JSON error shape.
+that disconnects mid-stream stops its generation. Prompts are tokenized on a thread too, after a length
+check, so the event loop never waits on one. A parameter this server does not implement is refused with a
+400 naming it, never ignored. Errors use OpenAI's JSON error shape. The door (API key, body limits,
+timeouts, connection cap) is `http_security`'s.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Any, Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .engine import Engine, GenerationResult, SamplingParams
+from .http_security import (PROMPT_CHARS_PER_TOKEN, GuardedH11Protocol, HttpGuard, ServeConfig, error_body,
+                            log_unexpected)
 from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
+
+GREEDY_BELOW = 1e-5  # smaller temperatures decode greedily (their limit): dividing logits by 5e-324 gives inf/NaN
+MAX_STOP_CHARS = 256  # per stop string: transformers' stop-string tables grow with vocabulary size x length
 
 
 class APIError(Exception):
@@ -37,34 +49,111 @@ class APIError(Exception):
 
 
 def _error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+    return Response(error_body(message, type_, param, code), status, media_type="application/json")
 
 
-class _Sampling(BaseModel):
+def _valid_unicode(value):
+    """A string, or strings, that UTF-8 can encode: JSON's "\\ud800" decodes to a lone surrogate, which no
+    tokenizer takes."""
+    for text in [value] if isinstance(value, str) else (value or ()):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PydanticCustomError("invalid_unicode", "contains a lone UTF-16 surrogate at character {position}; "
+                                      "expected valid Unicode text", {"position": exc.start}) from None
+    return value
+
+
+def _message_text(content: Any) -> str:
+    """A message's content as text: a string, or a list of text parts; null is ""."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return _valid_unicode(content)
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and set(p) == {"type", "text"}
+                                         and isinstance(p["text"], str) for p in content):
+        return _valid_unicode("".join(p["text"] for p in content))
+    raise PydanticCustomError("content_type", "expected a string or a list of {part} parts (this server takes text "
+                              "only)", {"part": '{"type": "text", "text": "..."}'})
+
+
+def _only(accepted: str, *values):
+    """A parameter this server does not implement: accepted only with a value that asks for nothing (OpenAI's
+    default), refused otherwise with a message naming it."""
+
+    def check(value):
+        if not any(value == v and type(value) is type(v) for v in values):
+            raise PydanticCustomError("unsupported_value", "not supported by this server: remove it, or send "
+                                      "{accepted}", {"accepted": accepted})
+        return value
+
+    return Annotated[Any, AfterValidator(check)]
+
+
+_Zero = _only("null or 0", None, 0, 0.0)
+_NoBias = _only("null or {}", None, {})
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown parameter is refused, never silently ignored
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False  # a last chunk with the usage and no choices, as OpenAI sends it
+
+
+class _Sampling(_Request):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=1)
-    user: str | None = None
+    user: str | None = None  # the caller's end-user id, for its own records: nothing here depends on it
+    presence_penalty: _Zero = None
+    frequency_penalty: _Zero = None
+    logit_bias: _NoBias = None
+
+    @field_validator("model", "stop", "user")
+    @classmethod
+    def _unicode(cls, value):
+        return _valid_unicode(value)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False  # the reply's text starts with the prompt
+    best_of: _only("null or 1", None, 1) = None
+    logprobs: _only("null", None) = None
+    suffix: _only('null or ""', None, "") = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _unicode_prompt(cls, value):
+        return _valid_unicode(value)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = ""
+    content: Annotated[Any, AfterValidator(_message_text)] = ""
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: _only("null or false", None, False) = None
+    top_logprobs: _only("null or 0", None, 0) = None
+    response_format: _only('null or {"type": "text"}', None, {"type": "text"}) = None
+    tools: _only("null or []", None, []) = None
+    tool_choice: _only('null or "none"', None, "none") = None
 
 
 class _StopFilter:
@@ -93,29 +182,49 @@ class _StopFilter:
         return out
 
 
+def _sse(chunk: dict) -> str:
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
 class OpenAIService:
     """The handlers of the OpenAI-compatible API over one `Engine` (registered by `create_app`)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, cfg: ServeConfig):
         self.engine = engine
         self.metrics = ServerMetrics(engine)
         self.created = int(time.time())
+        self.max_prompt_chars = cfg.prompt_char_limit(engine.context_length)
 
     # -- helpers ------------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
         if name != self.engine.name:
-            raise APIError(404, f"the model {name!r} does not exist: this server serves {self.engine.name!r}",
+            raise APIError(404, f"the model {name[:100]!r} does not exist: this server serves {self.engine.name!r}",
                            "invalid_request_error", "model", "model_not_found")
 
     @staticmethod
     def params_for(req: _Sampling, max_tokens: int | None) -> SamplingParams:
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options: only allowed with stream: true", param="stream_options")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        if len(stop) > 4 or any(not s for s in stop):
-            raise APIError(400, "stop: expected up to 4 non-empty strings", param="stop")
-        return SamplingParams(max_new_tokens=max_tokens or 16, temperature=req.temperature, top_p=req.top_p,
+        if len(stop) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+            raise APIError(400, f"stop: expected up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters",
+                           param="stop")
+        temperature = req.temperature if req.temperature >= GREEDY_BELOW else 0.0
+        return SamplingParams(max_new_tokens=max_tokens or 16, temperature=temperature, top_p=req.top_p,
                               seed=req.seed, stop=stop)
 
-    def check_context(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check_prompt_size(self, chars: int, param: str) -> None:
+        """Before tokenizing: a prompt far longer than the context could ever hold is refused unread."""
+        limit = self.max_prompt_chars
+        if limit is not None and chars > limit:
+            raise APIError(400, f"{param}: {chars} characters, more than this server's limit of {limit} "
+                                f"(--max-prompt-chars; by default {PROMPT_CHARS_PER_TOKEN} per token of the model's "
+                                f"{self.engine.context_length}-token context)", param=param,
+                           code="context_length_exceeded")
+
+    def check_context(self, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
+        if not prompt_ids:
+            raise APIError(400, f"{param}: empty: expected text that makes at least one token", param=param)
         limit = self.engine.context_length
         if limit and len(prompt_ids) + params.max_new_tokens > limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens; the request asks for "
@@ -140,7 +249,10 @@ class OpenAIService:
         self.metrics.prompt_tokens.inc(result.prompt_tokens)
         return result
 
-    def stream(self, prompt_ids, params, endpoint: str, make_chunk, final_chunk) -> StreamingResponse:
+    def stream(self, prompt_ids, params, endpoint: str, *, base: dict, make_chunk, final_chunk, include_usage: bool,
+               prefix: str = "") -> StreamingResponse:
+        """Server-sent events: `prefix` (an echoed prompt), the text as it comes, the final chunk, then the
+        usage: alone in a chunk with no choices when `include_usage` (OpenAI's form), else on the final chunk."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -154,28 +266,34 @@ class OpenAIService:
                 result = await self.run(prompt_ids, params, endpoint, on_text, cancel)
                 await queue.put(("done", result))
             except Exception as exc:  # reported to the client in-stream; the server keeps serving
-                logger.exception("streaming generation failed")
+                log_unexpected(logger, f"streaming {endpoint}", exc)
                 await queue.put(("error", exc))
 
         async def events():
             task = asyncio.create_task(produce())
             try:
+                if prefix:
+                    yield _sse(make_chunk(prefix))
                 while True:
                     kind, value = await queue.get()
                     if kind == "text":
                         text = stop_filter.push(value)
                         if text:
-                            yield f"data: {json.dumps(make_chunk(text))}\n\n"
+                            yield _sse(make_chunk(text))
                     elif kind == "done":
                         tail = stop_filter.flush()
                         if tail:
-                            yield f"data: {json.dumps(make_chunk(tail))}\n\n"
-                        yield f"data: {json.dumps(final_chunk(value))}\n\n"
+                            yield _sse(make_chunk(tail))
+                        if include_usage:
+                            yield _sse(final_chunk(value))
+                            yield _sse({**base, "choices": [], "usage": self.usage(value)})
+                        else:
+                            yield _sse({**final_chunk(value), "usage": self.usage(value)})
                         yield "data: [DONE]\n\n"
                         return
                     else:
-                        body = {"error": {"message": str(value), "type": "server_error", "param": None, "code": None}}
-                        yield f"data: {json.dumps(body)}\n\n"
+                        yield _sse({"error": {"message": str(value), "type": "server_error", "param": None,
+                                              "code": None}})
                         return
             finally:
                 cancel.set()  # a client that went away stops its generation
@@ -188,7 +306,9 @@ class OpenAIService:
         return {"object": "list", "data": [{"id": self.engine.name, "object": "model", "created": self.created,
                                             "owned_by": "moeshard"}]}
 
-    async def health(self):
+    async def health(self, request: Request):
+        if not request.state.authorized:  # without the key: that the server is up, and nothing about it
+            return {"status": "ok"}
         workers = list(self.engine.cluster.workers) if self.engine.cluster is not None else []
         return {"status": "ok", "model": self.engine.name, "workers": workers}
 
@@ -203,27 +323,34 @@ class OpenAIService:
             prompt = req.prompt[0]
         else:
             prompt = req.prompt
+        self.check_prompt_size(len(prompt), "prompt")
         params = self.params_for(req, req.max_tokens)
-        prompt_ids = self.engine.encode_prompt(prompt)
-        self.check_context(prompt_ids, params)
+        prompt_ids = await asyncio.to_thread(self.engine.encode_prompt, prompt)
+        self.check_context(prompt_ids, params, "prompt")
+        echo = prompt if req.echo else ""
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": now, "model": self.engine.name}
         if req.stream:
-            return self.stream(prompt_ids, params, "completions",
-                               lambda text: {**base, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                                                   "finish_reason": None}]},
-                               lambda r: {**base, "choices": [{"text": "", "index": 0, "logprobs": None,
-                                                               "finish_reason": r.finish_reason}], "usage": self.usage(r)})
+            return self.stream(prompt_ids, params, "completions", base=base, prefix=echo,
+                               include_usage=req.include_usage,
+                               make_chunk=lambda text: {**base, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                                                             "finish_reason": None}]},
+                               final_chunk=lambda r: {**base, "choices": [{"text": "", "index": 0, "logprobs": None,
+                                                                           "finish_reason": r.finish_reason}]})
         result = await self.run(prompt_ids, params, "completions")
-        return {**base, "choices": [{"text": result.text, "index": 0, "logprobs": None,
+        return {**base, "choices": [{"text": echo + result.text, "index": 0, "logprobs": None,
                                      "finish_reason": result.finish_reason}], "usage": self.usage(result)}
 
     async def chat_completions(self, req: ChatCompletionRequest, request: Request):
         self.check_model(req.model)
         params = self.params_for(req, req.max_completion_tokens or req.max_tokens)
-        messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
-        prompt_ids = self.engine.encode_chat(messages)
-        self.check_context(prompt_ids, params)
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        self.check_prompt_size(sum(len(m["content"]) for m in messages), "messages")
+        try:
+            prompt_ids = await asyncio.to_thread(self.engine.encode_chat, messages)
+        except TemplateError as exc:  # e.g. roles that do not alternate as the template requires
+            raise APIError(400, f"messages: the model's chat template refused them: {exc}", param="messages") from None
+        self.check_context(prompt_ids, params, "messages")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": self.engine.name}
         if req.stream:
@@ -234,9 +361,9 @@ class OpenAIService:
                 first[0] = False
                 return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
 
-            return self.stream(prompt_ids, params, "chat", chunk,
-                               lambda r: {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": r.finish_reason}],
-                                          "usage": self.usage(r)})
+            return self.stream(prompt_ids, params, "chat", base=base, make_chunk=chunk, include_usage=req.include_usage,
+                               final_chunk=lambda r: {**base, "choices": [{"index": 0, "delta": {},
+                                                                           "finish_reason": r.finish_reason}]})
         result = await self.run(prompt_ids, params, "chat")
         return {**base, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -252,8 +379,11 @@ async def _validation_error(request, exc: RequestValidationError):
     if first.get("type") == "json_invalid":
         return _error_response(400, f"request body is not valid JSON: {first.get('msg', '')}", "invalid_request_error")
     param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-    return _error_response(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", "invalid_request_error",
-                           param)
+    if first.get("type") == "extra_forbidden":
+        message = f"{param}: unknown or unsupported parameter: this server does not implement it; remove it"
+    else:
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+    return _error_response(400, message, "invalid_request_error", param)
 
 
 async def _value_error(request, exc: ValueError):
@@ -264,9 +394,9 @@ async def _http_error(request, exc: StarletteHTTPException):
     return _error_response(exc.status_code, str(exc.detail), "invalid_request_error")
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     app = FastAPI(title="moeshard", version=__version__)
-    service = OpenAIService(engine)
+    service = OpenAIService(engine, cfg)
     app.state.service = service
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -277,12 +407,21 @@ def create_app(engine: Engine) -> FastAPI:
     app.add_api_route("/metrics", service.metrics_endpoint, methods=["GET"])
     app.add_api_route("/v1/completions", service.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
+    open_paths = frozenset({"/health", *(("/metrics",) if cfg.public_metrics else ())})
+    app.add_middleware(HttpGuard, cfg=cfg, refusals=service.metrics.refusals, open_paths=open_paths,
+                       known_paths=frozenset(route.path for route in app.routes))
     return app
 
 
-def _text_of(content) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+def build_server(engine: Engine, cfg: ServeConfig, log_level: str = "info") -> uvicorn.Server:
+    """The uvicorn server `serve` runs: the app behind its guard, on h11 with a head deadline and a connection
+    cap, HTTPS when `cfg` has a certificate."""
+    app = create_app(engine, cfg)
+    config = uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, log_level=log_level,
+        # uvicorn calls any factory of protocols; the partial hands each connection its limits
+        http=functools.partial(GuardedH11Protocol, limits=cfg, refusals=app.state.service.metrics.refusals),
+        ws="none", access_log=False,  # HttpGuard logs each request without the path or headers the client wrote
+        proxy_headers=False,  # the client address logged is the socket's, never a header the client chose
+        ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key)
+    return uvicorn.Server(config)

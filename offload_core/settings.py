@@ -6,6 +6,7 @@ from pathlib import Path
 
 TOKEN_ENV = "MOESHARD_TOKEN"  # shared secret between a coordinator and its workers
 CACHE_ENV = "MOESHARD_CACHE_DIR"  # where quantized caches are written (default ~/.cache/moeshard)
+API_KEY_ENV = "MOESHARD_API_KEY"  # the key HTTP clients of `serve` must send (Authorization: Bearer <key>)
 
 
 def token_from_env() -> str | None:
@@ -14,3 +15,7 @@ def token_from_env() -> str | None:
 
 def cache_root_from_env() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moeshard").expanduser()
+
+
+def api_key_from_env() -> str | None:
+    return os.environ.get(API_KEY_ENV) or None
