@@ -67,8 +67,10 @@ class _System:
     build: Callable
     files: list = field(default_factory=list)
     close: Callable | None = None
+    processes: Callable | None = None  # -> {name: psutil.Process} of its worker processes (CPU time per token)
     built: object = None  # an OffloadedModel, or transformers' model
     rounds: list = field(default_factory=list)  # per round: {"step_s", "prefill_s", "counters", "disk_read_bytes"}
+    empty_round_trip_ms: float | None = None  # worker systems: an empty message's round trip on the session
 
     @property
     def model(self):
@@ -116,20 +118,25 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
         return lambda: moeshard(slots_per_layer=slots, prefetch=prefetch, store=args.store,
                                 drop_page_cache=args.protocol == "cold", policy=policy)
 
-    def workers():
-        # Each worker gets every core, as it would on a machine of its own (here they share them).
-        pool = workers_state["pool"] = LocalWorkers(2, ckpt, threads=psutil.cpu_count(logical=True) or 1, extra_args=(
-            "--slots-per-layer", str(E), "--store", "ram", *(("--dtype", args.dtype) if args.dtype else ())))
-        addresses = pool.__enter__().addresses
-        om = moeshard(slots_per_layer=1, prefetch=0, store="disk")
-        keys = [(layer, e) for layer in range(spec.num_hidden_layers) for e in range(E)]
-        placement = {ExpertKey(*key): (addresses[i % 2],) for i, key in enumerate(keys)}
-        join_workers(om, ClusterConfig(ClusterSpec(tuple(addresses), placement)))
-        return om
+    def workers(count: int):
+        def build():
+            # Each worker gets every core, as it would on a machine of its own (here they share them).
+            pool = workers_state[count] = LocalWorkers(count, ckpt, threads=psutil.cpu_count(logical=True) or 1,
+                                                       extra_args=("--slots-per-layer", str(E), "--store", "ram",
+                                                                   *(("--dtype", args.dtype) if args.dtype else ())))
+            addresses = pool.__enter__().addresses
+            om = moeshard(slots_per_layer=1, prefetch=0, store="disk")
+            keys = [(layer, e) for layer in range(spec.num_hidden_layers) for e in range(E)]
+            placement = {ExpertKey(*key): (addresses[i % count],) for i, key in enumerate(keys)}
+            join_workers(om, ClusterConfig(ClusterSpec(tuple(addresses), placement)))
+            return om
+        return build
 
-    def close_workers():
-        if "pool" in workers_state:
-            workers_state.pop("pool").__exit__(None, None, None)
+    def close_workers(count: int):
+        return lambda: workers_state.pop(count).__exit__(None, None, None) if count in workers_state else None
+
+    def worker_processes(count: int):
+        return lambda: {f"worker{i}": psutil.Process(p.pid) for i, p in enumerate(workers_state[count].procs)}
 
     def hf(implementation):
         return lambda: AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, experts_implementation=implementation
@@ -153,7 +160,8 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
         "lru": _System("lru", offloaded(k, 0), ckpt_files),
         "lru+prefetch": _System("lru+prefetch", offloaded(k, m), ckpt_files),
         "naive": _System("naive", offloaded(spec.num_experts_per_tok, 0, "none"), ckpt_files),
-        "workers": _System("workers", workers, close=close_workers),
+        "worker": _System("worker", workers(1), close=close_workers(1), processes=worker_processes(1)),
+        "workers": _System("workers", workers(2), close=close_workers(2), processes=worker_processes(2)),
         "accelerate-offload": _System("accelerate-offload", accelerate_offload, [offload_dir, ckpt]),
     }
     for name, implementation in HF_SYSTEMS.items():
@@ -165,15 +173,40 @@ def _cold_files(system: _System) -> list[Path]:
     return data_files(*[f for f in system.files if Path(f).is_dir()]) + [f for f in system.files if Path(f).is_file()]
 
 
+def _cpu_s(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    out = {}
+    for name, proc in procs.items():
+        times = proc.cpu_times()
+        out[name] = times.user + times.system
+    return out
+
+
 def _round(system: _System, prompt, steps: int, cold: bool) -> dict:
     files = _cold_files(system)
     drop = (lambda: drop_page_cache(files)) if cold and files else None
     before = system.built.stats().total if system.is_moeshard else None
-    io_before = psutil.Process().io_counters().read_bytes
+    procs = {"coordinator": psutil.Process(), **(system.processes() if system.processes else {})}
+    io_before, cpu_before = psutil.Process().io_counters().read_bytes, _cpu_s(procs)
     result = decode(system.model, prompt, steps, drop)
     result["disk_read_bytes"] = psutil.Process().io_counters().read_bytes - io_before
+    result["cpu_s"] = {name: t - cpu_before[name] for name, t in _cpu_s(procs).items()}
     result["counters"] = system.built.stats().total - before if system.is_moeshard else None
     return result
+
+
+def _empty_round_trip_ms(system: _System, calls: int = 300) -> float | None:
+    """Median round trip of an empty message on the system's worker sessions (the floor under RunExperts)."""
+    cluster = getattr(getattr(system.built, "runtime", None), "remote", None)
+    if cluster is None:
+        return None
+    times = []
+    for backend in cluster.workers.values():
+        session = backend.client.session()
+        for _ in range(calls):
+            start = time.perf_counter()
+            session.ping().result(timeout=10)
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
 
 
 def _spread(values: list[float]) -> dict:
@@ -203,6 +236,8 @@ def _summarise(system: _System, prompt_len: int, steps: int, bandwidth: float) -
         "bytes_per_token": per_token,
         "floor_s_per_token": per_token / bandwidth if offloaded else None,
         "disk_read_bytes_per_token": sum(r["disk_read_bytes"] for r in rounds) / decoded,
+        "cpu_s_per_token": {proc: sum(r["cpu_s"][proc] for r in rounds) / decoded for proc in rounds[0]["cpu_s"]},
+        "empty_round_trip_ms": system.empty_round_trip_ms,
     }
 
 
@@ -235,12 +270,15 @@ def run_benchmark(args) -> dict:
             for system in order:
                 result = _round(system, prompt, args.tokens, cold=args.protocol == "cold" and system.name in OFFLOADED)
                 system.rounds.append(result)
+        for system in systems:
+            system.empty_round_trip_ms = _empty_round_trip_ms(system)
             print(f"round {r + 1}/{args.repeats}: " + ", ".join(
                 f"{s.name} {1 / statistics.median(s.rounds[-1]['step_s']):.2f}" for s in systems) + " tok/s", flush=True)
     finally:
         for system in systems:
             if system.built is not None:
                 system.shutdown()
+    push = measure_push(ckpt, args, spec, workdir) if args.push else None
     hf = [s for s in systems if s.name in HF_SYSTEMS]
     reference = hf[0].rounds[0]["tokens"] if hf else _reference_tokens(ckpt, spec, args, prompt)
     runs = []
@@ -264,7 +302,8 @@ def run_benchmark(args) -> dict:
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
-        "targets": _targets(runs, spec.num_hidden_layers),
+        "push": push,
+        "targets": _targets(runs, spec.num_hidden_layers, push),
     }
 
 
@@ -279,7 +318,65 @@ def _reference_tokens(ckpt: Path, spec: BenchModelSpec, args, prompt) -> list[in
     return tokens
 
 
-def _targets(runs: list[dict], layers: int) -> dict:
+def measure_push(ckpt: Path, args, spec: BenchModelSpec, workdir: Path) -> dict:
+    """Every expert of the model pushed to one empty worker, beside a plain gRPC byte stream of the same size to a
+    sink process (plain, push, plain: the plain figure is their mean), then a second coordinator start against the
+    same worker, which must send nothing."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ..coordinator.cluster import ClusterConfig, join_workers
+    from ..coordinator.local_workers import LocalWorkers
+    from ..coordinator.placement import ClusterSpec
+    from ..offload_core import load_model
+    from .grpc_sink import send
+
+    cache = workdir / "push-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    sink = subprocess.Popen([sys.executable, "-c", "import sys; del sys.path[0]; import asyncio; "
+                             "from moeshard.benchmarks.grpc_sink import _serve; asyncio.run(_serve())"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        sink_address = f"127.0.0.1:{sink.stdout.readline().strip()}"
+        memory = str(2 * spec.total_expert_bytes() + (1 << 30))
+        with LocalWorkers(1, None, cache_dirs=[cache], extra_args=("--store", "disk", "--memory", memory)) as pool:
+            spec_ = ClusterSpec(tuple(pool.addresses), local_share=0.0)
+            om = load_model(ckpt, device=args.device, dtype=args.dtype, slots_per_layer=1, prefetch=0, store="disk")
+            try:
+                total = om.runtime.local.format.layout.nbytes * len(om.layout.sparse_layers) * om.layout.num_experts
+                plain = []
+                start = time.perf_counter()
+                assert send(sink_address, total) == total
+                plain.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                cluster = join_workers(om, ClusterConfig(spec_))
+                push_s = time.perf_counter() - start
+                pushed = sum(d["pushed_bytes"] for d in cluster.describe().values())
+                start = time.perf_counter()
+                send(sink_address, total)
+                plain.append(time.perf_counter() - start)
+            finally:
+                om.close()
+            om = load_model(ckpt, device=args.device, dtype=args.dtype, slots_per_layer=1, prefetch=0, store="disk")
+            try:
+                start = time.perf_counter()
+                again = join_workers(om, ClusterConfig(spec_))
+                warm_s = time.perf_counter() - start
+                warm_bytes = sum(d["pushed_bytes"] for d in again.describe().values())
+            finally:
+                om.close()
+    finally:
+        sink.terminate()
+        sink.wait(timeout=10)
+        shutil.rmtree(cache, ignore_errors=True)
+    plain_s = statistics.mean(plain)
+    return {"bytes": pushed, "push_s": push_s, "push_bytes_s": pushed / push_s, "plain_s": plain_s,
+            "plain_bytes_s": total / plain_s, "push_vs_plain": (pushed / push_s) / (total / plain_s),
+            "warm_restart_bytes": warm_bytes, "warm_restart_s": warm_s}
+
+
+def _targets(runs: list[dict], layers: int, push: dict | None = None) -> dict:
     by = {r["name"]: r for r in runs}
     out = {}
     hf = [by[n] for n in HF_SYSTEMS if n in by]
@@ -295,10 +392,15 @@ def _targets(runs: list[dict], layers: int) -> dict:
             if name in by:
                 bound = by[name]["floor_s_per_token"] + by["resident"]["decode_s_per_token"]
                 out[f"{name}_vs_floor_plus_compute"] = by[name]["decode_s_per_token"] / bound
-        if "workers" in by:
-            extra = by["workers"]["decode_s_per_token"] - by["resident"]["decode_s_per_token"]
-            out["workers_overhead"] = extra / by["resident"]["decode_s_per_token"]
-            out["workers_overhead_ms_per_layer"] = 1e3 * extra / layers
+        for name in ("worker", "workers"):
+            if name in by:
+                extra = by[name]["decode_s_per_token"] - by["resident"]["decode_s_per_token"]
+                out[f"{name}_overhead"] = extra / by["resident"]["decode_s_per_token"]
+                out[f"{name}_overhead_ms_per_layer"] = 1e3 * extra / layers
+                out[f"{name}_empty_round_trip_ms"] = by[name]["empty_round_trip_ms"]
+    if push is not None:
+        out["push_vs_plain_stream"] = push["push_vs_plain"]
+        out["warm_restart_bytes"] = push["warm_restart_bytes"]
     return out
 
 

@@ -8,7 +8,7 @@ from .bench_model import KINDS
 
 # transformers with everything in RAM, once per experts implementation (the fastest is the one to beat)
 HF_SYSTEMS = {"hf-eager": "eager", "hf-batched_mm": "batched_mm", "hf-grouped_mm": "grouped_mm"}
-SYSTEMS = ("resident", "lru", "lru+prefetch", "naive", "workers", *HF_SYSTEMS, "accelerate-offload")
+SYSTEMS = ("resident", "lru", "lru+prefetch", "naive", "worker", "workers", *HF_SYSTEMS, "accelerate-offload")
 OFFLOADED = ("lru", "lru+prefetch", "naive", "accelerate-offload")
 
 
@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw decode tokens/s per system")
     p.add_argument("--systems", default=",".join(SYSTEMS), metavar="LIST",
-                   help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all); worker / workers: every "
+                        "expert on one / two local moe-worker processes")
     p.add_argument("--model-kind", choices=KINDS, default="mixtral",
                    help="mixtral: 8 experts of 25 MB, top-2 (the paper's); many-experts: Qwen3-MoE, 64 experts of "
                         "1.5 MB, top-8 (default mixtral)")
@@ -68,5 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", type=_nonnegative, default=2, metavar="M",
                    help="experts per token predicted for the next layer by lru+prefetch (default 2)")
     p.add_argument("--prompt-tokens", type=_positive, default=32, metavar="N", help="prompt length (default 32)")
+    p.add_argument("--push", action="store_true",
+                   help="also push every expert to an empty worker, beside a plain gRPC byte stream of the same size, "
+                        "then start a second coordinator against it (which must send nothing)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the benchmark model is written and reused (default: the system's temp dir)")

@@ -6,16 +6,19 @@ slots). A worker whose request fails, or passes its deadline, is marked down; it
 next live replica or, when none is left, as `Unavailable` says: computed by the coordinator from its own
 copy (LOCAL, the default), the step fails naming the expert (FAIL), or the expert is dropped and the token's
 other experts re-weighted (DROP, explicit: it changes the output). `WorkerMonitor` probes down workers with
-backoff and brings them back. `join_workers` connects, checks identity, places and assigns experts.
+backoff and brings them back. `join_workers` connects, checks identity and places experts; a worker without
+the model receives its share (only what it lacks) before it is assigned. A worker that does not answer at
+start is simply down from the start: its experts are computed elsewhere until the monitor brings it up.
 """
 from __future__ import annotations
 
 import enum
 import logging
+import statistics
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import grpc
@@ -25,6 +28,7 @@ from tqdm.auto import tqdm
 from ..offload_core.counters import ExpertCounters
 from ..offload_core.experts import ExpertKey
 from ..offload_core.local_experts import Hint, LocalExperts
+from ..protos.wire import WorkerInfo
 from .placement import ClusterError, ClusterSpec, hosted_by, plan_placement
 from .remote import ClientConfig, RemoteExperts, WorkerClient
 
@@ -62,8 +66,23 @@ class ClusterConfig:
     spec: ClusterSpec  # the workers, and optionally who hosts what
     client: ClientConfig = field(default_factory=ClientConfig)  # deadlines, token, TLS
     unavailable: Unavailable = Unavailable.LOCAL  # an expert whose workers are all down
-    connect_timeout_s: float = 30.0  # how long a worker may take to answer at start
+    connect_timeout_s: float = 5.0  # a worker that has not answered by then starts down (and is probed)
     probe_max_s: float = 30.0  # longest wait between two health probes of a down worker
+
+
+@dataclass
+class WorkerState:
+    """What the coordinator knows of one worker, for /health and /metrics."""
+
+    state: str = "down"  # "serving", "down", "receiving" (its experts are being pushed) or "joining"
+    since: float = field(default_factory=time.time)  # when it entered that state (epoch seconds)
+    detail: str = ""  # why it is down, or what is being received
+    pushed_bytes: int = 0  # expert bytes sent to it, since this coordinator started
+
+    def enter(self, state: str, detail: str = "") -> None:
+        if state != self.state:
+            self.state, self.since = state, time.time()
+        self.detail = detail
 
 
 class Cluster:
@@ -71,14 +90,17 @@ class Cluster:
     placed are the coordinator's own."""
 
     def __init__(self, workers: dict[str, RemoteExperts], placement: dict[ExpertKey, tuple[str, ...]],
-                 local: LocalExperts, unavailable: Unavailable = Unavailable.LOCAL, probe_max_s: float = 30.0):
+                 local: LocalExperts, unavailable: Unavailable = Unavailable.LOCAL, probe_max_s: float = 30.0,
+                 joiner: Joiner | None = None):
         unknown = sorted({o for owners in placement.values() for o in owners} - set(workers))
         if unknown:
             raise ClusterError(f"placement names workers that are not in the cluster: {unknown}")
         self.workers, self.placement, self.local = workers, dict(placement), local
         self.unavailable = Unavailable(unavailable)
+        self.joiner = joiner  # gives a (re)joining worker its share; None: only Assign
         self.down: set[str] = set()
         self.failures: dict[str, int] = defaultdict(int)
+        self.states: dict[str, WorkerState] = {name: WorkerState("serving") for name in workers}
         self.monitor = WorkerMonitor(self, max_s=probe_max_s)
 
     # -- ownership ----------------------------------------------------------------------------
@@ -167,18 +189,33 @@ class Cluster:
         return self.submit(layer, groups, None)[0].result()
 
     # -- failure state ------------------------------------------------------------------------
-    def mark_down(self, name: str, exc: Exception | None = None) -> None:
+    def mark_down(self, name: str, exc: Exception | None = None, count: bool = True) -> None:
+        """`name` failed (`count`: a failure of a call, not a worker that was down from the start)."""
         if name not in self.down:
-            logger.warning("worker %s failed (%s): its experts go to replicas or the coordinator until it is back",
-                           name, describe_error(exc))
+            logger.warning("worker %s %s (%s): its experts go to replicas or the coordinator until it is back",
+                           name, "failed" if count else "is not answering", describe_error(exc))
         self.down.add(name)
-        self.failures[name] += 1
+        self.states[name].enter("down", describe_error(exc) if exc is not None else "")
+        if count:
+            self.failures[name] += 1
         self.monitor.notify(name)
 
     def mark_up(self, name: str) -> None:
         if name in self.down:
-            logger.warning("worker %s is back and serves its experts again", name)
+            logger.warning("worker %s is up and serves its experts", name)
         self.down.discard(name)
+        self.states[name].enter("serving")
+
+    def bring_up(self, name: str, progress: bool = False) -> None:
+        """(Re)join `name`: its share (the experts it lacks pushed, when it has no model of its own), then Assign.
+        Raises on any failure; the caller keeps it down."""
+        backend = self.workers[name]
+        owned = hosted_by(self.placement, name)
+        if self.joiner is not None:
+            self.states[name].enter("joining")
+            owned = self.joiner.share(self, name, owned)
+            self.joiner.join(self, name, owned, progress)
+        backend.client.assign(owned)
 
     # -- reporting ----------------------------------------------------------------------------
     def counters(self) -> dict[int, ExpertCounters]:
@@ -189,9 +226,18 @@ class Cluster:
         return dict(out)
 
     def describe(self) -> dict[str, dict]:
-        return {name: {**backend.describe(), "failures": self.failures.get(name, 0), "down": name in self.down,
-                       "hosted": len(hosted_by(self.placement, name))}
-                for name, backend in self.workers.items()}
+        out = {}
+        for name, backend in self.workers.items():
+            state = self.states[name]
+            out[name] = {**backend.describe(), "failures": self.failures.get(name, 0), "down": name in self.down,
+                         "hosted": len(hosted_by(self.placement, name)), "state": state.state,
+                         "since": state.since, "detail": state.detail, "pushed_bytes": state.pushed_bytes}
+        return out
+
+    @property
+    def degraded(self) -> bool:
+        """Some worker is not serving (its experts are computed elsewhere, or fail the steps that need them)."""
+        return bool(self.down) or any(s.state != "serving" for s in self.states.values())
 
     def close(self) -> None:
         self.monitor.close()
@@ -259,14 +305,15 @@ class WorkerMonitor:
     def _probe(self, name: str) -> None:
         client = self.cluster.workers[name].client
         try:
-            if client.is_serving(timeout_s=2.0) and client.info().fingerprint == client.fingerprint:
-                client.assign(hosted_by(self.cluster.placement, name))
+            if client.is_serving(timeout_s=2.0):
+                self.cluster.bring_up(name)
                 with self._lock:
                     self._next.pop(name, None)
                 self.cluster.mark_up(name)
                 return
-        except grpc.RpcError as exc:
-            logger.debug("worker %s not back yet: %s", name, exc.code())
+        except (grpc.RpcError, ClusterError) as exc:
+            logger.debug("worker %s not back yet: %s", name, describe_error(exc))
+            self.cluster.states[name].enter("down", describe_error(exc))
         with self._lock:
             _, backoff = self._next.get(name, (0, self.initial_s))
             backoff = min(backoff * 2, self.max_s)
@@ -281,45 +328,167 @@ class WorkerMonitor:
 def describe_error(exc: Exception | None) -> str:
     if exc is None:
         return "no detail"
+    if isinstance(exc, grpc.FutureTimeoutError):
+        return "no answer"
     if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
         return f"{exc.code().name}: {exc.details()}"
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class Joiner:
+    """How a worker gets its share of one model: the model's description, the coordinator's packed experts to
+    push from, and the check that a worker serves (or may receive) this model."""
+
+    def __init__(self, om):
+        from ..worker.shard import model_description
+
+        self.om = om
+        self.fingerprint = om.fingerprint
+        self.description = model_description(om.checkpoint.config_dict, om.runtime.local.format)
+        self.expert_bytes = om.runtime.local.format.layout.nbytes
+        self._read_lock = threading.Lock()  # pushes to two workers at once read the source one at a time
+
+    def check(self, name: str, info: WorkerInfo) -> None:
+        if info.fingerprint and info.fingerprint != self.fingerprint and info.own_checkpoint:
+            raise ClusterError(f"worker {name} serves fingerprint {info.fingerprint} ({info.expert_format}) from its "
+                               f"own checkpoint, but this coordinator has {self.fingerprint} "
+                               f"({self.om.runtime.local.format.label}): start both on the same checkpoint, dtype and "
+                               "quantization, or start the worker without --model to receive the experts")
+
+    def share(self, cluster: Cluster, name: str, owned: list[ExpertKey]) -> list[ExpertKey]:
+        """What of `owned` fits the worker's memory now; the rest leave its placement (computed elsewhere)."""
+        backend = cluster.workers[name]
+        info = backend.client.info()
+        self.check(name, info)
+        backend.slots_per_layer = info.slots_per_layer
+        if info.fingerprint == self.fingerprint and info.own_checkpoint:
+            fits = max(0, info.capacity_bytes // info.expert_bytes - info.num_layers * info.slots_per_layer)
+        else:  # it learns the model at Join: capacity in this model's expert bytes, slots at its own count
+            layers = len(self.om.layout.sparse_layers)
+            fits = max(0, info.capacity_bytes // self.expert_bytes - layers * info.slots_per_layer)
+        if len(owned) <= fits:
+            return owned
+        keep, drop = owned[:fits], set(owned[fits:])
+        logger.warning("worker %s has room for %d of the %d experts placed on it: the other %d are computed "
+                       "elsewhere", name, fits, len(owned), len(drop))
+        cluster.placement = {k: tuple(o for o in owners if not (o == name and k in drop))
+                             for k, owners in cluster.placement.items()}
+        cluster.placement = {k: owners for k, owners in cluster.placement.items() if owners}
+        return keep
+
+    def join(self, cluster: Cluster, name: str, owned: list[ExpertKey], progress: bool) -> int:
+        """Join `name` with `owned`; push what it lacks. Returns the bytes pushed."""
+        client = cluster.workers[name].client
+        try:
+            missing, held = client.join(self.description, owned)
+        except grpc.RpcError as exc:
+            raise ClusterError(f"worker {name} refused to join: {describe_error(exc)}") from exc
+        if not missing:
+            logger.info("worker %s holds its %d experts already (%.1f MiB): nothing to send", name, len(owned),
+                        held / 2**20)
+            return 0
+        state = cluster.states[name]
+        state.enter("receiving", f"{len(missing)} experts, {len(missing) * self.expert_bytes / 2**20:.1f} MiB")
+        logger.info("sending worker %s the %d of its %d experts it lacks (%.1f MiB)", name, len(missing), len(owned),
+                    len(missing) * self.expert_bytes / 2**20)
+        source = self.om.runtime.local.store.source
+
+        def read_into(key, buf):
+            with self._read_lock:
+                source.read_into(key, buf)
+
+        experts, sent = client.push(missing, read_into, self.expert_bytes, progress=progress)
+        state.pushed_bytes += sent
+        if experts != len(missing):
+            raise ClusterError(f"worker {name} verified {experts} of the {len(missing)} experts sent to it")
+        return sent
 
 
 def join_workers(om, cfg: ClusterConfig, progress: bool = False) -> Cluster:
-    """Connect every worker of `cfg.spec`, check it serves the same model, place and assign experts, and join
-    them to `om`'s runtime (an `OffloadedModel`)."""
+    """Connect every worker of `cfg.spec`, check it serves (or may receive) the same model, place experts, give
+    each worker its share and join them to `om`'s runtime. A worker that does not answer within
+    `cfg.connect_timeout_s` starts down: its experts are computed elsewhere until the monitor brings it up."""
     keys = [ExpertKey(layer, e) for layer in om.layout.sparse_layers for e in range(om.layout.num_experts)]
-    infos, clients = {}, {}
+    joiner = Joiner(om)
+    infos: dict[str, WorkerInfo | None] = {}
+    clients: dict[str, WorkerClient] = {}
+    reasons: dict[str, Exception] = {}
     try:
         for address in cfg.spec.workers:
             client = clients[address] = WorkerClient(address, om.fingerprint, cfg.client)
             try:
                 client.wait_ready(cfg.connect_timeout_s)
                 info = client.info()
-            except (grpc.FutureTimeoutError, grpc.RpcError) as exc:
-                detail = exc.details() if isinstance(exc, grpc.RpcError) else "no answer"
-                raise ClusterError(f"worker {address} did not answer within {cfg.connect_timeout_s:.0f} s ({detail}): "
-                                   "is moe-worker running there, and reachable?") from exc
-            if info.fingerprint != om.fingerprint:
-                raise ClusterError(f"worker {address} serves fingerprint {info.fingerprint} ({info.expert_format}) but "
-                                   f"this coordinator has {om.fingerprint} ({om.runtime.local.format.label}): start "
-                                   "both on the same checkpoint, dtype and quantization")
+            except (grpc.FutureTimeoutError, grpc.RpcError, ConnectionRefusedError) as exc:
+                refusal = _misconfigured(address, exc, cfg)
+                if refusal is not None:
+                    raise refusal from exc
+                infos[address], reasons[address] = None, exc
+                continue
+            joiner.check(address, info)
             infos[address] = info
         placement = cfg.spec.placement
         if placement is None:
-            placement = plan_placement(keys, infos, cfg.spec.local_share, cfg.spec.replicas)
-        workers = {}
-        for address, client in tqdm(clients.items(), desc="assigning experts to workers", unit="worker",
-                                    disable=not progress):
-            owned = hosted_by(placement, address)
-            client.assign(owned)  # the worker reads its experts now: this is the slow part of joining
-            workers[address] = RemoteExperts(client, infos[address])
-            logger.info("worker %s (%s) hosts %d experts", address, infos[address].device, len(owned))
-        cluster = Cluster(workers, placement, om.runtime.local, cfg.unavailable, cfg.probe_max_s)
+            placement = plan_placement(keys, _assumed(infos, om, joiner.expert_bytes), cfg.spec.local_share,
+                                       cfg.spec.replicas)
+        assumed = _assumed(infos, om, joiner.expert_bytes)
+        workers = {address: RemoteExperts(client, om.layout.hidden_size, assumed[address].slots_per_layer)
+                   for address, client in clients.items()}
+        cluster = Cluster(workers, placement, om.runtime.local, cfg.unavailable, cfg.probe_max_s, joiner)
     except BaseException:
         for client in clients.values():
             client.close()
         raise
+    try:
+        for address in tqdm(clients, desc="joining workers", unit="worker", disable=not progress or len(clients) < 2):
+            if infos[address] is None:
+                cluster.mark_down(address, reasons[address], count=False)
+                continue
+            try:
+                cluster.bring_up(address, progress=progress)
+                cluster.mark_up(address)
+                logger.info("worker %s (%s) hosts %d experts", address, infos[address].device,
+                            len(hosted_by(cluster.placement, address)))
+            except grpc.RpcError as exc:  # it answered a moment ago: treat it like a worker that failed now
+                cluster.mark_down(address, exc)
+    except BaseException:
+        cluster.close()
+        raise
     om.runtime.join(cluster)
     return cluster
+
+
+def _assumed(infos: dict[str, WorkerInfo | None], om, expert_bytes: int) -> dict[str, WorkerInfo]:
+    """Every worker's info for planning: a worker that did not answer is planned like the median one that did (or,
+    with none, given an equal share), so that the plan holds when it comes up."""
+    known = [i for i in infos.values() if i is not None]
+    layers = len(om.layout.sparse_layers)
+    total = layers * om.layout.num_experts * expert_bytes
+    capacity = int(statistics.median(i.capacity_bytes for i in known)) if known else total
+    slots = known[0].slots_per_layer if known else 0
+    stand_in = WorkerInfo("", frozenset(), "?", capacity, expert_bytes, "?", layers, om.layout.num_experts,
+                          om.layout.hidden_size, slots, "", 0)
+    out = {}
+    for name, info in infos.items():
+        if info is None:
+            out[name] = stand_in
+        elif info.waiting or info.expert_bytes != expert_bytes:  # it learns the model at Join: size in ours
+            out[name] = replace(info, expert_bytes=expert_bytes, num_layers=layers)
+        else:
+            out[name] = info
+    return out
+
+
+def _misconfigured(address: str, exc: Exception, cfg: ClusterConfig) -> ClusterError | None:
+    """A worker that answered, but not as this coordinator was told to talk to it: a clear error now, not a
+    worker 'down' forever."""
+    if not isinstance(exc, grpc.RpcError) or not callable(getattr(exc, "code", None)):
+        return None
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ClusterError(f"worker {address} refused the token: start the coordinator with the worker's --token "
+                            "(or the same MOESHARD_TOKEN)")
+    if code == grpc.StatusCode.UNAVAILABLE and cfg.client.tls_ca is None and "Socket closed" in details:
+        return ClusterError(f"worker {address} closed the connection: it may speak TLS (pass --tls-ca with the "
+                            "certificate of its CA)")
+    return None

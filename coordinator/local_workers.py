@@ -23,9 +23,13 @@ def worker_command() -> list[str]:
 class LocalWorkers:
     """A context manager: `with LocalWorkers(2, model) as w: w.addresses`."""
 
-    def __init__(self, count: int, model: Path, extra_args: tuple[str, ...] = (), timeout_s: float = 120.0,
-                 log_dir: Path | None = None, threads: int = 1):
-        self.count, self.model, self.extra_args, self.timeout_s = count, Path(model), extra_args, timeout_s
+    def __init__(self, count: int, model: Path | None, extra_args: tuple[str, ...] = (), timeout_s: float = 120.0,
+                 log_dir: Path | None = None, threads: int = 1, cache_dirs: list[Path] | None = None):
+        """`model` None: the workers start empty and receive their experts from the coordinator that joins them
+        (each into its own `cache_dirs[i]` when given: two workers never share a cache folder)."""
+        self.count, self.extra_args, self.timeout_s = count, extra_args, timeout_s
+        self.cache_dirs = [Path(d) for d in cache_dirs] if cache_dirs is not None else None
+        self.model = Path(model) if model is not None else None
         self.threads = threads  # compute threads per worker: 1 by default, as they share this machine's cores
         self._dir = tempfile.TemporaryDirectory(prefix="moeshard-workers-")
         self.log_dir = Path(log_dir) if log_dir else Path(self._dir.name)
@@ -38,8 +42,10 @@ class LocalWorkers:
     def _spawn(self, i: int, listen: str) -> subprocess.Popen:
         self._ready_file(i).unlink(missing_ok=True)
         with open(self.log_dir / f"worker{i}.log", "ab") as log:
-            cmd = [*worker_command(), "--model", str(self.model), "--listen", listen,
-                   "--ready-file", str(self._ready_file(i)), *self.extra_args]
+            model = ["--model", str(self.model)] if self.model is not None else []
+            cache = ["--cache-dir", str(self.cache_dirs[i])] if self.cache_dirs is not None else []
+            cmd = [*worker_command(), *model, *cache, "--listen", listen, "--ready-file", str(self._ready_file(i)),
+                   *self.extra_args]
             env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -67,13 +73,24 @@ class LocalWorkers:
     def signal(self, i: int, sig: int) -> None:
         self.procs[i].send_signal(sig)
 
-    def restart(self, i: int) -> None:
+    def restart(self, i: int, wait: bool = True) -> None:
         """Start worker `i` again on the same address (after it died or was killed)."""
         if self.procs[i].poll() is None:
             self.procs[i].kill()
         self.procs[i].wait()
         self.procs[i] = self._spawn(i, self.addresses[i])
-        self._wait_ready(i)
+        if wait:
+            self._wait_ready(i)
+
+    def stop(self, i: int) -> None:
+        """Stop worker `i` (SIGTERM, then SIGKILL) and keep its address for a later `restart`."""
+        if self.procs[i].poll() is None:
+            self.procs[i].send_signal(signal.SIGTERM)
+            try:
+                self.procs[i].wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.procs[i].kill()
+                self.procs[i].wait()
 
     def __exit__(self, *exc) -> None:
         for proc in self.procs:

@@ -3,7 +3,9 @@ read from the runtime at scrape time (so they are never stale and cost nothing p
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .remote import LATENCY_BUCKETS_S
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -33,6 +35,12 @@ class _RuntimeCollector:
         requests = CounterMetricFamily("moeshard_worker_requests", "RunExperts sent", labels=["worker"])
         failures = CounterMetricFamily("moeshard_worker_failures", "RPCs to a worker that failed or timed out",
                                        labels=["worker"])
+        up = GaugeMetricFamily("moeshard_worker_up", "1 while a worker serves its experts, 0 while it is down, "
+                               "being probed or receiving its experts", labels=["worker"])
+        pushed = CounterMetricFamily("moeshard_worker_pushed_bytes", "Expert bytes sent to a worker", labels=["worker"])
+        latency = HistogramMetricFamily("moeshard_worker_rpc_latency_seconds", "RunExperts round trips",
+                                        labels=["worker"])
+        cluster = self.engine.cluster
         for name, backend in stats.backends.items():
             if "rpc_p50_ms" not in backend:
                 continue
@@ -40,7 +48,16 @@ class _RuntimeCollector:
                 family.add_metric([name], backend[key] / 1e3 if backend[key] is not None else float("nan"))
             requests.add_metric([name], backend["requests"])
             failures.add_metric([name], backend.get("failures", 0))
-        yield from (p50, p99, requests, failures)
+            up.add_metric([name], 1.0 if backend.get("state") == "serving" else 0.0)
+            pushed.add_metric([name], backend.get("pushed_bytes", 0))
+            if cluster is not None and name in cluster.workers:
+                counts, total = cluster.workers[name].latency_histogram()
+                cumulative, buckets = 0, []
+                for bound, count in zip([*map(str, LATENCY_BUCKETS_S), "+Inf"], counts):
+                    cumulative += count
+                    buckets.append((bound, cumulative))
+                latency.add_metric([name], buckets, total)
+        yield from (p50, p99, requests, failures, up, pushed, latency)
 
 
 class ServerMetrics:

@@ -307,10 +307,19 @@ class OpenAIService:
                                             "owned_by": "moeshard"}]}
 
     async def health(self, request: Request):
+        """"ok", or "degraded" while a worker is not serving (its experts computed elsewhere, or failing the steps
+        that need them); with the key, each worker's state (serving / down / receiving / joining) since when."""
+        cluster = self.engine.cluster
+        status = "degraded" if cluster is not None and cluster.degraded else "ok"
         if not request.state.authorized:  # without the key: that the server is up, and nothing about it
-            return {"status": "ok"}
-        workers = list(self.engine.cluster.workers) if self.engine.cluster is not None else []
-        return {"status": "ok", "model": self.engine.name, "workers": workers}
+            return {"status": status}
+        workers = {}
+        if cluster is not None:
+            for name, d in cluster.describe().items():
+                workers[name] = {"state": d["state"], "since": d["since"], "detail": d["detail"],
+                                 "failures": d["failures"], "hosted_experts": d["hosted"],
+                                 "pushed_bytes": d["pushed_bytes"]}
+        return {"status": status, "model": self.engine.name, "workers": workers}
 
     async def metrics_endpoint(self):
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -128,7 +128,8 @@ def check_quantization(config) -> str | None:
 class FamilyLayout:
     """One model's MoE structure and the checkpoint names behind every expert and dense weight."""
 
-    def __init__(self, model: nn.Module, ckpt: Checkpoint, quantization: str | None = None):
+    def __init__(self, model: nn.Module, ckpt: Checkpoint | None, quantization: str | None = None):
+        """`ckpt` None: the structure only (a worker computing experts it received), no checkpoint names."""
         self.config = model.config
         self.model_type: str = model.config.model_type
         self.quantization = quantization
@@ -180,7 +181,8 @@ class FamilyLayout:
                            "follow transformers' experts interface, so outputs should match", self.model_type)
         self.dense: dict[str, str] = {}  # checkpoint name -> model parameter/buffer name
         self.sources: dict[tuple[int, str], Source] = {}  # (layer, tensor name) -> where its experts are
-        self._scan(model, ckpt)
+        if ckpt is not None:
+            self._scan(model, ckpt)
 
     def _unsupported(self) -> str:
         return (f"model_type {self.model_type!r} is not a Mixture-of-Experts family moeshard can run: none of its "

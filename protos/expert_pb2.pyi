@@ -29,7 +29,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("fingerprint", "hosted", "device", "capacity_bytes", "expert_bytes", "version", "num_layers", "num_experts", "hidden_size", "slots_per_layer", "expert_format", "max_tokens")
+    __slots__ = ("fingerprint", "hosted", "device", "capacity_bytes", "expert_bytes", "version", "num_layers", "num_experts", "hidden_size", "slots_per_layer", "expert_format", "max_tokens", "own_checkpoint", "disk_bytes")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HOSTED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,8 @@ class InfoResponse(_message.Message):
     SLOTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OWN_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     hosted: _containers.RepeatedCompositeFieldContainer[ExpertId]
     device: str
@@ -54,7 +56,71 @@ class InfoResponse(_message.Message):
     slots_per_layer: int
     expert_format: str
     max_tokens: int
-    def __init__(self, fingerprint: _Optional[str] = ..., hosted: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., device: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., expert_bytes: _Optional[int] = ..., version: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., slots_per_layer: _Optional[int] = ..., expert_format: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    own_checkpoint: bool
+    disk_bytes: int
+    def __init__(self, fingerprint: _Optional[str] = ..., hosted: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., device: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., expert_bytes: _Optional[int] = ..., version: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., slots_per_layer: _Optional[int] = ..., expert_format: _Optional[str] = ..., max_tokens: _Optional[int] = ..., own_checkpoint: _Optional[bool] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("fingerprint", "model", "experts")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    model: bytes
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertId]
+    def __init__(self, fingerprint: _Optional[str] = ..., model: _Optional[bytes] = ..., experts: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("missing", "held_bytes")
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    missing: _containers.RepeatedCompositeFieldContainer[ExpertId]
+    held_bytes: int
+    def __init__(self, missing: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., held_bytes: _Optional[int] = ...) -> None: ...
+
+class ExpertChunk(_message.Message):
+    __slots__ = ("fingerprint", "expert", "offset", "data", "sha256")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    expert: ExpertId
+    offset: int
+    data: bytes
+    sha256: str
+    def __init__(self, fingerprint: _Optional[str] = ..., expert: _Optional[_Union[ExpertId, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("experts", "bytes")
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    experts: int
+    bytes: int
+    def __init__(self, experts: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("id", "run", "prefetch")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    run: RunExpertsRequest
+    prefetch: PrefetchRequest
+    def __init__(self, id: _Optional[int] = ..., run: _Optional[_Union[RunExpertsRequest, _Mapping]] = ..., prefetch: _Optional[_Union[PrefetchRequest, _Mapping]] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("id", "run", "code", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    run: RunExpertsResponse
+    code: int
+    message: str
+    def __init__(self, id: _Optional[int] = ..., run: _Optional[_Union[RunExpertsResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
     __slots__ = ("fingerprint", "experts")

@@ -39,6 +39,16 @@ class ExpertServiceStub:
                 request_serializer=moeshard_dot_protos_dot_expert__pb2.InfoRequest.SerializeToString,
                 response_deserializer=moeshard_dot_protos_dot_expert__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Join = channel.unary_unary(
+                '/moeshard.v1.ExpertService/Join',
+                request_serializer=moeshard_dot_protos_dot_expert__pb2.JoinRequest.SerializeToString,
+                response_deserializer=moeshard_dot_protos_dot_expert__pb2.JoinResponse.FromString,
+                _registered_method=True)
+        self.PushExperts = channel.stream_unary(
+                '/moeshard.v1.ExpertService/PushExperts',
+                request_serializer=moeshard_dot_protos_dot_expert__pb2.ExpertChunk.SerializeToString,
+                response_deserializer=moeshard_dot_protos_dot_expert__pb2.PushResponse.FromString,
+                _registered_method=True)
         self.Assign = channel.unary_unary(
                 '/moeshard.v1.ExpertService/Assign',
                 request_serializer=moeshard_dot_protos_dot_expert__pb2.AssignRequest.SerializeToString,
@@ -48,6 +58,11 @@ class ExpertServiceStub:
                 '/moeshard.v1.ExpertService/RunExperts',
                 request_serializer=moeshard_dot_protos_dot_expert__pb2.RunExpertsRequest.SerializeToString,
                 response_deserializer=moeshard_dot_protos_dot_expert__pb2.RunExpertsResponse.FromString,
+                _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/moeshard.v1.ExpertService/Session',
+                request_serializer=moeshard_dot_protos_dot_expert__pb2.SessionRequest.SerializeToString,
+                response_deserializer=moeshard_dot_protos_dot_expert__pb2.SessionResponse.FromString,
                 _registered_method=True)
         self.Prefetch = channel.unary_unary(
                 '/moeshard.v1.ExpertService/Prefetch',
@@ -65,7 +80,21 @@ class ExpertServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Info(self, request, context):
-        """What this worker is: model fingerprint, hosted experts, device, memory, version.
+        """What this worker is: model fingerprint ("" while it waits for a coordinator), hosted experts, device, memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Join(self, request, context):
+        """A coordinator tells the worker its model and the share it will host; the worker answers what it lacks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushExperts(self, request_iterator, context):
+        """The experts the worker lacks, in the coordinator's packed format, in chunks; each verified by SHA-256.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +109,13 @@ class ExpertServiceServicer:
 
     def RunExperts(self, request, context):
         """One MoE layer, many experts: rows of `hidden` grouped by expert, outputs in the same order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """The decode loop's long-lived stream: RunExperts and Prefetch messages in, RunExperts replies out, in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +143,16 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     request_deserializer=moeshard_dot_protos_dot_expert__pb2.InfoRequest.FromString,
                     response_serializer=moeshard_dot_protos_dot_expert__pb2.InfoResponse.SerializeToString,
             ),
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=moeshard_dot_protos_dot_expert__pb2.JoinRequest.FromString,
+                    response_serializer=moeshard_dot_protos_dot_expert__pb2.JoinResponse.SerializeToString,
+            ),
+            'PushExperts': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushExperts,
+                    request_deserializer=moeshard_dot_protos_dot_expert__pb2.ExpertChunk.FromString,
+                    response_serializer=moeshard_dot_protos_dot_expert__pb2.PushResponse.SerializeToString,
+            ),
             'Assign': grpc.unary_unary_rpc_method_handler(
                     servicer.Assign,
                     request_deserializer=moeshard_dot_protos_dot_expert__pb2.AssignRequest.FromString,
@@ -116,6 +162,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.RunExperts,
                     request_deserializer=moeshard_dot_protos_dot_expert__pb2.RunExpertsRequest.FromString,
                     response_serializer=moeshard_dot_protos_dot_expert__pb2.RunExpertsResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=moeshard_dot_protos_dot_expert__pb2.SessionRequest.FromString,
+                    response_serializer=moeshard_dot_protos_dot_expert__pb2.SessionResponse.SerializeToString,
             ),
             'Prefetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefetch,
@@ -155,6 +206,60 @@ class ExpertService:
             '/moeshard.v1.ExpertService/Info',
             moeshard_dot_protos_dot_expert__pb2.InfoRequest.SerializeToString,
             moeshard_dot_protos_dot_expert__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moeshard.v1.ExpertService/Join',
+            moeshard_dot_protos_dot_expert__pb2.JoinRequest.SerializeToString,
+            moeshard_dot_protos_dot_expert__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushExperts(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/moeshard.v1.ExpertService/PushExperts',
+            moeshard_dot_protos_dot_expert__pb2.ExpertChunk.SerializeToString,
+            moeshard_dot_protos_dot_expert__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -209,6 +314,33 @@ class ExpertService:
             '/moeshard.v1.ExpertService/RunExperts',
             moeshard_dot_protos_dot_expert__pb2.RunExpertsRequest.SerializeToString,
             moeshard_dot_protos_dot_expert__pb2.RunExpertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moeshard.v1.ExpertService/Session',
+            moeshard_dot_protos_dot_expert__pb2.SessionRequest.SerializeToString,
+            moeshard_dot_protos_dot_expert__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -88,6 +88,13 @@ class WorkerInfo:
     slots_per_layer: int
     expert_format: str  # e.g. "dense float32", "hqq 2-bit g16 (bfloat16)"
     max_tokens: int  # most rows one RunExperts may carry
+    own_checkpoint: bool = False  # started with --model: serves that model only, receives no experts
+    disk_bytes: int = 0  # disk it may use for received experts (0: no limit given)
+
+    @property
+    def waiting(self) -> bool:
+        """A worker without a model yet: it waits for a coordinator to join it and push its experts."""
+        return not self.fingerprint
 
     def to_pb(self) -> pb.InfoResponse:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hosted"}

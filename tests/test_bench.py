@@ -15,11 +15,11 @@ def test_bench_small(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--hidden", "64", "--intermediate", "128", "--layers", "2", "--tokens", "3",
                  "--prompt-tokens", "6", "--warmup", "1", "--repeats", "2", "--workdir", str(tmp_path / "work"),
-                 "--json", str(out), "--plot", str(tmp_path / "bench.png")])
+                 "--json", str(out), "--plot", str(tmp_path / "bench.png"), "--push"])
     assert code == 0
     report = json.loads(out.read_text())
     names = [r["name"] for r in report["runs"]]
-    assert names == ["resident", "lru", "lru+prefetch", "naive", "workers", "hf-eager", "hf-batched_mm",
+    assert names == ["resident", "lru", "lru+prefetch", "naive", "worker", "workers", "hf-eager", "hf-batched_mm",
                      "hf-grouped_mm", "accelerate-offload"]
     for run in report["runs"]:
         assert FIELDS <= set(run)
@@ -27,7 +27,12 @@ def test_bench_small(tmp_path, capsys):
         spread = run["decode_tok_s_spread"]
         assert spread["n"] == 2 and spread["min"] <= run["decode_tok_s"] <= spread["max"]
     assert report["targets"]["fastest_transformers"].startswith("hf-")
+    push = report["push"]
+    assert push["bytes"] == report["model"]["total_expert_bytes"] and push["warm_restart_bytes"] == 0
+    assert push["push_bytes_s"] > 0 and push["plain_bytes_s"] > 0
     by = {r["name"]: r for r in report["runs"]}
+    assert by["workers"]["empty_round_trip_ms"] > 0 and set(by["workers"]["cpu_s_per_token"]) == {
+        "coordinator", "worker0", "worker1"}
     assert by["naive"]["hit_rate"] == 0.0 and by["resident"]["hit_rate"] == 1.0
     assert by["lru"]["bytes_per_token"] > 0 and by["resident"]["bytes_per_token"] is None
     cold = report["protocol"]["read_bandwidth_bytes_s"]

@@ -6,7 +6,6 @@ from moeshard.coordinator.cluster import Cluster, Unavailable
 from moeshard.coordinator.remote import ClientConfig, RemoteExperts, WorkerClient
 from moeshard.offload_core import ExpertKey, load_model
 from moeshard.offload_core.moe_layer import _ATTR
-from moeshard.protos.wire import WorkerInfo
 
 # T = tokens, K = experts per token, D = hidden size
 
@@ -24,8 +23,7 @@ def test_dropped_expert_is_zeroed_and_the_others_reweighted(tiny_ckpt, reference
     ref = reference(tiny_ckpt)
     om = load_model(tiny_ckpt, slots_per_layer=2, prefetch=0)
     dead = "127.0.0.1:9"  # never called: it is down before the first step
-    info = WorkerInfo("f", frozenset(), "cpu", 1 << 30, 1, "0", 3, 8, 32, 2, "dense float32", 64)
-    cluster = Cluster({dead: RemoteExperts(WorkerClient(dead, om.fingerprint, ClientConfig()), info)},
+    cluster = Cluster({dead: RemoteExperts(WorkerClient(dead, om.fingerprint, ClientConfig()), 32, 2)},
                       {ExpertKey(1, 3): (dead,)}, om.runtime.local, Unavailable.DROP, probe_max_s=60)
     om.runtime.join(cluster)
     cluster.mark_down(dead)

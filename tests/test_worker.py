@@ -1,4 +1,6 @@
 """moe-worker and the gRPC protocol: real servers on 127.0.0.1, parity across placements, wire exactness."""
+import time
+
 import grpc
 import pytest
 import torch
@@ -170,7 +172,15 @@ def test_coordinator_refuses_a_worker_with_another_model(tiny_ckpt, tiny_sharded
             join_workers(model, ClusterConfig(ClusterSpec((w.address,))))
 
 
-def test_unreachable_worker_is_a_clear_error(tiny_ckpt):
+def test_a_worker_nobody_listens_for_starts_down_at_once(tiny_ckpt, expected):
+    """Connection refused is known at once (not after the connect timeout); the worker starts down, its experts
+    are computed by the coordinator, and the tokens are transformers'."""
     model = load_model(tiny_ckpt, prefetch=0)
-    with pytest.raises(ClusterError, match="did not answer within 1 s"):
-        join_workers(model, ClusterConfig(ClusterSpec(("127.0.0.1:9",)), connect_timeout_s=1.0))
+    start = time.monotonic()
+    cluster = join_workers(model, ClusterConfig(ClusterSpec(("127.0.0.1:9",)), connect_timeout_s=30.0))
+    assert time.monotonic() - start < 5
+    assert cluster.down == {"127.0.0.1:9"} and cluster.failures.get("127.0.0.1:9", 0) == 0
+    assert cluster.describe()["127.0.0.1:9"]["state"] == "down" and "connection refused" in \
+        cluster.describe()["127.0.0.1:9"]["detail"]
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=24, min_new_tokens=24, do_sample=False), expected[1])
+    model.close()

@@ -36,7 +36,7 @@ async def _refuse_stream(request_iterator, context):
 
 _REFUSE_UNARY = grpc.stream_unary_rpc_method_handler(_refuse)
 _REFUSE_STREAM = grpc.stream_stream_rpc_method_handler(_refuse_stream)
-_STREAMING = ("/grpc.health.v1.Health/Watch",)
+_STREAMING = ("/grpc.health.v1.Health/Watch", "/moeshard.v1.ExpertService/Session")  # server-streaming methods
 
 
 class RefusalLog:

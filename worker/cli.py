@@ -12,7 +12,6 @@ import signal
 import sys
 from pathlib import Path
 
-from ..offload_core.checkpoint import CheckpointError
 from ..offload_core.config import ALLOWED_BITS, OffloadConfig, QuantConfig
 from ..offload_core.config import parse_size as _parse_size
 from ..offload_core.settings import token_from_env
@@ -37,24 +36,33 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Host a share of an MoE model's experts and compute them for a "
                                             "moe-coordinator over gRPC. Activations travel, weights do not.")
     p.add_argument("--model", type=Path, default=None,
-                   help="this machine's copy of the checkpoint folder (default: the bundled demo model)")
+                   help="this machine's own copy of the checkpoint folder (optional: without it the worker waits for "
+                        "a coordinator to join it and send just its share of the experts, kept under --cache-dir)")
     p.add_argument("--listen", default="127.0.0.1:50051",
                    help="HOST:PORT to listen on (default 127.0.0.1:50051, loopback only; port 0 picks a free one)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--memory", type=parse_size, default=None, metavar="SIZE",
                    help="memory offered for hosted experts, e.g. 12GiB (default: 80%% of what is free)")
+    p.add_argument("--disk", type=parse_size, default=None, metavar="SIZE",
+                   help="disk offered for received experts, every model's together, e.g. 100GiB (default: no limit "
+                        "but the disk's)")
+    p.add_argument("--allow-model-switch", action="store_true",
+                   help="let a coordinator of another model take this worker over (default: the first coordinator "
+                        "to join keeps it until the worker restarts; received experts of other models stay on disk)")
     p.add_argument("--slots-per-layer", type=_positive_int, default=2, metavar="K",
                    help="experts kept on the device per layer, an LRU cache (default 2)")
     p.add_argument("--store", choices=["ram", "disk"], default="ram",
                    help="hosted experts in RAM (default) or read from disk on every miss")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="expert compute dtype; must match the coordinator's (default: the checkpoint's)")
-    p.add_argument("--expert-bits", type=int, choices=ALLOWED_BITS, default=16,
-                   help="HQQ bits for the hosted experts; must match the coordinator's (default 16 = none)")
+                   help="with --model: expert compute dtype, as the coordinator's (default: the checkpoint's); "
+                        "without --model the coordinator's format applies")
+    p.add_argument("--expert-bits", type=int, choices=ALLOWED_BITS, default=None,
+                   help="with --model: HQQ bits for the hosted experts, as the coordinator's (default 16 = none)")
     p.add_argument("--expert-group", type=_positive_int, default=None,
-                   help="expert quantization group (default: 16 at 2 bits, 64 otherwise)")
+                   help="with --model: expert quantization group (default: 16 at 2 bits, 64 otherwise)")
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where quantized experts are cached (default: $MOESHARD_CACHE_DIR or ~/.cache/moeshard)")
+                   help="where received and quantized experts are kept (default: $MOESHARD_CACHE_DIR or "
+                        "~/.cache/moeshard)")
     p.add_argument("--max-tokens", type=_positive_int, default=8192, help="most rows per request (default 8192)")
     p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
                    help="drain time for in-flight requests on SIGTERM (default 5)")
@@ -78,21 +86,38 @@ def _read(path: Path | None) -> bytes | None:
         raise ValueError(f"cannot read {str(path)!r}: {exc.strerror}") from exc
 
 
-async def _serve(args) -> int:
-    import torch
-
-    from ..offload_core.demo import demo_model_path
-    from .server import ServerConfig, WorkerServer
+def configs(args):
+    """(ShardConfig, ServerConfig) from the arguments: every check that needs no model, before anything loads."""
+    from .server import ServerConfig
     from .shard import ShardConfig
 
-    offload = OffloadConfig(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                            slots_per_layer=args.slots_per_layer, prefetch=0, store=args.store, dtype=args.dtype,
-                            quant=QuantConfig(expert_bits=args.expert_bits, expert_group=args.expert_group),
-                            cache_dir=args.cache_dir)
-    shard_cfg = ShardConfig(model=args.model or demo_model_path(), offload=offload, memory_bytes=args.memory,
-                            max_tokens=args.max_tokens)
+    if args.model is None and (args.dtype or args.expert_bits is not None or args.expert_group):
+        raise ValueError("--dtype, --expert-bits and --expert-group apply with --model; a worker without --model "
+                         "computes in the format its coordinator sends")
+    if args.model is not None and not args.model.expanduser().is_dir():
+        raise ValueError(f"--model {str(args.model)!r} is not a folder: expected this machine's copy of the checkpoint "
+                         "folder (config.json, *.safetensors), or no --model to receive the experts")
     server_cfg = ServerConfig(listen=args.listen, grace_s=args.grace, token=args.token or token_from_env(),
                               tls_cert=_read(args.tls_cert), tls_key=_read(args.tls_key))
+    offload = OffloadConfig(device=args.device or _default_device(), slots_per_layer=args.slots_per_layer,
+                            prefetch=0, store=args.store, dtype=args.dtype,
+                            quant=QuantConfig(expert_bits=args.expert_bits or 16, expert_group=args.expert_group),
+                            cache_dir=args.cache_dir)
+    shard_cfg = ShardConfig(model=args.model, offload=offload, memory_bytes=args.memory, disk_bytes=args.disk,
+                            max_tokens=args.max_tokens, allow_model_switch=args.allow_model_switch)
+    return shard_cfg, server_cfg
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+async def _serve(args) -> int:
+    from .server import WorkerServer
+
+    shard_cfg, server_cfg = configs(args)
     server = WorkerServer(shard_cfg, server_cfg)
     address = await server.start()
     stopping = asyncio.Event()
@@ -108,7 +133,8 @@ async def _serve(args) -> int:
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(address)
         os.replace(tmp, args.ready_file)
-    print(f"moe-worker: serving {shard_cfg.model} on {address}", flush=True)
+    what = shard_cfg.model if shard_cfg.model is not None else "experts received from a coordinator"
+    print(f"moe-worker: serving {what} on {address}", flush=True)
     await stopping.wait()
     logger.info("shutting down: draining in-flight requests (up to %.1f s)", args.grace)
     await server.stop()
@@ -121,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return asyncio.run(_serve(args))
-    except (CheckpointError, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
         print(f"moe-worker: error: {exc}", file=sys.stderr)
         return 2
 

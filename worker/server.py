@@ -11,24 +11,29 @@ the server stops.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import ipaddress
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+import msgpack
 import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .. import __version__
+from ..offload_core.config import resolve_device
 from ..offload_core.experts import ExpertKey
 from ..protos import expert_pb2 as pb
 from ..protos import expert_pb2_grpc as pb_grpc
-from ..protos.wire import WireError, tensor_from_pb, tensor_to_pb
+from ..protos.wire import WireError, WorkerInfo, quote, tensor_from_pb, tensor_to_pb
 from .auth import TokenInterceptor
-from .shard import ExpertShard, FingerprintMismatch, OverCapacity, ShardConfig, UnknownExpert
+from .received import ReceiveError
+from .shard import ExpertShard, FingerprintMismatch, OverCapacity, ShardConfig, UnknownExpert, free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,8 @@ VERSION = __version__
 SERVICE = "moeshard.v1.ExpertService"
 _MAX_STATUS_CHARS = 512  # status messages stay far below gRPC's trailer limit, whatever a request held
 _PARSE_OFF_LOOP_BYTES = 1 << 20  # messages above this are parsed on a thread, not on the event loop
+_MAX_JOIN = 1 << 20  # experts one Join may name before the model is known (then: every expert of every layer)
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")  # also a folder name under the received-experts cache
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,7 @@ def _status_for(exc: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, (OverCapacity, MemoryError, torch.OutOfMemoryError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, (ValueError, WireError)):  # before any text matching: messages echo client input
+    if isinstance(exc, (ValueError, WireError, ReceiveError)):  # before any text matching: messages echo input
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():  # allocator errors without a type
         return grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -146,14 +153,16 @@ class MessageGuard(grpc.aio.ServerInterceptor):
                                                     response_serializer=handler.response_serializer)
 
 
-def _rpc(method):
+def _rpc(method=None, *, needs_model: bool = True):
     """Run the handler inside the in-flight limit; map a failure to one status code with a short message, log
     the unexpected ones."""
+    if method is None:
+        return functools.partial(_rpc, needs_model=needs_model)
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        if self.shard is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its checkpoint")
+        if self.shard is None and (needs_model or self.loading):
+            await context.abort(*self._no_model())
         if self.inflight >= self.max_inflight:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"worker busy: {self.inflight} calls in flight (limit {self.max_inflight})")
@@ -162,7 +171,7 @@ def _rpc(method):
             return await method(self, request, context)
         except Exception as exc:  # every failure becomes a status; the worker keeps serving
             code = _status_for(exc)
-            self.shard.counters["errors"] += 1
+            self.errors += 1
             if code == grpc.StatusCode.INTERNAL:
                 logger.exception("%s failed", method.__name__)
             else:
@@ -175,11 +184,19 @@ def _rpc(method):
 
 
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
-    def __init__(self, max_inflight: int = 64):
+    def __init__(self, cfg: ShardConfig, max_inflight: int = 64):
+        self.cfg = cfg
         self.shard: ExpertShard | None = None
+        self.loading = cfg.model is not None  # until load(): a worker with --model reads its checkpoint first
         self.inflight, self.max_inflight = 0, max_inflight  # touched on the event loop only
+        self.errors = 0  # refused or failed calls, whoever held the model
         # One compute thread: the shard's caches are driven by one request at a time, in arrival order.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeshard-compute")
+
+    def _no_model(self) -> tuple[grpc.StatusCode, str]:
+        if self.loading:
+            return grpc.StatusCode.UNAVAILABLE, "worker is still loading its checkpoint"
+        return grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no model yet: a coordinator must join it first"
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._compute, functools.partial(fn, *args))
@@ -189,9 +206,65 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         if count > limit:
             raise ValueError(f"{what} names {count} experts: expected at most {limit}")
 
-    @_rpc
+    @_rpc(needs_model=False)
     async def Info(self, request, context):
-        return self.shard.info(VERSION).to_pb()
+        if self.shard is not None:
+            return self.shard.info(VERSION).to_pb()
+        device = self.cfg.offload.device
+        return WorkerInfo(fingerprint="", hosted=frozenset(), device=device,
+                          capacity_bytes=self.cfg.memory_bytes or 0, expert_bytes=0,
+                          version=VERSION, num_layers=0, num_experts=0, hidden_size=0,
+                          slots_per_layer=self.cfg.offload.slots_per_layer, expert_format="",
+                          max_tokens=self.cfg.max_tokens, disk_bytes=self.cfg.disk_bytes or 0).to_pb()
+
+    @_rpc(needs_model=False)
+    async def Join(self, request, context):
+        self._check_ids("Join", len(request.experts), _MAX_JOIN)
+        missing, held = await self._call(self._join, request)
+        return pb.JoinResponse(missing=[pb.ExpertId(layer=k.layer, expert=k.expert) for k in missing],
+                               held_bytes=held)
+
+    def _join(self, request: pb.JoinRequest) -> tuple[list[ExpertKey], int]:
+        """On the compute thread: take the coordinator's model (built from its description when this worker has
+        none), then the share: what must still be received."""
+        fingerprint = request.fingerprint
+        if not _FINGERPRINT.fullmatch(fingerprint):
+            raise ValueError(f"fingerprint {quote(fingerprint)}: expected 32 hexadecimal digits")
+        shard = self.shard
+        if shard is not None and shard.fingerprint != fingerprint:
+            if shard.own_checkpoint or not self.cfg.allow_model_switch:
+                shard.check_fingerprint(fingerprint)  # refuses, naming both models
+            logger.warning("a coordinator of another model (%s) takes this worker over from %s (--allow-model-switch)",
+                           fingerprint, shard.fingerprint)
+            self.shard = None
+            shard.close()
+        if self.shard is None:
+            try:
+                description = msgpack.unpackb(request.model, raw=False, strict_map_key=False)
+            except (ValueError, msgpack.UnpackException) as exc:
+                raise ValueError(f"the model description is not valid msgpack ({exc})") from exc
+            if not isinstance(description, dict):
+                raise ValueError("the model description must be a map with config, format and expert_bytes")
+            self.shard = ExpertShard.from_push(self.cfg, fingerprint, description)
+            logger.info("joined by a coordinator of %s (fingerprint %s)", self.shard.origin, fingerprint)
+        self._check_ids("Join", len(request.experts), self.shard.max_assign)
+        return self.shard.join([ExpertKey(e.layer, e.expert) for e in request.experts])
+
+    @_rpc
+    async def PushExperts(self, request_iterator, context):
+        shard, experts, received = self.shard, 0, 0
+        try:
+            async for chunk in request_iterator:
+                shard.check_fingerprint(chunk.fingerprint)
+                key = ExpertKey(chunk.expert.layer, chunk.expert.expert)
+                experts += await self._call(shard.receive, key, chunk.offset, chunk.data, chunk.sha256)
+                received += len(chunk.data)
+        except BaseException:
+            if shard.received is not None:
+                shard.received.abort()  # what was cut off is dropped; what completed stays
+            raise
+        logger.info("received %d experts (%.1f MiB)", experts, received / 2**20)
+        return pb.PushResponse(experts=experts, bytes=received)
 
     @_rpc
     async def Assign(self, request, context):
@@ -203,20 +276,50 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     @_rpc
     async def RunExperts(self, request, context):
-        s = self.shard
-        s.check_fingerprint(request.fingerprint)
-        self._check_ids("RunExperts", max(len(request.experts), len(request.counts)), s.num_experts)
         return await self._call(self._run, request)
 
     def _run(self, request: pb.RunExpertsRequest) -> pb.RunExpertsResponse:
-        """Decode, compute, encode: all on the compute thread."""
+        """Check, decode, compute, encode: all on the compute thread."""
         s = self.shard
+        s.check_fingerprint(request.fingerprint)
+        self._check_ids("RunExperts", max(len(request.experts), len(request.counts)), s.num_experts)
         hidden = tensor_from_pb(request.hidden, max_elements=s.cfg.max_tokens * s.layout.hidden_size, name="hidden")
         # A hint is never an error: one naming more experts than a layer has is cut, never iterated whole.
         hint = (request.prefetch_layer, list(request.prefetch_experts[: s.num_experts])) \
             if request.prefetch_experts else None
         output, hits, misses = s.run(request.layer, list(request.experts), list(request.counts), hidden, hint)
         return pb.RunExpertsResponse(output=tensor_to_pb(output), hits=hits, misses=misses)
+
+    async def Session(self, request_iterator, context):
+        """The decode loop's stream: each RunExperts is answered in order, with its id; an error is a reply with
+        a status code, and the stream stays open. Prefetch hints get no reply; an empty message (a ping) gets an
+        empty one."""
+        async for msg in request_iterator:
+            kind = msg.WhichOneof("kind")
+            if kind is None:  # a ping: answered at once (the round trip of an empty call, for benchmarks)
+                yield pb.SessionResponse(id=msg.id)
+                continue
+            if self.shard is None:
+                code, message = self._no_model()
+                yield pb.SessionResponse(id=msg.id, code=code.value[0], message=message)
+                continue
+            if kind == "prefetch":
+                hint = msg.prefetch
+                if hint.fingerprint == self.shard.fingerprint:
+                    await self._call(self.shard.prefetch, hint.layer, list(hint.experts[: self.shard.num_experts]))
+                continue
+            self.inflight += 1  # busy: a drain waits for this message, not for the idle stream around it
+            try:
+                reply = await self._call(self._run, msg.run)
+                yield pb.SessionResponse(id=msg.id, run=reply)
+            except Exception as exc:  # every failure becomes a reply with a status; the stream goes on
+                code = _status_for(exc)
+                self.errors += 1
+                if code == grpc.StatusCode.INTERNAL:
+                    logger.exception("session RunExperts failed")
+                yield pb.SessionResponse(id=msg.id, code=code.value[0], message=_short(str(exc)))
+            finally:
+                self.inflight -= 1
 
     @_rpc
     async def Prefetch(self, request, context):
@@ -227,7 +330,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     @_rpc
     async def Stats(self, request, context):
-        return self.shard.stats().to_pb()
+        stats = self.shard.stats()
+        return dataclasses.replace(stats, errors=self.errors).to_pb()
 
     def close(self) -> None:
         self._compute.shutdown(wait=True)
@@ -242,7 +346,7 @@ class WorkerServer:
                  max_receive_bytes: int = 64 << 20):
         self.shard_cfg, self.server_cfg = shard_cfg, server_cfg
         self.max_receive_bytes = max_receive_bytes
-        self.servicer = ExpertServicer(server_cfg.max_inflight)
+        self.servicer = ExpertServicer(shard_cfg, server_cfg.max_inflight)
         self.address: str | None = None
 
     async def start(self) -> str:
@@ -274,20 +378,44 @@ class WorkerServer:
         return self.address
 
     async def load(self) -> None:
+        """With --model, open the checkpoint (SERVING once it is read); without, SERVING at once: the worker waits
+        for a coordinator to join it and push its experts."""
         loop = asyncio.get_running_loop()
-        self.servicer.shard = await loop.run_in_executor(None, ExpertShard, self.shard_cfg)
+        if self.shard_cfg.memory_bytes is None:
+            # The budget is measured once, at start: what this worker offers must not shrink as it fills, or every
+            # coordinator would plan another placement (and push again) after the first one loaded its share.
+            device = resolve_device(self.shard_cfg.offload.device)
+            budget = await loop.run_in_executor(None, free_memory, device)
+            self.shard_cfg = dataclasses.replace(self.shard_cfg, memory_bytes=budget)
+            self.servicer.cfg = self.shard_cfg
+        if self.shard_cfg.model is not None:
+            self.servicer.shard = await loop.run_in_executor(None, ExpertShard.from_checkpoint, self.shard_cfg)
+            self.servicer.loading = False
+            logger.info("SERVING %s (fingerprint %s) on %s", self.shard_cfg.model, self.servicer.shard.fingerprint,
+                        self.servicer.shard.device)
+        else:
+            logger.info("SERVING: waiting for a coordinator to join (experts will be received into %s)",
+                        self.shard_cfg.received_root)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        logger.info("SERVING %s (fingerprint %s) on %s", self.shard_cfg.model, self.servicer.shard.fingerprint,
-                    self.servicer.shard.device)
 
     async def _set_health(self, status) -> None:
         await self.health.set("", status)
         await self.health.set(SERVICE, status)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop taking new work, let in-flight requests finish (up to the grace period), then stop."""
+        """Stop taking new work, let in-flight requests finish (up to the grace period), then stop. Idle session
+        streams are not work: once nothing is being computed, they are closed without waiting out the grace."""
+        grace = self.server_cfg.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.server_cfg.grace_s if grace_s is None else grace_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        await asyncio.sleep(0)
+        while not stopping.done() and loop.time() < deadline and self.servicer.inflight > 0:
+            await asyncio.sleep(0.02)
+        if not stopping.done():
+            await self.server.stop(0)
+        await stopping
         self.servicer.close()
         logger.info("stopped")
 

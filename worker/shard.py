@@ -1,14 +1,17 @@
 """`ExpertShard`: the experts one worker hosts, with their own store, LRU slots and prefetch.
 
-It opens its own copy of the checkpoint (headers only), reads just the experts it is assigned, and
-computes them for a coordinator. It validates what it is asked (layers, experts, shapes) and knows
+Its experts come from one of two places: the worker's own copy of the checkpoint (`--model`: headers only
+at open, then just the assigned experts), or a coordinator that pushed them (`from_push`: the model's
+description and the packed experts, kept in `ReceivedExperts` on disk). Either way it computes them for
+a coordinator, validates what it is asked (layers, experts, shapes, sizes, memory and disk) and knows
 nothing about gRPC: the servicer maps its exceptions to status codes.
 """
 from __future__ import annotations
 
-import logging
-import threading
 import dataclasses
+import logging
+import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +20,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..offload_core.checkpoint import Checkpoint
+from ..offload_core.config import OffloadConfig, QuantConfig, resolve_device, resolve_dtype
 from ..offload_core.counters import ExpertCounters
-from ..offload_core.config import OffloadConfig, resolve_device, resolve_dtype
 from ..offload_core.experts import ExpertKey, check_finite
-from ..offload_core.families import open_layout
-from ..offload_core.local_experts import expert_fingerprint, open_local_experts
+from ..offload_core.families import FamilyLayout, build_meta_model, open_layout
+from ..offload_core.formats import expert_format
+from ..offload_core.local_experts import LocalExperts, expert_fingerprint, open_local_experts
+from ..offload_core.settings import cache_root_from_env
 from ..protos.wire import WorkerInfo, WorkerStats, quote
+from .received import ReceivedExperts, dir_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +45,25 @@ class FingerprintMismatch(Exception):
 
 
 class OverCapacity(Exception):
-    """The request would exceed this worker's memory (RESOURCE_EXHAUSTED on the wire)."""
+    """The request would exceed this worker's memory or disk (RESOURCE_EXHAUSTED on the wire)."""
 
 
 @dataclass(frozen=True)
 class ShardConfig:
-    model: Path  # this worker's own copy of the checkpoint folder
+    model: Path | None = None  # this worker's own copy of the checkpoint; None = the coordinator pushes the experts
     # The expert settings, as the coordinator's own (device, slots per layer, store, dtype, expert bits, cache
-    # dir): dtype and expert bits must match the coordinator's. Workers keep the RAM store by default.
+    # dir): with --model, dtype and expert bits must match the coordinator's; without, the coordinator's apply.
     offload: OffloadConfig = field(default_factory=lambda: OffloadConfig(store="ram", prefetch=0))
     memory_bytes: int | None = None  # memory offered for hosted experts; None = 80% of what is free now
+    disk_bytes: int | None = None  # disk offered for received experts (every model's); None = no limit but the disk's
     max_tokens: int = 8192  # most rows one RunExperts may carry
+    allow_model_switch: bool = False  # a coordinator of another model may take over a worker that received one
 
     def __post_init__(self):
         if self.memory_bytes is not None and self.memory_bytes <= 0:
             raise ValueError(f"memory must be > 0 bytes, got {self.memory_bytes}")
+        if self.disk_bytes is not None and self.disk_bytes <= 0:
+            raise ValueError(f"disk must be > 0 bytes, got {self.disk_bytes}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
@@ -61,47 +71,108 @@ class ShardConfig:
     def store(self) -> str:
         return self.offload.store or "ram"
 
+    @property
+    def received_root(self) -> Path:
+        """Where pushed experts are kept: `<cache dir>/received/<fingerprint>/`."""
+        return (self.offload.cache_dir or cache_root_from_env()) / "received"
+
+
+def free_memory(device: torch.device) -> int:
+    """What a worker offers when no --memory is given: 80% of the memory free now (of the GPU and the host)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(free, psutil.virtual_memory().available) * _MEMORY_HEADROOM)
+    return int(psutil.virtual_memory().available * _MEMORY_HEADROOM)
+
+
+def model_description(config_dict: dict, fmt) -> dict:
+    """What a worker without the checkpoint needs to compute a model's experts: its config.json and the
+    packed expert format (and its size, a check that both sides pack alike)."""
+    return {"config": config_dict, "format": fmt.describe(), "expert_bytes": fmt.layout.nbytes}
+
 
 class ExpertShard:
-    def __init__(self, cfg: ShardConfig):
-        self.cfg = cfg
-        self.device = resolve_device(cfg.offload.device)
-        self.ckpt = Checkpoint(cfg.model)
-        config, self.layout = open_layout(self.ckpt)
-        cfg.offload.check_model(self.layout.num_experts)
-        self.dtype = resolve_dtype(cfg.offload.dtype, config)
-        offload = dataclasses.replace(cfg.offload, store=cfg.store)
-        self.backend = open_local_experts(self.ckpt, self.layout, offload, self.device, self.dtype, progress=True)
-        self.fingerprint = expert_fingerprint(self.ckpt, self.layout, self.backend.format)
-        self.expert_bytes = self.backend.format.layout.nbytes
+    def __init__(self, cfg: ShardConfig, layout: FamilyLayout, backend: LocalExperts, fingerprint: str,
+                 dtype: torch.dtype, device: torch.device, origin: str, received: ReceivedExperts | None = None):
+        self.cfg, self.layout, self.backend, self.fingerprint = cfg, layout, backend, fingerprint
+        self.dtype, self.device, self.origin, self.received = dtype, device, origin, received
+        self.expert_bytes = backend.format.layout.nbytes
         self.capacity_bytes = cfg.memory_bytes or self._free_memory()
-        self.moe_layers = set(self.layout.sparse_layers)
+        self.moe_layers = set(layout.sparse_layers)
         self.hosted: frozenset[ExpertKey] = frozenset()
+        self.share: frozenset[ExpertKey] = frozenset()  # what the last Join announced
         self._lock = threading.Lock()  # caches and store are driven by one request at a time
-        self.counters = dict(requests=0, tokens=0, errors=0)
+        self.counters = dict(requests=0, tokens=0)
+
+    @classmethod
+    def from_checkpoint(cls, cfg: ShardConfig) -> ExpertShard:
+        device = resolve_device(cfg.offload.device)
+        ckpt = Checkpoint(cfg.model)
+        config, layout = open_layout(ckpt)
+        cfg.offload.check_model(layout.num_experts)
+        dtype = resolve_dtype(cfg.offload.dtype, config)
+        offload = dataclasses.replace(cfg.offload, store=cfg.store)
+        backend = open_local_experts(ckpt, layout, offload, device, dtype, progress=True)
+        return cls(cfg, layout, backend, expert_fingerprint(ckpt, layout, backend.format), dtype, device,
+                   origin=ckpt.path.name)
+
+    @classmethod
+    def from_push(cls, cfg: ShardConfig, fingerprint: str, description: dict) -> ExpertShard:
+        """A shard for the model a coordinator describes; its experts are those received (now or before)."""
+        from transformers import AutoConfig
+
+        try:
+            config_dict, format_desc = dict(description["config"]), dict(description["format"])
+            nbytes = int(description["expert_bytes"])
+            config = AutoConfig.for_model(**config_dict)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"the model description is not one this worker can read ({exc}): expected the "
+                             "config.json of a transformers model, the expert format and its size") from exc
+        layout = FamilyLayout(build_meta_model(config), None)
+        cfg.offload.check_model(layout.num_experts)
+        device = resolve_device(cfg.offload.device)
+        dtype = resolve_dtype(str(format_desc.get("dtype")), None) if format_desc.get("dtype") in (
+            "float32", "bfloat16", "float16") else None
+        if dtype is None:
+            raise ValueError(f"expert format {quote(format_desc)} has no dtype this worker computes in")
+        quant = QuantConfig(expert_bits=int(format_desc.get("bits", 16)),
+                            expert_group=format_desc.get("group_size")) if format_desc.get("format") == "hqq" \
+            else QuantConfig()
+        fmt = expert_format(layout.tensors, quant, dtype, quant_device=None)
+        if fmt.describe() != format_desc or fmt.layout.nbytes != nbytes:
+            raise FingerprintMismatch(f"this worker packs the coordinator's experts as {fmt.describe()} "
+                                      f"({fmt.layout.nbytes} bytes), the coordinator sends {quote(format_desc, 200)} "
+                                      f"({nbytes} bytes): run the same moeshard version on both")
+        received = ReceivedExperts.open(cfg.received_root, fingerprint, description, nbytes)
+        backend = LocalExperts(received, fmt, layout.math, device, layout.sparse_layers, layout.num_experts,
+                               cfg.offload.slots_per_layer, cfg.store, cfg.offload.policy)
+        name = f"{config_dict.get('model_type', 'model')} (received)"
+        return cls(cfg, layout, backend, fingerprint, dtype, device, origin=name, received=received)
 
     def _free_memory(self) -> int:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(min(free, psutil.virtual_memory().available) * _MEMORY_HEADROOM)
-        return int(psutil.virtual_memory().available * _MEMORY_HEADROOM)
+        return free_memory(self.device)
 
     @property
     def expert_format(self) -> str:
         return self.backend.format.label
+
+    @property
+    def own_checkpoint(self) -> bool:
+        return self.received is None
 
     def info(self, version: str) -> WorkerInfo:
         return WorkerInfo(fingerprint=self.fingerprint, hosted=self.hosted, device=str(self.device),
                           capacity_bytes=self.capacity_bytes, expert_bytes=self.expert_bytes, version=version,
                           num_layers=len(self.moe_layers), num_experts=self.layout.num_experts,
                           hidden_size=self.layout.hidden_size, slots_per_layer=self.cfg.offload.slots_per_layer,
-                          expert_format=self.expert_format, max_tokens=self.cfg.max_tokens)
+                          expert_format=self.expert_format, max_tokens=self.cfg.max_tokens,
+                          own_checkpoint=self.own_checkpoint, disk_bytes=self.cfg.disk_bytes or 0)
 
     # -- validation ----------------------------------------------------------------------------
     def check_fingerprint(self, fingerprint: str) -> None:
         if fingerprint != self.fingerprint:
             raise FingerprintMismatch(
-                f"fingerprint mismatch: this worker serves {self.fingerprint} ({self.ckpt.path.name}, "
+                f"fingerprint mismatch: this worker serves {self.fingerprint} ({self.origin}, "
                 f"{self.expert_format}) but the coordinator sent {quote(fingerprint) if fingerprint else '(none)'}: "
                 "start both on the same checkpoint with the same dtype and quantization"
             )
@@ -123,14 +194,50 @@ class ExpertShard:
         return ExpertKey(layer, expert)
 
     # -- operations ----------------------------------------------------------------------------
+    def _check_memory(self, count: int, what: str) -> None:
+        need = count * self.expert_bytes if self.cfg.store == "ram" else 0
+        need += len(self.moe_layers) * self.cfg.offload.slots_per_layer * self.expert_bytes
+        if need > self.capacity_bytes:
+            raise OverCapacity(f"{what} {count} experts needs {need / 2**20:.1f} MiB of memory, more than this "
+                               f"worker's {self.capacity_bytes / 2**20:.1f} MiB (raise --memory or give it fewer experts)")
+
+    def join(self, keys: list[ExpertKey]) -> tuple[list[ExpertKey], int]:
+        """A coordinator's share for this worker: checked against memory (and disk, for what must still be
+        received) before anything moves. Returns (experts to receive, bytes already held)."""
+        keys = frozenset(self.check_key(*k) for k in keys)
+        self._check_memory(len(keys), "hosting")
+        missing = self.received.missing(keys) if self.received is not None else []
+        if missing and self.cfg.disk_bytes is not None:
+            used = dir_bytes(self.cfg.received_root)
+            need = used + len(missing) * self.expert_bytes
+            if need > self.cfg.disk_bytes:
+                raise OverCapacity(f"receiving {len(missing)} experts needs {len(missing) * self.expert_bytes / 2**20:.1f} "
+                                   f"MiB of disk beside the {used / 2**20:.1f} MiB held, more than this worker's --disk "
+                                   f"{self.cfg.disk_bytes / 2**20:.1f} MiB")
+        if missing and shutil.disk_usage(self.cfg.received_root).free < len(missing) * self.expert_bytes:
+            raise OverCapacity(f"receiving {len(missing)} experts needs {len(missing) * self.expert_bytes / 2**20:.1f} "
+                               f"MiB of disk, more than is free under {self.cfg.received_root}")
+        self.share = keys
+        return missing, (len(keys) - len(missing)) * self.expert_bytes
+
+    def receive(self, key: ExpertKey, offset: int, data: bytes, sha256: str) -> bool:
+        """One chunk of a pushed expert (of the announced share); True when the expert is complete and verified."""
+        if self.received is None:
+            raise FingerprintMismatch("this worker serves its own checkpoint (--model): it receives no experts")
+        key = self.check_key(*key)
+        if key not in self.share:
+            raise ValueError(f"expert {tuple(key)} is not in the share this worker joined with")
+        return self.received.write(key, offset, data, sha256)
+
     def assign(self, keys: list[ExpertKey], progress: bool = False) -> frozenset[ExpertKey]:
         """Host exactly `keys` from now on; with the RAM store, read them now (idempotent)."""
         keys = frozenset(self.check_key(*k) for k in keys)
-        need = len(keys) * self.expert_bytes if self.cfg.store == "ram" else 0
-        need += len(self.moe_layers) * self.cfg.offload.slots_per_layer * self.expert_bytes
-        if need > self.capacity_bytes:
-            raise OverCapacity(f"assigning {len(keys)} experts needs {need / 2**20:.1f} MiB, more than this worker's "
-                               f"{self.capacity_bytes / 2**20:.1f} MiB (raise --memory or assign fewer experts)")
+        self._check_memory(len(keys), "assigning")
+        if self.received is not None:
+            absent = sorted(keys - self.received.held())
+            if absent:
+                raise UnknownExpert(f"{len(absent)} assigned experts have not been received, e.g. {tuple(absent[0])}: "
+                                    "push them first")
         with self._lock:
             if keys == self.hosted:
                 return self.hosted
@@ -188,7 +295,7 @@ class ExpertShard:
         need = rows * (self._activation_width + 2 * self.layout.hidden_size) * 4
         if need < _SMALL_REQUEST_BYTES:
             return
-        free = self._free_memory() / _MEMORY_HEADROOM
+        free = free_memory(self.device) / _MEMORY_HEADROOM
         if need > free:
             raise OverCapacity(f"{rows} rows need about {need / 2**20:.0f} MiB of activations, but only "
                                f"{free / 2**20:.0f} MiB are free on {self.device}: send fewer tokens per request")
@@ -221,7 +328,8 @@ class ExpertShard:
         return WorkerStats(requests=self.counters["requests"], tokens=self.counters["tokens"], hits=total.hits,
                            misses=total.misses, prefetch_issued=total.prefetch_issued,
                            prefetch_used=total.prefetch_used, bytes_loaded=total.bytes_loaded,
-                           busy_s=total.compute_s + total.wait_s, errors=self.counters["errors"])
+                           busy_s=total.compute_s + total.wait_s)
 
     def close(self) -> None:
         self.backend.close()
+
