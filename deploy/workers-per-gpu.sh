@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Start one moe-worker per local NVIDIA GPU (GPU N on --device cuda:N, port BASE_PORT+N), or stop them.
 #
-#   MODEL=/srv/models/Mixtral-8x7B deploy/workers-per-gpu.sh start   # prints: --workers HOST:PORT,...
+#   deploy/workers-per-gpu.sh start   # prints: --workers HOST:PORT,...
 #   deploy/workers-per-gpu.sh status
 #   deploy/workers-per-gpu.sh stop
 #
-# On stdout `start` prints only the --workers argument for the coordinator, so this works:
-#   moe-coordinator serve --model "$MODEL" $(MODEL="$MODEL" deploy/workers-per-gpu.sh start)
+# On stdout `start` prints only the --workers argument for the coordinator, so this works (the workers start
+# empty and receive their share of the experts from the coordinator, once; they need no copy of the model):
+#   moe-coordinator serve --model /srv/models/Mixtral-8x7B $(deploy/workers-per-gpu.sh start)
 #
 # Settings (environment):
-#   MODEL        checkpoint folder (default: the bundled demo model)
+#   MODEL        optional: a local copy of the checkpoint for the workers to read instead of receiving it
 #   GPUS         GPU indices, e.g. GPUS=1,2 (default: every GPU that `nvidia-smi -L` lists); leave out the
 #                GPU the coordinator runs on when it is on this machine
 #   HOST         address to listen on (default 127.0.0.1); anything but loopback needs MOESHARD_TOKEN
@@ -17,8 +18,9 @@
 #   BASE_PORT    port of GPU 0 (default 50051)
 #   MEMORY       memory offered per worker, e.g. 20GiB (default: the worker's own, 80% of what is free)
 #   SLOTS        experts per layer kept on each GPU (default 2)
-#   EXPERT_BITS  HQQ bits for the hosted experts (16, 8, 4, 3, 2); the coordinator needs the same --expert-bits
-#   EXTRA_ARGS   more moe-worker flags, space-separated (e.g. "--dtype bfloat16 --tls-cert c.pem --tls-key k.pem")
+#   EXPERT_BITS  with MODEL: HQQ bits for the hosted experts (16, 8, 4, 3, 2), as the coordinator's --expert-bits
+#                (without MODEL the workers compute in whatever format the coordinator sends)
+#   EXTRA_ARGS   more moe-worker flags, space-separated (e.g. "--disk 200GiB --tls-cert c.pem --tls-key k.pem")
 #   RUN_DIR      where logs (worker-N.log), pids (worker-N.pid) and ready files go (default ./moeshard-workers)
 #   MOE_WORKER   the moe-worker program (default: moe-worker on PATH, e.g. an activated virtualenv)
 #   WAIT_S       seconds `start` waits for every worker to report SERVING (default 900; 0 = don't wait)
@@ -51,7 +53,7 @@ info() {
 }
 
 usage() {
-    echo "usage: [MODEL=...] [GPUS=0,1] [HOST=...] $0 start|stop|status" >&2
+    echo "usage: [GPUS=0,1] [HOST=...] [MODEL=...] $0 start|stop|status" >&2
     exit 2
 }
 
@@ -106,6 +108,8 @@ cmd_start() {
     mapfile -t gpus <<<"$indices"
     is_uint "$BASE_PORT" || die "BASE_PORT=$BASE_PORT: expected a port number"
     is_uint "$SLOTS" || die "SLOTS=$SLOTS: expected a whole number"
+    [[ -z $EXPERT_BITS || -n $MODEL ]] || die "EXPERT_BITS applies with MODEL (a local copy of the checkpoint);" \
+        "workers without MODEL compute in the format the coordinator sends"
     if ! is_loopback "$HOST" && [[ -z ${MOESHARD_TOKEN:-} ]]; then
         die "HOST=$HOST is not loopback: export MOESHARD_TOKEN (e.g. \$(openssl rand -hex 32)) and give the" \
             "coordinator the same token"

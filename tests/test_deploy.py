@@ -36,7 +36,8 @@ DEPLOY = ROOT / "deploy"
 SCRIPT = DEPLOY / "workers-per-gpu.sh"
 
 # Plausible values for the placeholders that deployment files leave to the user.
-PLAUSIBLE = {"MOESHARD_TOKEN": "3f9c2a7e5b1d4c8f", "MOESHARD_MODEL_DIR": "/srv/models/Mixtral-8x7B"}
+PLAUSIBLE = {"MOESHARD_TOKEN": "3f9c2a7e5b1d4c8f", "MOESHARD_API_KEY": "9d2e4f6a8b0c1e3f",
+             "MOESHARD_MODEL_DIR": "/srv/models/Mixtral-8x7B"}
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -94,10 +95,12 @@ def substitute(text: str, values: dict[str, str]) -> str:
 
 
 def check_worker_config(args: argparse.Namespace, env_token: str | None, where: str) -> None:
-    """The worker's own config checks: HOST:PORT, a token off loopback, TLS cert and key together."""
+    """The worker's own config checks: HOST:PORT, a token off loopback, TLS cert and key together, format flags
+    only with --model."""
     try:
         ServerConfig(listen=args.listen, grace_s=args.grace, token=args.token or env_token,
                      tls_cert=b"pem" if args.tls_cert else None, tls_key=b"pem" if args.tls_key else None)
+        worker_cli.check_format_flags(args)
     except ValueError as exc:
         pytest.fail(f"{where}: moe-worker would refuse to start: {exc}")
 
@@ -157,9 +160,8 @@ def test_compose_coordinator_reaches_exactly_its_workers(compose, compose_comman
     for w, args in workers.items():
         assert args.listen.startswith("0.0.0.0:"), f"compose.yaml: {w} must listen on the compose network"
         assert compose["services"][name]["depends_on"][w] == {"condition": "service_healthy"}
-        # The fingerprint covers dtype and expert quantization: a mismatch makes the coordinator refuse the worker.
-        assert (args.expert_bits, args.expert_group, args.dtype) == (coord.expert_bits, coord.expert_group,
-                                                                     coord.dtype), f"compose.yaml: {w} vs {name}"
+        # The workers receive the coordinator's experts, in its format: they name neither a model nor a format.
+        assert args.model is None and (args.expert_bits, args.expert_group, args.dtype) == (None, None, None), w
 
 
 def test_compose_publishes_only_the_api_on_loopback(compose, compose_commands):
@@ -171,18 +173,23 @@ def test_compose_publishes_only_the_api_on_loopback(compose, compose_commands):
             assert args.host == "0.0.0.0" and ports == [f"127.0.0.1:{args.port}:{args.port}"], ports
 
 
-def test_compose_token_and_model_mount(compose, compose_commands):
-    mounts = set()
-    for name, (_, args) in compose_commands.items():
+def test_compose_token_api_key_and_model_mount(compose, compose_commands, monkeypatch):
+    from moeshard.coordinator.http_security import serve_config
+
+    for name, (program, args) in compose_commands.items():
         service = compose["services"][name]
         assert service["environment"]["MOESHARD_TOKEN"].startswith("${MOESHARD_TOKEN:?"), \
             f"compose.yaml: {name} must require MOESHARD_TOKEN from the environment"
         assert args.token is None, f"compose.yaml: {name} puts the token on its command line (visible in ps)"
         volumes = [substitute(v, PLAUSIBLE) for v in service["volumes"]]
+        if program == "moe-worker":  # no copy of the model: its experts are sent by the coordinator
+            assert not any(v.endswith(":ro") for v in volumes), f"compose.yaml: {name} mounts a model it never reads"
+            continue
         model = [v for v in volumes if v.split(":")[1] == str(args.model)]
         assert len(model) == 1 and model[0].endswith(":ro"), f"compose.yaml: {name} needs --model mounted :ro"
-        mounts.add(model[0])
-    assert len(mounts) == 1, f"compose.yaml: the model folder should be the same mount everywhere: {mounts}"
+        assert service["environment"]["MOESHARD_API_KEY"].startswith("${MOESHARD_API_KEY:?") and args.api_key is None
+        monkeypatch.setenv("MOESHARD_API_KEY", PLAUSIBLE["MOESHARD_API_KEY"])
+        assert serve_config(args).api_key  # 0.0.0.0 with the key from the environment: it starts
 
 
 def test_compose_stop_grace_exceeds_worker_drain(compose, compose_commands):
@@ -347,9 +354,9 @@ def unit_env(unit) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("override", [{}, {"TLS_ARGS": ""}, {"EXTRA_ARGS": "--store disk --expert-group 64"},
-                                      {"EXPERT_BITS": "16"}],
-                         ids=["as-shipped", "plaintext", "extra-args", "unquantized"])
+@pytest.mark.parametrize("override", [{}, {"TLS_ARGS": ""}, {"EXTRA_ARGS": "--store disk --allow-model-switch"},
+                                      {"MODEL_ARGS": "--model /srv/m --expert-bits 3 --expert-group 64"}],
+                         ids=["as-shipped", "plaintext", "extra-args", "own-copy"])
 def test_systemd_exec_start_is_accepted_by_moe_worker(unit, unit_env, override):
     service = dict(unit["Service"])
     env = {**unit_env, **override}
@@ -423,13 +430,24 @@ def test_script_dry_run_starts_one_worker_per_listed_gpu():
     check_printed_workers(workers, ["127.0.0.1:50051", "127.0.0.1:50052"], "workers-per-gpu.sh --workers")
 
 
+def test_script_workers_without_a_model_receive_it():
+    result = run_script("start", env={"DRY_RUN": "1", "GPUS": "1", "MEMORY": "20GiB"})
+    assert result.returncode == 0, result.stderr
+    (argv,), _ = dry_run_commands(result.stdout)
+    _, args = parse_command(argv, "workers-per-gpu.sh dry run without MODEL")
+    check_worker_config(args, None, "workers-per-gpu.sh without MODEL")
+    assert args.model is None and args.expert_bits is None
+    refused = run_script("start", env={"DRY_RUN": "1", "GPUS": "1", "EXPERT_BITS": "3"})
+    assert refused.returncode == 2 and "EXPERT_BITS applies with MODEL" in refused.stderr
+
+
 def test_script_counts_gpus_with_nvidia_smi_and_keeps_the_token_off_the_command_line(tmp_path):
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\n[ \"$1\" = -L ] || exit 9\n"
                     + "".join(f"echo 'GPU {i}: NVIDIA RTX 3090 (UUID: GPU-{i}abc)'\n" for i in range(3)))
     fake.chmod(0o755)
     env = {"DRY_RUN": "1", "HOST": "0.0.0.0", "ADVERTISE": "gpu-box.lan", "MOESHARD_TOKEN": "s3cret-token",
-           "EXTRA_ARGS": "--dtype bfloat16 --store disk", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+           "EXTRA_ARGS": "--store disk --disk 200GiB", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
     result = run_script("start", env=env)
     assert result.returncode == 0, result.stderr
     assert "s3cret-token" not in result.stdout + result.stderr
@@ -437,7 +455,7 @@ def test_script_counts_gpus_with_nvidia_smi_and_keeps_the_token_off_the_command_
     for gpu, argv in enumerate(commands):
         _, args = parse_command(argv, f"workers-per-gpu.sh dry run, GPU {gpu}")
         check_worker_config(args, "s3cret-token", f"workers-per-gpu.sh GPU {gpu}")
-        assert (args.device, args.listen, args.dtype) == (f"cuda:{gpu}", f"0.0.0.0:{50051 + gpu}", "bfloat16")
+        assert (args.device, args.listen, args.store) == (f"cuda:{gpu}", f"0.0.0.0:{50051 + gpu}", "disk")
     assert len(commands) == 3
     check_printed_workers(workers, [f"gpu-box.lan:{50051 + g}" for g in range(3)], "workers-per-gpu.sh --workers")
 

@@ -86,14 +86,19 @@ def _read(path: Path | None) -> bytes | None:
         raise ValueError(f"cannot read {str(path)!r}: {exc.strerror}") from exc
 
 
+def check_format_flags(args) -> None:
+    """--dtype / --expert-bits / --expert-group describe a worker's own copy of the model (--model)."""
+    if args.model is None and (args.dtype or args.expert_bits is not None or args.expert_group):
+        raise ValueError("--dtype, --expert-bits and --expert-group apply with --model; a worker without --model "
+                         "computes in the format its coordinator sends")
+
+
 def configs(args):
     """(ShardConfig, ServerConfig) from the arguments: every check that needs no model, before anything loads."""
     from .server import ServerConfig
     from .shard import ShardConfig
 
-    if args.model is None and (args.dtype or args.expert_bits is not None or args.expert_group):
-        raise ValueError("--dtype, --expert-bits and --expert-group apply with --model; a worker without --model "
-                         "computes in the format its coordinator sends")
+    check_format_flags(args)
     if args.model is not None and not args.model.expanduser().is_dir():
         raise ValueError(f"--model {str(args.model)!r} is not a folder: expected this machine's copy of the checkpoint "
                          "folder (config.json, *.safetensors), or no --model to receive the experts")
