@@ -241,7 +241,8 @@ def _summarise(system: _System, prompt_len: int, steps: int, bandwidth: float) -
     }
 
 
-def run_benchmark(args) -> dict:
+def bench_checkpoint(args) -> tuple[BenchModelSpec, Path, Path]:
+    """The benchmark model's spec, checkpoint folder (written once) and work folder; sets the default budget."""
     spec = BenchModelSpec.of_kind(args.model_kind, hidden_size=args.hidden, intermediate_size=args.intermediate,
                                   num_hidden_layers=args.layers, dtype=args.model_dtype)
     if args.slots_per_layer is None:  # the budget: half the experts (the paper's setting), a quarter of many
@@ -249,6 +250,11 @@ def run_benchmark(args) -> dict:
     workdir = Path(args.workdir or Path(tempfile.gettempdir()) / "moeshard-bench")
     ckpt = make_bench_checkpoint(workdir / f"model-{spec.family}-{spec.hidden_size}x{spec.num_hidden_layers}"
                                            f"x{spec.num_local_experts}", spec)
+    return spec, ckpt, workdir
+
+
+def run_benchmark(args) -> dict:
+    spec, ckpt, workdir = bench_checkpoint(args)
     largest = max(data_files(ckpt), key=lambda p: p.stat().st_size)
     bandwidth = {"cold": read_bandwidth(largest, cold=True), "warm": read_bandwidth(largest, cold=False)}
     if torch.device(args.device).type == "cuda":
@@ -451,12 +457,28 @@ def plot(report: dict, path: Path) -> bool:
 
 
 def main(args) -> int:
-    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    explicit = args.systems is not None
+    args.systems = [s.strip() for s in (args.systems or ",".join(SYSTEMS)).split(",") if s.strip()]
     unknown = sorted(set(args.systems) - set(SYSTEMS))
     if unknown:
         raise ValueError(f"unknown systems {unknown}: expected a subset of {list(SYSTEMS)}")
     if len(set(args.systems)) != len(args.systems):
         raise ValueError("--systems lists a system twice: rounds already repeat each system (--repeats)")
+    if args.concurrency is not None:
+        from .concurrency import format_concurrency, parse_levels, run_concurrency
+
+        levels = parse_levels(args.concurrency)
+        spec, ckpt, _ = bench_checkpoint(args)
+        if not explicit:
+            args.systems = ["resident", "lru+prefetch"]
+        report = run_concurrency(args, ckpt, spec, args.slots_per_layer, levels)
+        report.update(model={**asdict(spec), "kind": args.model_kind}, date=time.strftime("%Y-%m-%d"),
+                      machine={"cpu_count": psutil.cpu_count(), "platform": platform.platform(), "device": args.device,
+                               "torch_threads": torch.get_num_threads()})
+        print(format_concurrency(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
     report = run_benchmark(args)
     print(format_table(report))
     if args.json:

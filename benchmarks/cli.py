@@ -40,7 +40,7 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw decode tokens/s per system")
-    p.add_argument("--systems", default=",".join(SYSTEMS), metavar="LIST",
+    p.add_argument("--systems", default=None, metavar="LIST",
                    help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all); worker / workers: every "
                         "expert on one / two local moe-worker processes")
     p.add_argument("--model-kind", choices=KINDS, default="mixtral",
@@ -72,5 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--push", action="store_true",
                    help="also push every expert to an empty worker, beside a plain gRPC byte stream of the same size, "
                         "then start a second coordinator against it (which must send nothing)")
+    p.add_argument("--concurrency", default=None, metavar="LIST",
+                   help="instead: serve each of resident and lru+prefetch (or those of them in --systems) over HTTP "
+                        "and decode LIST concurrent streams (e.g. 1,4,8,16) with the official openai client: "
+                        "tokens/s together, time to first token, expert bytes per step (needs: pip install openai)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the benchmark model is written and reused (default: the system's temp dir)")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .. import __version__
 from ..offload_core.config import ALLOWED_BITS, POLICIES
 from .errors import UsageError
 
@@ -105,18 +106,39 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> N
     g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
 
 
+def add_batching_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("batching (several sequences decoded together, each expert loaded once per step)")
+    g.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",
+                   help="sequences decoded together in one step (default 8)")
+    g.add_argument("--step-tokens", type=_positive_int, default=None, metavar="N",
+                   help="tokens one step computes at most: long prompts are prefilled in chunks of this, so they "
+                        "hold the others back by at most one step (default: 64, or --max-batch if larger)")
+    g.add_argument("--kv-tokens", type=_positive_int, default=None, metavar="N",
+                   help="size of the paged KV cache in tokens, shared by the batch (default: --max-batch x the "
+                        "model's context, at most 4096 per sequence)")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(
         prog="moe-coordinator", allow_abbrev=False,
         description="Run Mixture-of-Experts models that do not fit on one GPU: experts offloaded to RAM or disk "
                     "behind a per-layer LRU cache with speculative prefetch.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("generate", allow_abbrev=False, help="generate text from a prompt, streamed to the terminal",
-                       description="Generate text from a prompt; ends with tokens/s, cache hit rate and prefetch recall.")
-    p.add_argument("--prompt", required=True, help="the prompt text")
+    p = sub.add_parser("generate", allow_abbrev=False, help="generate text from one prompt or a batch of prompts",
+                       description="Generate text from a prompt, streamed to the terminal, ending with tokens/s, cache "
+                                   "hit rate and prefetch recall. Several prompts (--prompt repeated, or "
+                                   "--prompt-file) are decoded together as one batch.")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="the prompt text; '-' reads it from stdin; repeat for a batch")
+    p.add_argument("--prompt-file", type=Path, default=None, metavar="FILE",
+                   help="a UTF-8 file with one prompt per line (empty lines skipped), decoded as one batch")
     add_sampling_args(p)
-    p.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"} instead')
+    p.add_argument("--json", action="store_true",
+                   help='print {"text", "token_ids", "stats"} (the new tokens only, without the prompt) instead; '
+                        'one JSON line per prompt, with its "index", for several')
+    add_batching_args(p)
     add_model_args(p)
 
     p = sub.add_parser("chat", allow_abbrev=False, help="interactive chat (the tokenizer's chat template, or plain continuation)",
@@ -181,6 +203,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                    help="a request body not received within this after its head gets 408 (default 60)")
     g.add_argument("--max-connections", type=_positive_int, default=64, metavar="N",
                    help="connections past this get 503 and are closed before anything is read (default 64)")
+    add_batching_args(p)
+    g = p.add_argument_group("requests")
+    g.add_argument("--max-queue", type=_nonnegative_int, default=64, metavar="N",
+                   help="requests waiting for a place in the batch; more get 429 with Retry-After (default 64)")
+    g.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
+                   help="the largest max_tokens a request may ask for; more gets 400 (default: the model's context)")
     add_model_args(p)
     return parser, sub
 

@@ -90,7 +90,52 @@ def load_engine(args, extra_workers: list[str] = ()) -> Engine:
 
 
 def sampling(args) -> SamplingParams:
-    return SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    try:
+        return SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("max_new_tokens", "--max-new-tokens").replace("top_p", "--top-p")
+                         .replace("temperature", "--temperature")) from None
+
+
+def batch_config(args, max_queue: int = 0):
+    from .batching import BatchConfig
+
+    step_tokens = args.step_tokens if args.step_tokens is not None else max(64, args.max_batch)
+    try:
+        return BatchConfig(max_batch=args.max_batch, max_queue=max_queue, step_tokens=step_tokens,
+                           kv_tokens=args.kv_tokens)
+    except ValueError as exc:
+        names = {"max_batch": "--max-batch", "step_tokens": "--step-tokens", "kv_tokens": "--kv-tokens",
+                 "page_size": "the page size"}
+        message = str(exc)
+        for field, flag in names.items():
+            message = message.replace(field, flag)
+        raise UsageError(message) from None
+
+
+def read_prompts(args) -> list[str]:
+    """The prompts of `generate`: each --prompt ('-' = all of stdin), then --prompt-file's lines."""
+    prompts = []
+    for text in args.prompt or ():
+        if text == "-":
+            if "-" in prompts:
+                raise UsageError("--prompt - (stdin) can be given once")
+            text = sys.stdin.read()
+            if not text:
+                raise UsageError("--prompt -: stdin was empty: expected the prompt text")
+        prompts.append(text)
+    if args.prompt_file is not None:
+        try:
+            lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read --prompt-file {str(args.prompt_file)!r}: expected a UTF-8 text file with "
+                             f"one prompt per line ({exc})") from None
+        prompts += [line for line in lines if line.strip()]
+        if not lines or not any(line.strip() for line in lines):
+            raise UsageError(f"--prompt-file {str(args.prompt_file)!r} has no prompts: expected one per line")
+    if not prompts:
+        raise UsageError("give a prompt: --prompt TEXT, --prompt - (from stdin), or --prompt-file FILE (one per line)")
+    return prompts
 
 
 def _fmt(value, spec: str = ".2f") -> str:
@@ -111,21 +156,66 @@ def summary_line(stats: dict) -> str:
 
 def cmd_generate(args) -> int:
     params = sampling(args)
+    prompts = read_prompts(args)
+    batch = batch_config(args) if len(prompts) > 1 else None
     engine = load_engine(args)
     try:
-        prompt_ids = engine.encode_prompt(args.prompt)
+        if batch is not None:
+            return _generate_batch(engine, prompts, params, batch, args.json)
+        prompt_ids = engine.encode_prompt(prompts[0])
         if args.json:
             result = engine.generate(prompt_ids, params)
             print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats}))
             return 0
         out = sys.stdout
-        out.write(args.prompt)
+        out.write(prompts[0])
         out.flush()
         result = engine.generate(prompt_ids, params, on_text=lambda t: (out.write(t), out.flush()))
         out.write("\n\n" + summary_line(result.stats) + "\n")
         return 0
     finally:
         engine.close()
+
+
+def _generate_batch(engine: Engine, prompts: list[str], params: SamplingParams, batch, as_json: bool) -> int:
+    """Several prompts decoded as one batch; each printed as it finishes (JSON: one line each, with its index)."""
+    import asyncio
+
+    from .batching import Batcher
+
+    ids = [engine.encode_prompt(p) for p in prompts]
+    for i, prompt_ids in enumerate(ids):
+        if not prompt_ids:
+            raise UsageError(f"prompt {i + 1} is empty: expected text that makes at least one token")
+        if engine.context_length and len(prompt_ids) + params.max_new_tokens > engine.context_length:
+            raise UsageError(f"prompt {i + 1} ({len(prompt_ids)} tokens) + --max-new-tokens ({params.max_new_tokens}) "
+                             f"exceeds the model's context length of {engine.context_length} tokens")
+
+    def done(i: int, result) -> None:
+        if as_json:
+            print(json.dumps({"index": i, "text": result.text, "token_ids": result.token_ids, "stats": result.stats}),
+                  flush=True)
+        else:
+            print(f"--- prompt {i + 1} of {len(prompts)} ---\n{prompts[i]}{result.text}\n", flush=True)
+
+    batcher = Batcher(engine, batch)
+    before = engine.om.stats().total
+    batcher.start()
+    start = time.perf_counter()
+    try:
+        results = asyncio.run(batcher.generate_many(ids, params, done))
+    finally:
+        batcher.close()
+    seconds = time.perf_counter() - start
+    if not as_json:
+        delta = engine.om.stats().total - before
+        tokens = sum(len(r.token_ids) for r in results)
+        steps = batcher.step_stats
+        print(f"{len(prompts)} prompts, {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tok/s together | "
+              f"{steps.steps} steps, {steps.sequences / max(steps.steps, 1):.1f} sequences per step | expert cache hit "
+              f"rate {_fmt(delta.hit_rate)} | {delta.bytes_loaded / max(steps.steps, 1) / 2**20:.2f} MiB of experts "
+              "moved per step")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -237,9 +327,11 @@ def cmd_serve(args) -> int:
     from .server import build_server
 
     cfg = serve_config(args)  # a missing API key off loopback, bad TLS files or limits: refused before the model loads
+    batch = batch_config(args, args.max_queue)
     engine = load_engine(args)
     try:
-        server = build_server(engine, cfg, log_level="warning" if args.quiet else "info")
+        server = build_server(engine, cfg, log_level="warning" if args.quiet else "info", batch=batch,
+                              max_tokens=args.max_tokens)
         scheme = "https" if cfg.tls_cert is not None else "http"
         print(f"moe-coordinator: serving {engine.name} at {scheme}://{cfg.host}:{cfg.port}/v1 "
               f"({'API key required' if cfg.api_key else 'no API key'})", file=sys.stderr, flush=True)

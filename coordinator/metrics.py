@@ -2,7 +2,7 @@
 read from the runtime at scrape time (so they are never stale and cost nothing per token)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .remote import LATENCY_BUCKETS_S
@@ -60,11 +60,40 @@ class _RuntimeCollector:
         yield from (p50, p99, requests, failures, up, pushed, latency)
 
 
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TOK_S_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+_STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
 class ServerMetrics:
-    def __init__(self, engine):
+    def __init__(self, engine, batcher=None):
         self.registry = CollectorRegistry()
-        self.requests = Counter("moeshard_requests", "HTTP generation requests", ["endpoint", "status"],
-                                registry=self.registry)
+        self.requests = Counter("moeshard_requests", "HTTP generation requests by outcome (status): ok, cancelled "
+                                "(the client went away), error (generation failed), rejected (refused before any "
+                                "work: invalid or overloaded)", ["endpoint", "status"], registry=self.registry)
+        self.rejections = Counter("moeshard_request_rejections", "Generation requests refused before any work, by "
+                                  "reason (invalid, overloaded)", ["reason"], registry=self.registry)
+        self.ttft = Histogram("moeshard_time_to_first_token_seconds", "From a request's arrival in the batcher to "
+                              "its first token (queueing and prefill)", buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.stream_tok_s = Histogram("moeshard_stream_decode_tokens_per_second", "Per request: tokens/s after the "
+                                      "first token", buckets=_TOK_S_BUCKETS, registry=self.registry)
+        batch_buckets = tuple(sorted({1, 2, 4, 8, 16, 32, 64, 128, 256}))
+        self.batch_size = Histogram("moeshard_batch_size", "Sequences in each decoding step", buckets=batch_buckets,
+                                    registry=self.registry)
+        self.step_tokens = Histogram("moeshard_step_tokens", "Tokens computed in each step (prefill chunks plus one "
+                                     "per decoding sequence)", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+                                     registry=self.registry)
+        self.step_seconds = Histogram("moeshard_step_seconds", "Duration of each step", buckets=_STEP_BUCKETS,
+                                      registry=self.registry)
+        self.queue_depth = Histogram("moeshard_queue_depth", "Requests waiting for a place in the batch, seen at "
+                                     "each step", buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        if batcher is not None:
+            Gauge("moeshard_batch_active", "Sequences in the batch now", registry=self.registry).set_function(
+                lambda: batcher.active)
+            Gauge("moeshard_batch_queued", "Requests waiting for a place in the batch now",
+                  registry=self.registry).set_function(lambda: batcher.queued)
+            Gauge("moeshard_requests_in_flight", "Requests admitted and not finished (in the batch or waiting)",
+                  registry=self.registry).set_function(lambda: len(batcher.live))
         self.tokens = Counter("moeshard_tokens_generated", "Tokens generated", registry=self.registry)
         self.prompt_tokens = Counter("moeshard_prompt_tokens", "Prompt tokens processed", registry=self.registry)
         self.refusals = Counter("moeshard_http_refusals", "HTTP requests or connections refused before any work, "

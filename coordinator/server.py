@@ -1,20 +1,21 @@
 """`moe-coordinator serve`: an OpenAI-compatible HTTP API over one `Engine`.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with and without
-`stream: true`, as server-sent events), GET /health, GET /metrics. Generations run one at a time on a
-worker thread (the engine's lock), so concurrent requests queue and never share a KV cache; a client
-that disconnects mid-stream stops its generation. Prompts are tokenized on a thread too, after a length
-check, so the event loop never waits on one. A parameter this server does not implement is refused with a
+`stream: true`, as server-sent events), GET /health, GET /metrics. Requests are decoded together by
+continuous batching (`batching.Batcher`: each joins the batch at the next step and leaves when it ends);
+beyond the batch and its queue a request gets 429 with Retry-After. A client that goes away, streaming or
+not, takes its request out of the batch at the next step. Prompts are tokenized on a thread, after a
+length check, so the event loop never waits on one. A parameter this server does not implement is refused with a
 400 naming it, never ignored. Errors use OpenAI's JSON error shape. The door (API key, body limits,
 timeouts, connection cap) is `http_security`'s.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
-import threading
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -30,6 +31,7 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from .batching import BatchConfig, Batcher, Overloaded
 from .engine import Engine, GenerationResult, SamplingParams
 from .http_security import (PROMPT_CHARS_PER_TOKEN, GuardedH11Protocol, HttpGuard, ServeConfig, error_body,
                             log_unexpected)
@@ -43,13 +45,15 @@ MAX_STOP_CHARS = 256  # per stop string: transformers' stop-string tables grow w
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
-def _error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
-    return Response(error_body(message, type_, param, code), status, media_type="application/json")
+def _error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+                    headers: dict | None = None):
+    return Response(error_body(message, type_, param, code), status, media_type="application/json", headers=headers)
 
 
 def _valid_unicode(value):
@@ -189,11 +193,20 @@ def _sse(chunk: dict) -> str:
 class OpenAIService:
     """The handlers of the OpenAI-compatible API over one `Engine` (registered by `create_app`)."""
 
-    def __init__(self, engine: Engine, cfg: ServeConfig):
+    def __init__(self, engine: Engine, cfg: ServeConfig, batch: BatchConfig = BatchConfig(),
+                 max_tokens: int | None = None):
         self.engine = engine
-        self.metrics = ServerMetrics(engine)
+        self.batcher = Batcher(engine, batch, on_step=self._on_step)
+        self.metrics = ServerMetrics(engine, self.batcher)
         self.created = int(time.time())
         self.max_prompt_chars = cfg.prompt_char_limit(engine.context_length)
+        self.max_tokens = max_tokens  # the most a request may ask for (--max-tokens); None: the context
+
+    def _on_step(self, sequences: int, tokens: int, seconds: float) -> None:  # on the batching thread
+        self.metrics.batch_size.observe(sequences)
+        self.metrics.step_tokens.observe(tokens)
+        self.metrics.step_seconds.observe(seconds)
+        self.metrics.queue_depth.observe(self.batcher.queued)
 
     # -- helpers ------------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -201,8 +214,10 @@ class OpenAIService:
             raise APIError(404, f"the model {name[:100]!r} does not exist: this server serves {self.engine.name!r}",
                            "invalid_request_error", "model", "model_not_found")
 
-    @staticmethod
-    def params_for(req: _Sampling, max_tokens: int | None) -> SamplingParams:
+    def params_for(self, req: _Sampling, max_tokens: int | None) -> SamplingParams:
+        if max_tokens is not None and self.max_tokens is not None and max_tokens > self.max_tokens:
+            raise APIError(400, f"max_tokens: {max_tokens} is more than this server allows per request "
+                                f"({self.max_tokens}, --max-tokens)", param="max_tokens")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options: only allowed with stream: true", param="stream_options")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
@@ -236,68 +251,117 @@ class OpenAIService:
         n = len(result.token_ids)
         return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
 
-    async def run(self, prompt_ids, params, endpoint: str, on_text=None, cancel=None) -> GenerationResult:
+    def finished(self, endpoint: str, outcome: str, result: GenerationResult | None = None) -> None:
+        """Counts a request that reached the batcher, by outcome: ok, cancelled (its client went away) or error."""
+        self.metrics.requests.labels(endpoint, outcome).inc()
+        if result is not None:
+            self.metrics.tokens.inc(len(result.token_ids))
+            self.metrics.prompt_tokens.inc(result.prompt_tokens)
+            stats = result.stats
+            if stats.get("ttft_s") is not None:
+                self.metrics.ttft.observe(stats["ttft_s"])
+            if stats.get("decode_tok_s") is not None:
+                self.metrics.stream_tok_s.observe(stats["decode_tok_s"])
+
+    def admit(self, endpoint: str) -> None:
+        """Before a reply starts: 429 with Retry-After while the batch and its queue are full."""
+        if self.batcher.full:
+            self.metrics.requests.labels(endpoint, "rejected").inc()
+            self.metrics.rejections.labels("overloaded").inc()
+            raise APIError(429, self.batcher.full_message(), "server_overloaded", code="server_overloaded",
+                           headers={"Retry-After": str(self.batcher.retry_after_s())})
+
+    async def generate(self, prompt_ids, params, endpoint: str, on_text=None, on_first_token=None) -> GenerationResult:
+        """One request through the batch, counted by outcome. Cancelling the calling task (its client went away)
+        takes it out of the batch at the next step."""
         start = time.perf_counter()
         try:
-            result = await asyncio.to_thread(self.engine.generate, prompt_ids, params, on_text, cancel)
+            result = await self.batcher.generate(prompt_ids, params, on_text, on_first_token)
+        except Overloaded as exc:
+            self.metrics.requests.labels(endpoint, "rejected").inc()
+            self.metrics.rejections.labels("overloaded").inc()
+            raise APIError(429, str(exc), "server_overloaded", code="server_overloaded",
+                           headers={"Retry-After": str(exc.retry_after_s)}) from None
+        except asyncio.CancelledError:
+            self.finished(endpoint, "cancelled")
+            raise
         except Exception:
-            self.metrics.requests.labels(endpoint, "error").inc()
+            self.finished(endpoint, "error")
             raise
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        self.metrics.requests.labels(endpoint, "ok").inc()
-        self.metrics.tokens.inc(len(result.token_ids))
-        self.metrics.prompt_tokens.inc(result.prompt_tokens)
+        self.finished(endpoint, "ok", result)
         return result
 
-    def stream(self, prompt_ids, params, endpoint: str, *, base: dict, make_chunk, final_chunk, include_usage: bool,
-               prefix: str = "") -> StreamingResponse:
-        """Server-sent events: `prefix` (an echoed prompt), the text as it comes, the final chunk, then the
-        usage: alone in a chunk with no choices when `include_usage` (OpenAI's form), else on the final chunk."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        stop_filter = _StopFilter(params.stop)
+    async def run(self, request: Request, prompt_ids, params, endpoint: str) -> GenerationResult:
+        """A non-streaming request: generated while its connection is watched; if the client disconnects first,
+        its generation is cancelled (and nothing is sent)."""
+        task = asyncio.ensure_future(self.generate(prompt_ids, params, endpoint))
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():  # the client left (or this handler was cancelled): the request leaves the batch
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            raise APIError(499, "the client closed the connection before the reply", "client_closed")
+        return task.result()
 
-        def on_text(text: str) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ("text", text))
+    def stream(self, prompt_ids, params, endpoint: str, *, base: dict, make_chunk, final_chunk, include_usage: bool,
+               prefix: str = "", first_chunk=None) -> StreamingResponse:
+        """Server-sent events: `prefix` (an echoed prompt), `first_chunk` (chat: the assistant's role, as soon as the
+        first token exists), the text as it comes, the final chunk, then the usage: alone in a chunk with no
+        choices when `include_usage` (OpenAI's form), else on the final chunk."""
+        queue: asyncio.Queue = asyncio.Queue()
+        stop_filter = _StopFilter(params.stop)
 
         async def produce():
             try:
-                result = await self.run(prompt_ids, params, endpoint, on_text, cancel)
-                await queue.put(("done", result))
+                result = await self.generate(prompt_ids, params, endpoint, lambda text: queue.put_nowait(("text", text)),
+                                             lambda: queue.put_nowait(("first",)))
+                queue.put_nowait(("done", result))
+            except APIError as exc:  # 429: the batch filled up between the request's checks and its start
+                queue.put_nowait(("error", exc.message, exc.type))
             except Exception as exc:  # reported to the client in-stream; the server keeps serving
                 log_unexpected(logger, f"streaming {endpoint}", exc)
-                await queue.put(("error", exc))
+                queue.put_nowait(("error", str(exc), "server_error"))
 
         async def events():
-            task = asyncio.create_task(produce())
+            task = asyncio.ensure_future(produce())
             try:
                 if prefix:
                     yield _sse(make_chunk(prefix))
                 while True:
-                    kind, value = await queue.get()
-                    if kind == "text":
-                        text = stop_filter.push(value)
+                    kind, *value = await queue.get()
+                    if kind == "first":
+                        if first_chunk is not None:
+                            yield _sse(first_chunk())
+                    elif kind == "text":
+                        text = stop_filter.push(value[0])
                         if text:
                             yield _sse(make_chunk(text))
                     elif kind == "done":
+                        result = value[0]
                         tail = stop_filter.flush()
                         if tail:
                             yield _sse(make_chunk(tail))
                         if include_usage:
-                            yield _sse(final_chunk(value))
-                            yield _sse({**base, "choices": [], "usage": self.usage(value)})
+                            yield _sse(final_chunk(result))
+                            yield _sse({**base, "choices": [], "usage": self.usage(result)})
                         else:
-                            yield _sse({**final_chunk(value), "usage": self.usage(value)})
+                            yield _sse({**final_chunk(result), "usage": self.usage(result)})
                         yield "data: [DONE]\n\n"
                         return
                     else:
-                        yield _sse({"error": {"message": str(value), "type": "server_error", "param": None,
-                                              "code": None}})
+                        yield _sse({"error": {"message": value[0], "type": value[1], "param": None, "code": None}})
                         return
             finally:
-                cancel.set()  # a client that went away stops its generation
-                await task
+                if not task.done():  # the client went away: its request leaves the batch at the next step
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -336,6 +400,7 @@ class OpenAIService:
         params = self.params_for(req, req.max_tokens)
         prompt_ids = await asyncio.to_thread(self.engine.encode_prompt, prompt)
         self.check_context(prompt_ids, params, "prompt")
+        self.admit("completions")
         echo = prompt if req.echo else ""
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": now, "model": self.engine.name}
@@ -346,7 +411,7 @@ class OpenAIService:
                                                                              "finish_reason": None}]},
                                final_chunk=lambda r: {**base, "choices": [{"text": "", "index": 0, "logprobs": None,
                                                                            "finish_reason": r.finish_reason}]})
-        result = await self.run(prompt_ids, params, "completions")
+        result = await self.run(request, prompt_ids, params, "completions")
         return {**base, "choices": [{"text": echo + result.text, "index": 0, "logprobs": None,
                                      "finish_reason": result.finish_reason}], "usage": self.usage(result)}
 
@@ -360,30 +425,51 @@ class OpenAIService:
         except TemplateError as exc:  # e.g. roles that do not alternate as the template requires
             raise APIError(400, f"messages: the model's chat template refused them: {exc}", param="messages") from None
         self.check_context(prompt_ids, params, "messages")
+        self.admit("chat")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": self.engine.name}
         if req.stream:
-            first = [True]
-
             def chunk(text):
-                delta = {"role": "assistant", "content": text} if first[0] else {"content": text}
-                first[0] = False
-                return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                return {**base, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+
+            def role():  # OpenAI's first chunk: the role, no text yet
+                return {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None}]}
 
             return self.stream(prompt_ids, params, "chat", base=base, make_chunk=chunk, include_usage=req.include_usage,
+                               first_chunk=role,
                                final_chunk=lambda r: {**base, "choices": [{"index": 0, "delta": {},
                                                                            "finish_reason": r.finish_reason}]})
-        result = await self.run(prompt_ids, params, "chat")
+        result = await self.run(request, prompt_ids, params, "chat")
         return {**base, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": result.finish_reason}], "usage": self.usage(result)}
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection (the request body has been read: what uvicorn hands the
+    app next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _count_rejection(request, reason: str) -> None:
+    """A generation request refused for its content (a 4xx before any work): counted by endpoint and reason."""
+    service = getattr(request.app.state, "service", None)
+    endpoint = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(request.url.path)
+    if service is not None and endpoint is not None:
+        service.metrics.requests.labels(endpoint, "rejected").inc()
+        service.metrics.rejections.labels(reason).inc()
+
+
 async def _api_error(request, exc: APIError):
-    return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+    if exc.status < 500 and exc.status not in (429, 499):  # 429 and 499 are counted where they happen
+        _count_rejection(request, "invalid")
+    return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
 
 async def _validation_error(request, exc: RequestValidationError):
+    _count_rejection(request, "invalid")
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "json_invalid":
         return _error_response(400, f"request body is not valid JSON: {first.get('msg', '')}", "invalid_request_error")
@@ -396,6 +482,7 @@ async def _validation_error(request, exc: RequestValidationError):
 
 
 async def _value_error(request, exc: ValueError):
+    _count_rejection(request, "invalid")
     return _error_response(400, str(exc), "invalid_request_error")
 
 
@@ -403,9 +490,20 @@ async def _http_error(request, exc: StarletteHTTPException):
     return _error_response(exc.status_code, str(exc.detail), "invalid_request_error")
 
 
-def create_app(engine: Engine, cfg: ServeConfig = ServeConfig()) -> FastAPI:
-    app = FastAPI(title="moeshard", version=__version__)
-    service = OpenAIService(engine, cfg)
+def create_app(engine: Engine, cfg: ServeConfig = ServeConfig(), batch: BatchConfig = BatchConfig(),
+               max_tokens: int | None = None) -> FastAPI:
+    """The app; its lifespan starts the batching loop (and stops it, finishing nothing, at shutdown)."""
+    service = OpenAIService(engine, cfg, batch, max_tokens)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await asyncio.to_thread(service.batcher.start)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(service.batcher.close)
+
+    app = FastAPI(title="moeshard", version=__version__, lifespan=lifespan)
     app.state.service = service
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -422,10 +520,11 @@ def create_app(engine: Engine, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     return app
 
 
-def build_server(engine: Engine, cfg: ServeConfig, log_level: str = "info") -> uvicorn.Server:
+def build_server(engine: Engine, cfg: ServeConfig, log_level: str = "info", batch: BatchConfig = BatchConfig(),
+                 max_tokens: int | None = None) -> uvicorn.Server:
     """The uvicorn server `serve` runs: the app behind its guard, on h11 with a head deadline and a connection
     cap, HTTPS when `cfg` has a certificate."""
-    app = create_app(engine, cfg)
+    app = create_app(engine, cfg, batch, max_tokens)
     config = uvicorn.Config(
         app, host=cfg.host, port=cfg.port, log_level=log_level,
         # uvicorn calls any factory of protocols; the partial hands each connection its limits

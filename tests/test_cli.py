@@ -88,6 +88,7 @@ def test_non_moe_folder(tmp_path, capsys):
     assert "model_type 'llama' is not a Mixture-of-Experts family moeshard can run" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_console_script_bad_flag_exits_nonzero():
     proc = subprocess.run([sys.executable, "-m", "moeshard", "generate", "--prompt", "x", "--prefetch", "many"],
                           capture_output=True, text=True, timeout=120)
@@ -96,6 +97,7 @@ def test_console_script_bad_flag_exits_nonzero():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # every command's --help
 def test_help_documents_every_flag():
     proc = subprocess.run([sys.executable, "-m", "moeshard", "generate", "--help"], capture_output=True,
                           text=True, timeout=120)

@@ -477,6 +477,7 @@ def run_dir(tmp_path):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
+@pytest.mark.slow  # real worker processes
 def test_script_starts_and_stops_workers(tmp_path, run_dir):
     fake = tmp_path / "moe-worker"  # stands in for the real one: records how it was started, then waits
     fake.write_text("""#!/usr/bin/env bash

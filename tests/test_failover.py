@@ -66,10 +66,10 @@ def cluster(tiny_ckpt):
         model.close()
 
 
-def test_sigkill_at_a_random_step_ten_times(cluster, reference_tokens):
+def test_sigkill_at_a_random_step_four_times(cluster, reference_tokens):
     model, workers, runtime = cluster
     rng = random.Random(0)
-    for run in range(10):
+    for run in range(4):
         victim = run % 2
         address = workers.addresses[victim]
         criteria = AtStep(rng.randint(1, NEW - 1), lambda v=victim: workers.signal(v, signal.SIGKILL))
@@ -81,7 +81,7 @@ def test_sigkill_at_a_random_step_ten_times(cluster, reference_tokens):
         before = runtime.workers[address].describe()["requests"]
         assert torch.equal(generate(model), reference_tokens)
         assert runtime.workers[address].describe()["requests"] > before, f"{address} did not serve after rejoining"
-    assert runtime.failures[workers.addresses[0]] >= 5 and runtime.failures[workers.addresses[1]] >= 5
+    assert runtime.failures[workers.addresses[0]] >= 2 and runtime.failures[workers.addresses[1]] >= 2
 
 
 def test_worker_past_its_deadline_falls_back(cluster, reference_tokens):

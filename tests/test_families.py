@@ -13,14 +13,15 @@ from transformers import AutoModelForCausalLM
 
 from moeshard.cli import main
 from moeshard.coordinator.cluster import ClusterConfig, join_workers
-from moeshard.coordinator.local_workers import LocalWorkers
 from moeshard.coordinator.placement import ClusterSpec
-from moeshard.offload_core import CheckpointError, QuantConfig, load_model
+from moeshard.offload_core import CheckpointError, OffloadConfig, QuantConfig, load_model
 from moeshard.offload_core.config import DEFAULT_EXPERT_GROUP
 from moeshard.offload_core.moe_layer import _ATTR
 from moeshard.offload_core.quant import HQQExpertFormat, quantize_attention
+from moeshard.worker.shard import ShardConfig
 
 from .conftest import make_checkpoint
+from .workers import InProcessWorker
 from .families import FAMILIES, make_family_checkpoint, make_mxfp4_gpt_oss
 
 PROMPT = torch.tensor([[1, 17, 42, 5, 33, 23, 61, 9, 30, 44, 100, 7]])
@@ -34,7 +35,13 @@ def generate(model) -> torch.Tensor:
     return model.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+# The fast subset runs three families (the paper's, the most run at home, and the one with sinks, biases and MXFP4);
+# the full suite runs all.
+FAST_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
+
+
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=() if f in FAST_FAMILIES else pytest.mark.slow)
+                                        for f in FAMILIES])
 def family(request, tmp_path_factory):
     """(name, checkpoint folder, transformers' model, its logits and greedy tokens on PROMPT)."""
     path = make_family_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
@@ -78,6 +85,7 @@ def _fake_quantize(ref, om, bits: int):
     return model, worst
 
 
+@pytest.mark.slow  # HQQ on tiny Mixtral is in the fast subset (test_quant)
 def test_family_hqq_4_3_equals_transformers_on_the_same_quantized_weights(family, tmp_path):
     name, path, ref, _, _ = family
     with load_model(path, slots_per_layer=2, prefetch=1, cache_dir=tmp_path,
@@ -90,12 +98,14 @@ def test_family_hqq_4_3_equals_transformers_on_the_same_quantized_weights(family
         assert torch.equal(generate(om), generate(quantized))
 
 
-@pytest.mark.slow  # two worker processes per family: ~5 s each
 def test_family_with_half_the_experts_on_two_workers(family):
+    """Two workers (the real gRPC server and shard code, in this process: worker processes are tested in
+    test_worker and test_join) compute half of each family's experts."""
     name, path, ref, ref_logits, ref_tokens = family
-    with LocalWorkers(2, path, extra_args=("--slots-per-layer", "2")) as workers:
+    shard = ShardConfig(model=path, offload=OffloadConfig(slots_per_layer=2, store="ram", prefetch=0))
+    with InProcessWorker(shard) as w0, InProcessWorker(shard) as w1:
         with load_model(path, slots_per_layer=2, prefetch=1) as om:
-            cluster = join_workers(om, ClusterConfig(ClusterSpec(tuple(workers.addresses), local_share=0.5)))
+            cluster = join_workers(om, ClusterConfig(ClusterSpec((w0.address, w1.address), local_share=0.5)))
             placed = len(cluster.placement)
             assert placed == len(om.layout.sparse_layers) * om.layout.num_experts // 2
             with torch.no_grad():

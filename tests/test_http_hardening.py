@@ -32,6 +32,7 @@ from moeshard.coordinator import commands
 from moeshard.coordinator.cli import build_parser
 from moeshard.coordinator.engine import Engine
 from moeshard.coordinator.http_security import ServeConfig, serve_config
+from moeshard.coordinator.batching import Batcher
 from moeshard.coordinator.server import build_server
 from moeshard.offload_core import OffloadConfig
 
@@ -293,6 +294,7 @@ def test_a_chunked_body_is_refused_once_it_passes_the_limit(keyed):
     assert closed
 
 
+@pytest.mark.slow
 def test_a_body_that_does_not_arrive_in_time_gets_408(keyed):
     _, port = keyed
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -353,6 +355,7 @@ def test_a_prompt_over_the_character_limit_is_refused_before_tokenizing(open_ser
     assert calls == []
 
 
+@pytest.mark.slow  # a tokenizer held for a second
 @pytest.mark.parametrize("endpoint, method", [("completions", "encode_prompt"), ("chat/completions", "encode_chat")])
 def test_tokenizing_runs_off_the_event_loop(open_server, engine, monkeypatch, endpoint, method):
     base, _ = open_server
@@ -406,6 +409,7 @@ def test_bad_input_is_a_4xx_in_openai_shape(open_server, engine, endpoint, body,
     assert openai_error(text)["param"] == param
 
 
+@pytest.mark.slow  # its own server
 def test_a_chat_template_that_refuses_the_messages_is_a_400(tmp_path):
     from .conftest import make_checkpoint, save_tiny_tokenizer
 
@@ -437,10 +441,10 @@ def test_a_vanishing_temperature_decodes_greedily(open_server, engine):
 def test_an_unexpected_failure_is_an_openai_500_logged_once(open_server, engine, monkeypatch):
     base, _ = open_server
 
-    def broken(*args, **kwargs):  # a failure whose message quotes a client, at length and with a terminal escape
+    async def broken(*args, **kwargs):  # a failure whose message quotes a client, at length and with an escape
         raise RuntimeError(f"internal detail {MARKER}\x1b[31m" + "z" * 1000)
 
-    monkeypatch.setattr(engine, "generate", broken)
+    monkeypatch.setattr(Batcher, "generate", broken)
     with captured_logs() as records:
         status, headers, text = http("POST", f"{base}/v1/completions", {"model": engine.name, "prompt": PROMPT})
     assert status == 500 and headers["content-type"] == "application/json"
@@ -522,6 +526,7 @@ def test_echo_puts_the_prompt_before_the_completion(open_server, engine):
 
 # -- 12. slow clients and the connection cap -------------------------------------------------------
 
+@pytest.mark.slow
 def test_connections_that_never_finish_their_headers_are_closed(keyed):
     base, port = keyed
     partial = [b"", b"POST /v1/compl", b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"]
@@ -559,6 +564,7 @@ def test_connections_that_never_finish_their_headers_are_closed(keyed):
             sock.close()
 
 
+@pytest.mark.slow
 def test_connections_past_the_limit_get_503_and_service_resumes(engine):
     cfg = ServeConfig(port=0, max_connections=3, header_timeout_s=1.0)
     with running(engine, cfg) as (base, port):
@@ -604,6 +610,7 @@ def self_signed(tmp_path):
     return cert_path, key_path
 
 
+@pytest.mark.slow
 def test_tls_serves_https_only(engine, tmp_path):
     cert, key = self_signed(tmp_path)
     with running(engine, ServeConfig(port=0, api_key=KEY, tls_cert=cert, tls_key=key)) as (base, port):
@@ -686,6 +693,7 @@ def test_serve_help_states_the_access_rules_and_limits(capsys):
         assert expected in text, expected
 
 
+@pytest.mark.slow
 def test_a_websocket_is_closed_before_anything_is_read(engine):
     from moeshard.coordinator.server import create_app
 

@@ -9,7 +9,7 @@ from .conftest import NUM_EXPERTS
 PROMPT = torch.tensor([[1, 17, 42, 5, 88, 23, 61, 9, 30, 74]])
 
 
-@pytest.fixture(scope="module", params=["tiny_ckpt", "tiny_sharded_ckpt"])
+@pytest.fixture(scope="module", params=["tiny_ckpt", pytest.param("tiny_sharded_ckpt", marks=pytest.mark.slow)])
 def ckpt_and_ref(request, reference):
     path = request.getfixturevalue(request.param)
     ref = reference(path)
@@ -75,7 +75,7 @@ def test_cuda_parity(tiny_ckpt, reference):
 
 
 @pytest.mark.parametrize("policy", ["router", "none"])
-@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("k", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_other_eviction_policies_keep_exact_tokens(tiny_ckpt, reference, policy, k):
     expected = reference(tiny_ckpt).generate(PROMPT, max_new_tokens=32, do_sample=False, min_new_tokens=32)
     model = load_model(tiny_ckpt, slots_per_layer=k, prefetch=1, policy=policy)

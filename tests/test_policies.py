@@ -47,7 +47,7 @@ def test_every_policy_k_and_prefetch_on_the_demo_model(demo_reference, policy):
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-@pytest.mark.parametrize("k, m", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("k, m", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_cli_generate_with_each_policy_on_the_demo_model(demo_reference, capsys, policy, k, m):
     """`moe-coordinator generate --policy router --slots-per-layer 2 --prefetch 1` crashed with an IndexError
     (a prefetch-driven eviction before the policy's first call): every policy now runs through the CLI."""

@@ -143,6 +143,7 @@ def test_unauthenticated_big_messages_cost_the_worker_no_memory(process_worker):
     assert _health_ok(grpc.insecure_channel(address)) < 2
 
 
+@pytest.mark.slow  # a worker process
 def test_refusals_are_logged_quoted_short_and_rarely(process_worker):
     address, _, log = process_worker
     before = log.stat().st_size

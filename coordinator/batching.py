@@ -1,0 +1,406 @@
+"""Continuous batching: many generations decoded together, step by step, on one offloaded model.
+
+This is transformers' own continuous-batching manager and paged KV cache (`init_continuous_batching`),
+unchanged: a background thread runs one step at a time; a request joins at the next step and leaves when it
+ends (EOS, its `max_tokens`, a stop string, or its caller going away), without waiting for the others. Each
+step is one forward over the tokens of every sequence in it, so a MoE layer sees them all at once: its
+experts are grouped over the whole batch, loaded once and computed once per step, and each remote worker gets
+one request per layer for the batch. A long prompt is prefilled in chunks of `step_tokens`, with the decoding
+sequences served first in every step, so it never holds the others back by more than one step.
+
+What moeshard adds: admission (a bounded queue, `Overloaded` beyond it), the choice of each token (greedy is
+the arg-max of fp32 logits, like `generate`; a request with a seed samples from its own generator, so its
+tokens do not depend on what else is in the batch), stop strings and cancellation, text streaming, per-request
+timing, per-step figures, and a restart of the manager after a step fails.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import ContinuousBatchingConfig, GenerationConfig, TextStreamer
+from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
+from transformers.generation.continuous_batching.requests import RequestStatus
+
+from .engine import Engine, GenerationResult, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KV_TOKENS_PER_SEQUENCE = 4096  # the default KV cache holds this many tokens per sequence (or the context)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch: int = 8  # sequences decoded together in one step
+    max_queue: int = 64  # requests waiting for a place in the batch; beyond: Overloaded (HTTP 429)
+    step_tokens: int = 64  # tokens one step computes at most: prompts are prefilled in chunks of this size
+    kv_tokens: int | None = None  # paged KV cache size in tokens; None: max_batch x min(context, 4096)
+    page_size: int = 32  # tokens per KV cache page
+
+    def __post_init__(self):
+        for name in ("max_batch", "step_tokens", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.step_tokens < self.max_batch:
+            raise ValueError(f"step_tokens ({self.step_tokens}) must be >= max_batch ({self.max_batch}): every "
+                             "sequence of a full batch needs one token per step")
+        if self.kv_tokens is not None and self.kv_tokens < self.page_size:
+            raise ValueError(f"kv_tokens must be >= page_size ({self.page_size}), got {self.kv_tokens}")
+
+    def cache_tokens(self, context_length: int) -> int:
+        if self.kv_tokens is not None:
+            return self.kv_tokens
+        per_sequence = min(context_length or DEFAULT_KV_TOKENS_PER_SEQUENCE, DEFAULT_KV_TOKENS_PER_SEQUENCE)
+        return self.max_batch * per_sequence
+
+
+class Overloaded(Exception):
+    """The batch and its queue are full: come back in `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class GenerationFailed(RuntimeError):
+    """A step that this request was part of failed (e.g. a worker its experts needed was down with
+    --no-local-fallback); the server keeps serving."""
+
+
+# How a request's next token is chosen, passed to `_ChooseToken` per request as an int32.
+_SAMPLE = -1  # sampled by transformers from the batch's shared generator
+_GREEDY = -2  # the arg-max, first index on ties (as `generate`'s greedy search)
+
+
+class _ChooseToken(ContinuousBatchingLogitsProcessor):
+    """The last logits processor of every step: a greedy request's row becomes one-hot at its arg-max, and a
+    seeded request's row one-hot at a token drawn from its own generator (seeded by the request's seed and its
+    token's position), so transformers' sampler can only pick that token. Other rows are left to it."""
+
+    supported_kwargs = {"choose": int}
+    ignored_kwargs = ()
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(_SAMPLE)
+
+    def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
+        keys = []
+        for request in requests_with_new_token:
+            choose = request.state.logit_processor_kwargs.get("choose", _SAMPLE)
+            if choose >= 0:  # a seed: one generator per (seed, position), independent of the batch
+                choose = hash((choose, request.state.generated_len())) & 0x7FFFFFFF
+            keys.append(choose)
+        return torch.tensor(keys, dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        keys = tensor_arg[: scores.size(0)].tolist()
+        for row, key in enumerate(keys):
+            if key == _SAMPLE:
+                continue
+            if key == _GREEDY:
+                token = int(scores[row].argmax())
+            else:
+                generator = torch.Generator(device=scores.device).manual_seed(key)
+                token = int(torch.multinomial(torch.softmax(scores[row], dim=-1), 1, generator=generator))
+            scores[row].fill_(float("-inf"))
+            scores[row, token] = 0.0
+        return scores
+
+
+def _install(manager, processor: ContinuousBatchingLogitsProcessor) -> None:
+    """Appends `processor` to the manager's per-request logits processors (before its thread starts, when the
+    argument buffers are sized)."""
+    processors = manager.logit_processor
+    if not all(hasattr(processors, a) for a in ("logits_processor", "tensors_required", "supported_keys")):
+        raise RuntimeError("this transformers version's continuous batching has no per-request logits processors "
+                           "as moeshard expects: install the transformers version pyproject.toml names")
+    processors.logits_processor.append(processor)
+    processors.tensors_required += 1
+    processors.supported_keys.update(processor.supported_kwargs)
+    processors.do_processing = True
+
+
+class _TextOut(TextStreamer):
+    """transformers' TextStreamer for the new tokens only, handing finished text to a callback."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if self.on_text is not None and text:
+            self.on_text(text)
+
+
+@dataclass
+class _Request:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    out: _TextOut
+    done: asyncio.Future
+    submitted: float
+    on_first_token: Callable[[], None] | None = None
+    token_ids: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    finish: str | None = None
+
+
+@dataclass
+class StepStats:
+    steps: int = 0
+    sequences: int = 0  # summed over steps: sequences / steps is the mean batch size
+    tokens: int = 0  # query tokens computed (prefill chunks + one per decoding sequence)
+    seconds: float = 0.0
+    max_step_s: float = 0.0
+    recent: deque = field(default_factory=lambda: deque(maxlen=4096))  # (sequences, tokens, seconds) per step
+
+
+class Batcher:
+    """Continuous batching over one `Engine`: `await batcher.generate(prompt_ids, params, on_text)` from any
+    number of tasks on one event loop. `start()` once, `close()` at the end."""
+
+    def __init__(self, engine: Engine, cfg: BatchConfig = BatchConfig(),
+                 on_step: Callable[[int, int, float], None] | None = None):
+        self.engine, self.cfg, self.on_step = engine, cfg, on_step
+        self.model = engine.model
+        self.manager = None
+        self.live: dict[str, _Request] = {}
+        self.step_stats = StepStats()
+        self.restarts = 0
+        self._lock = threading.Lock()  # manager (re)creation
+        self._step_start = 0.0
+        self._step_shape = (0, 0)
+        self._hooks = []
+        self._durations: deque[float] = deque(maxlen=64)  # recent request durations, for Retry-After
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        context = self.engine.context_length
+        tokens = self.cfg.cache_tokens(context)
+        self.num_blocks = max(1, math.ceil(tokens / self.cfg.page_size))
+        self._hooks = [self.model.register_forward_pre_hook(self._before_step, with_kwargs=True),
+                       self.model.register_forward_hook(self._after_step)]
+        self._start_manager()
+
+    def _start_manager(self) -> None:
+        eos = sorted(self.eos_ids) or None
+        # The base config only makes transformers build its per-request temperature and top-p processors; every
+        # request passes its own values.
+        generation = GenerationConfig(do_sample=True, temperature=0.5, top_p=0.5, top_k=0,
+                                      eos_token_id=eos if eos is None or len(eos) > 1 else eos[0],
+                                      pad_token_id=eos[0] if eos else 0)
+        batching = ContinuousBatchingConfig(
+            page_size=self.cfg.page_size, num_blocks=self.num_blocks, max_batch_tokens=self.cfg.step_tokens,
+            max_requests_per_batch=self.cfg.max_batch, per_request_processors=True,
+            # moeshard's experts move weights and call workers inside the forward: no graphs, no compile, no
+            # double-buffered steps; and no flash attention swapped in behind the user's back
+            use_cuda_graph=False, use_async_batching=False, default_compile_level=0, auto_switch_to_flash=False,
+            allow_block_sharing=False)
+        manager = self.model.init_continuous_batching(generation_config=generation,
+                                                      continuous_batching_config=batching)
+        _install(manager, _ChooseToken())
+        manager.start()
+        self.manager = manager
+
+    def _ensure_running(self) -> None:
+        """After a step failed (every request in the manager was failed and told), a fresh manager."""
+        with self._lock:
+            manager = self.manager
+            if (manager is not None and manager.is_running()
+                    and manager.background_thread_status.can_accept_new_requests() is None):
+                return
+            old, self.manager = self.manager, None
+            if old is not None:
+                try:
+                    old.stop(block=True, timeout=30)
+                except Exception:  # the old thread is gone; what matters is the new one
+                    logger.exception("stopping the failed batching loop")
+            self.restarts += 1
+            logger.warning("restarting the batching loop after a failed step (restart %d)", self.restarts)
+            self._start_manager()
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self.manager is not None:
+            self.manager.stop(block=True, timeout=60)
+            self.manager = None
+
+    # -- figures -------------------------------------------------------------------------------
+    def _before_step(self, module, args, kwargs):
+        cu = kwargs.get("cu_seq_lens_q")
+        ids = kwargs.get("input_ids")
+        sequences = int(cu.numel()) - 1 if isinstance(cu, torch.Tensor) else 1
+        tokens = int(ids.shape[-1]) if isinstance(ids, torch.Tensor) else 0
+        self._step_shape = (sequences, tokens)
+        self._step_start = time.perf_counter()
+
+    def _after_step(self, module, args, output):
+        seconds = time.perf_counter() - self._step_start
+        sequences, tokens = self._step_shape
+        s = self.step_stats
+        s.steps += 1
+        s.sequences += sequences
+        s.tokens += tokens
+        s.seconds += seconds
+        s.max_step_s = max(s.max_step_s, seconds)
+        s.recent.append((sequences, tokens, seconds))
+        if self.on_step is not None:
+            self.on_step(sequences, tokens, seconds)
+
+    @property
+    def active(self) -> int:
+        """Sequences in the batch now (prefilling or decoding)."""
+        manager = self.manager
+        processor = getattr(manager, "batch_processor", None) if manager is not None else None
+        return len(processor.scheduler.active_requests) if processor is not None else 0
+
+    @property
+    def queued(self) -> int:
+        """Requests admitted and waiting for a place in the batch."""
+        return max(0, len(self.live) - self.active)
+
+    @property
+    def full(self) -> bool:
+        return len(self.live) >= self.cfg.max_batch + self.cfg.max_queue
+
+    def full_message(self) -> str:
+        return (f"the server is at capacity ({self.cfg.max_batch} sequences in the batch and {self.cfg.max_queue} "
+                "waiting, --max-batch/--max-queue): retry later")
+
+    def retry_after_s(self) -> int:
+        typical = sorted(self._durations)[len(self._durations) // 2] if self._durations else 5.0
+        return max(1, math.ceil(typical * (1 + self.queued / self.cfg.max_batch)))
+
+    # -- requests ------------------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       on_text: Callable[[str], None] | None = None,
+                       on_first_token: Callable[[], None] | None = None) -> GenerationResult:
+        """Decode one request in the shared batch: `on_text` gets its text as it is decoded, `on_first_token` is
+        called when its first token exists. Cancelling the awaiting task takes the request out of the batch at
+        the next step. Raises `Overloaded` when the batch and queue are full, `GenerationFailed`
+        when a step it was in failed."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: expected at least one token")
+        context = self.engine.context_length
+        if context and len(prompt_ids) + params.max_new_tokens > context:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                             f"the model's context length of {context} tokens")
+        if self.full:
+            raise Overloaded(self.full_message(), self.retry_after_s())
+        loop = asyncio.get_running_loop()
+        rid = f"r-{uuid.uuid4().hex}"
+        req = _Request(rid, list(prompt_ids), params, _TextOut(self.engine.tokenizer, on_text), loop.create_future(),
+                       time.perf_counter(), on_first_token)
+        self.live[rid] = req
+        try:
+            self._submit(req)
+            await req.done
+            return self._result(req)
+        finally:
+            # however it ends (finished, failed, stopped or the caller cancelled): out of the batch, forgotten
+            self.live.pop(rid, None)
+            if req.finish is None or req.finish == "stop-string":
+                self._cancel(rid)
+            self._durations.append(time.perf_counter() - req.submitted)
+
+    def _submit(self, req: _Request) -> None:
+        p = req.params
+        if p.temperature > 0:
+            kwargs = dict(temperature=float(p.temperature), top_p=float(p.top_p),
+                          choose=p.seed & 0x7FFFFFFF if p.seed is not None else _SAMPLE)
+        else:
+            kwargs = dict(temperature=1.0, top_p=1.0, choose=_GREEDY)
+        for attempt in range(2):
+            self._ensure_running()
+            manager = self.manager
+            manager.register_result_handler(req.rid, lambda output, r=req: self._on_output(r, output))
+            if manager.add_request(req.prompt_ids, request_id=req.rid, max_new_tokens=p.max_new_tokens,
+                                   streaming=True, **kwargs) is not None:
+                return
+            self._forget(manager, req.rid)  # refused: the loop stopped between the check and the request
+        raise GenerationFailed("the batching loop is not accepting requests")
+
+    def _on_output(self, req: _Request, output) -> None:
+        """On the event loop: a step's tokens for one request (all its tokens so far)."""
+        if req.done.done():
+            return
+        now = time.perf_counter()
+        new = output.generated_tokens[len(req.token_ids):]
+        if new and not req.token_ids and req.on_first_token is not None:
+            req.on_first_token()
+        for token in new:
+            req.token_ids.append(token)
+            req.token_times.append(now)
+            if token not in self.eos_ids:
+                req.out.put(torch.tensor([token]))
+            if req.params.stop and self._stopped(req):
+                req.finish = "stop-string"
+                break
+        if req.finish is None and output.is_finished():
+            if output.status == RequestStatus.FAILED:
+                req.done.set_exception(GenerationFailed(f"generation failed: {output.error}"))
+                return
+            req.finish = "stop" if req.token_ids and req.token_ids[-1] in self.eos_ids else "length"
+        if req.finish is not None:
+            req.out.end()
+            req.done.set_result(None)
+
+    def _stopped(self, req: _Request) -> bool:
+        text = self.engine.tokenizer.decode(req.token_ids, skip_special_tokens=True)
+        return any(s in text for s in req.params.stop)
+
+    def _result(self, req: _Request) -> GenerationResult:
+        text = self.engine.tokenizer.decode(req.token_ids, skip_special_tokens=True)
+        finish = "length" if req.finish == "length" else "stop"
+        if req.params.stop:
+            cut = min((i for i in (text.find(s) for s in req.params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        times = req.token_times
+        first = times[0] - req.submitted if times else None
+        decode_s = times[-1] - times[0] if len(times) > 1 else 0.0
+        stats = {"prompt_tokens": len(req.prompt_ids), "new_tokens": len(req.token_ids),
+                 "wall_s": (times[-1] if times else time.perf_counter()) - req.submitted, "ttft_s": first,
+                 "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None}
+        return GenerationResult(text, list(req.token_ids), len(req.prompt_ids), finish, stats)
+
+    def _cancel(self, rid: str) -> None:
+        manager = self.manager
+        if manager is not None:
+            manager.cancel_request(rid)
+            self._forget(manager, rid)
+
+    @staticmethod
+    def _forget(manager, rid: str) -> None:
+        """Drops the request's result handler (transformers drops it only when a request finishes, not when it is
+        cancelled)."""
+        router = manager.output_router
+        with router._lock:
+            router.result_handlers.pop(rid, None)
+
+    async def generate_many(self, prompts: list[list[int]], params: SamplingParams,
+                            on_done: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
+        """Several prompts as one batch (offline jobs); `on_done(i, result)` as each finishes."""
+
+        async def one(i: int, ids: list[int]) -> GenerationResult:
+            result = await self.generate(ids, params)
+            if on_done is not None:
+                on_done(i, result)
+            return result
+
+        return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts))))

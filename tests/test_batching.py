@@ -1,0 +1,228 @@
+"""Continuous batching on the trained demo model (fp32, experts offloaded through the LRU cache with prefetch):
+requests decoded together get the tokens transformers' `generate` gives each alone; chunked prefill, stops,
+cancellation, seeds, admission and a failed step."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from moeshard.coordinator.batching import BatchConfig, Batcher, GenerationFailed, Overloaded, _ChooseToken
+from moeshard.coordinator.engine import Engine, SamplingParams
+from moeshard.offload_core import OffloadConfig
+from moeshard.offload_core.demo import demo_model_path
+
+PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n",
+           "for i in range(", "x = 1"]
+LONG = ("import os\nimport re\nimport sys\n\n\ndef main(argv=None):\n    parser = argparse.ArgumentParser()\n"
+        "    parser.add_argument('--verbose', action='store_true')\n    args = parser.parse_args(argv)\n") * 3
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = Engine.load(demo_model_path(), OffloadConfig(dtype="float32", slots_per_layer=4, prefetch=1),
+                         progress=False)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def batcher(engine):
+    made = []
+
+    def make(**kwargs) -> Batcher:
+        b = Batcher(engine, BatchConfig(**{"step_tokens": 32, **kwargs}))
+        b.start()
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
+
+
+def alone(engine: Engine, ids: list[int], params: SamplingParams) -> list[int]:
+    return engine.generate(ids, params).token_ids
+
+
+def greedy(n: int, stop=()) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, stop=tuple(stop))
+
+
+def test_batched_greedy_tokens_and_logits_equal_generate_alone(engine, batcher):
+    """Different prompt lengths (one longer than a step, so prefilled in chunks) and max_tokens, decoded together:
+    each gets the tokens `generate` gives it alone; the logits the batch chose from are within 1e-4 of them."""
+    b = batcher(max_batch=8)
+    requests = [(engine.encode_prompt(p), n) for p, n in zip([*PROMPTS, LONG], [24, 9, 17, 30, 12])]
+    assert len(requests[-1][0]) > 32, "the long prompt must need several prefill chunks"
+    seen: dict[str, list[torch.Tensor]] = {}
+    order: list[list[str]] = []
+    prepare, call = _ChooseToken.prepare_tensor_args, _ChooseToken.__call__
+
+    def record_prepare(self, reqs):
+        order.append([r.state.request_id for r in reqs])
+        return prepare(self, reqs)
+
+    def record_call(self, scores, arg):
+        for rid, row in zip(order[-1], scores):
+            seen.setdefault(rid, []).append(row.clone())
+        return call(self, scores, arg)
+
+    _ChooseToken.prepare_tensor_args, _ChooseToken.__call__ = record_prepare, record_call
+    try:
+        async def run():
+            return await asyncio.gather(*(b.generate(ids, greedy(n)) for ids, n in requests))
+
+        results = asyncio.run(run())
+    finally:
+        _ChooseToken.prepare_tensor_args, _ChooseToken.__call__ = prepare, call
+    assert max(s[0] for s in b.step_stats.recent) >= 4, "requests were not decoded together"
+    assert max(s[1] for s in b.step_stats.recent) <= 32, "a step computed more than step_tokens tokens"
+    by_order = sorted(seen.values(), key=len)
+    worst = 0.0
+    for (ids, n), result in zip(requests, results):
+        out = engine.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True)
+        expected = out.sequences[0, len(ids):].tolist()
+        assert result.token_ids == expected
+        rows = next(r for r in by_order if len(r) == len(expected) and
+                    all(int(x.argmax()) == t for x, t in zip(r, expected)))
+        for got, want in zip(rows, out.logits):
+            finite = torch.isfinite(got)  # top-p at 1.0 masks only tokens whose probability is exactly 0
+            worst = max(worst, float((got[finite] - want[0][finite]).abs().max()))
+    assert worst <= 1e-4, f"batched logits differ from generate's by {worst}"
+
+
+@pytest.mark.slow
+def test_stop_strings_and_cancellation_in_a_batch(engine, batcher):
+    """A stop string ends one request (tokens as generate with stop_strings gives alone); a cancelled one leaves the
+    batch at the next step; the others are untouched, and the batch empties."""
+    b = batcher(max_batch=4)
+    ids = [engine.encode_prompt(p) for p in PROMPTS]
+    stopped = greedy(40, stop=["\n"])
+
+    async def run():
+        cancelled = asyncio.ensure_future(b.generate(ids[2], greedy(200)))
+        others = asyncio.gather(b.generate(ids[0], stopped), b.generate(ids[1], greedy(20)))
+        while not b.live or b.step_stats.steps < 4:
+            await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        results = await others
+        for _ in range(200):
+            if b.active == 0:
+                break
+            await asyncio.sleep(0.02)
+        return results
+
+    stop_result, plain = asyncio.run(run())
+    reference = engine.generate(ids[0], stopped)
+    assert stop_result.token_ids == reference.token_ids and stop_result.text == reference.text
+    assert stop_result.finish_reason == "stop" and "\n" not in stop_result.text
+    assert plain.token_ids == alone(engine, ids[1], greedy(20))
+    assert b.active == 0 and not b.live
+    assert not b.manager.output_router.result_handlers, "a cancelled request's handler was kept"
+
+
+@pytest.mark.slow
+def test_a_seed_gives_the_same_sample_alone_or_in_a_batch(engine, batcher):
+    b = batcher(max_batch=4)
+    ids = [engine.encode_prompt(p) for p in PROMPTS]
+    seeded = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=1234)
+
+    async def together():
+        return await asyncio.gather(b.generate(ids[0], seeded), *(b.generate(i, greedy(16)) for i in ids[1:]),
+                                    b.generate(ids[0], SamplingParams(16, 1.0, 0.95, seed=99)))
+
+    async def by_itself():
+        return await b.generate(ids[0], seeded)
+
+    batch = asyncio.run(together())
+    solo = asyncio.run(by_itself())
+    assert batch[0].token_ids == solo.token_ids
+    assert batch[-1].token_ids != solo.token_ids, "two seeds gave the same 16 sampled tokens"
+
+
+def test_full_batch_and_queue_refuse_with_retry_after(engine, batcher):
+    b = batcher(max_batch=1, max_queue=1)
+    ids = engine.encode_prompt(PROMPTS[0])
+
+    async def run():
+        first = asyncio.ensure_future(b.generate(ids, greedy(40)))
+        second = asyncio.ensure_future(b.generate(ids, greedy(4)))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:
+            await b.generate(ids, greedy(4))
+        return refused.value, await first, await second
+
+    refused, first, second = asyncio.run(run())
+    assert refused.retry_after_s >= 1 and "--max-batch" in str(refused)
+    assert len(first.token_ids) == 40 and len(second.token_ids) == 4
+
+
+@pytest.mark.slow
+def test_a_failed_step_fails_its_requests_and_the_loop_restarts(engine, batcher):
+    b = batcher(max_batch=4)
+    ids = engine.encode_prompt(PROMPTS[0])
+    calls = {"n": 0}
+
+    def fail_once(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("worker 10.0.0.7:50051 is down and --no-local-fallback is set")
+
+    hook = engine.model.register_forward_pre_hook(fail_once, with_kwargs=True)
+    try:
+        async def run():
+            return await asyncio.gather(b.generate(ids, greedy(10)), b.generate(ids, greedy(10)),
+                                        return_exceptions=True)
+
+        failed = asyncio.run(run())
+    finally:
+        hook.remove()
+    assert all(isinstance(f, GenerationFailed) and "10.0.0.7" in str(f) for f in failed)
+    again = asyncio.run(b.generate(ids, greedy(10)))
+    assert again.token_ids == alone(engine, ids, greedy(10)) and b.restarts == 1
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_worker_mid_batch_changes_no_request(engine, tmp_path):
+    """Two real workers host the demo model's experts (pushed to them); one is SIGKILLed at step 6 of a batch of
+    four: its experts fall back to the coordinator and every request keeps the tokens it gets alone."""
+    import signal
+
+    from moeshard.coordinator.cluster import ClusterConfig
+    from moeshard.coordinator.local_workers import LocalWorkers
+    from moeshard.coordinator.placement import ClusterSpec
+    from moeshard.coordinator.remote import ClientConfig
+
+    requests = [(engine.encode_prompt(p), n) for p, n in zip(PROMPTS, [20, 14, 24, 18])]
+    expected = [alone(engine, ids, greedy(n)) for ids, n in requests]
+    with LocalWorkers(2, None, cache_dirs=[tmp_path / "w0", tmp_path / "w1"]) as workers:
+        spec = ClusterSpec(tuple(workers.addresses), local_share=0.25)
+        clustered = Engine.load(demo_model_path(), OffloadConfig(dtype="float32", slots_per_layer=4, prefetch=1),
+                                ClusterConfig(spec, ClientConfig(rpc_timeout_s=5.0), probe_max_s=0.5), progress=False)
+        try:
+            killed = []
+
+            def on_step(sequences, tokens, seconds):
+                if len(killed) == 0 and b.step_stats.steps == 6:
+                    killed.append(sequences)
+                    workers.signal(0, signal.SIGKILL)
+
+            b = Batcher(clustered, BatchConfig(max_batch=4, step_tokens=32), on_step=on_step)
+            b.start()
+            try:
+                async def run():
+                    return await asyncio.gather(*(b.generate(ids, greedy(n)) for ids, n in requests))
+
+                results = asyncio.run(run())
+            finally:
+                b.close()
+            assert killed and killed[0] >= 2, "the worker was not killed while several sequences were decoding"
+            assert workers.addresses[0] in clustered.cluster.down
+            assert [r.token_ids for r in results] == expected
+        finally:
+            clustered.close()
