@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("mixtral", "many-experts")
+from .cli import KINDS  # noqa: F401  (re-exported: the kinds of benchmark model)
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ class _Served:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        batch = BatchConfig(max_batch=max_batch, max_queue=max_batch, step_tokens=max(64, max_batch))
+        batch = BatchConfig(max_batch=max_batch, max_queue=max_batch, step_tokens=max(256, max_batch))
         self.server = build_server(engine, ServeConfig(port=self.port, max_connections=4 * max_batch + 8),
                                    log_level="warning", batch=batch)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -41,7 +41,7 @@ DEFAULT_KV_TOKENS_PER_SEQUENCE = 4096  # the default KV cache holds this many to
 class BatchConfig:
     max_batch: int = 8  # sequences decoded together in one step
     max_queue: int = 64  # requests waiting for a place in the batch; beyond: Overloaded (HTTP 429)
-    step_tokens: int = 64  # tokens one step computes at most: prompts are prefilled in chunks of this size
+    step_tokens: int = 256  # tokens one step computes at most: prompts are prefilled in chunks of this size
     kv_tokens: int | None = None  # paged KV cache size in tokens; None: max_batch x min(context, 4096)
     page_size: int = 32  # tokens per KV cache page
 

@@ -112,7 +112,7 @@ def add_batching_args(p: argparse.ArgumentParser) -> None:
                    help="sequences decoded together in one step (default 8)")
     g.add_argument("--step-tokens", type=_positive_int, default=None, metavar="N",
                    help="tokens one step computes at most: long prompts are prefilled in chunks of this, so they "
-                        "hold the others back by at most one step (default: 64, or --max-batch if larger)")
+                        "hold the others back by at most one step (default: 256, or --max-batch if larger)")
     g.add_argument("--kv-tokens", type=_positive_int, default=None, metavar="N",
                    help="size of the paged KV cache in tokens, shared by the batch (default: --max-batch x the "
                         "model's context, at most 4096 per sequence)")
@@ -223,8 +223,44 @@ def configure_logging(args) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+LOADS_A_MODEL = ("generate", "chat", "demo", "perplexity", "serve")
+
+
+def precheck(args) -> None:
+    """What can be checked before torch is imported (seconds) or a model loads (minutes): the device name, what
+    --model names, the files given, and for serve its settings and its port, bound now."""
+    from ..offload_core.config import check_device_name
+    from ..offload_core.hub import check_model_argument
+
+    if getattr(args, "device", None):
+        check_device_name(args.device)
+    if getattr(args, "model", None) is not None:
+        check_model_argument(args.model)
+    if args.command == "serve":
+        from .http_security import serve_config
+
+        args.serve_config = serve_config(args)  # a missing API key off loopback, bad limits: refused now
+    for name in ("text", "prompt_file", "cluster", "tls_ca", "tls_cert", "tls_key"):
+        path = getattr(args, name, None)
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"--{name.replace('_', '-')} {str(path)!r}: no such file")
+    if args.command == "serve":
+        from .http_security import listen_socket
+
+        args.listen_socket = listen_socket(args.serve_config.host, args.serve_config.port)
+
+
 def run(args, extra: dict[str, Callable] | None = None) -> int:
     """Run the parsed command; bad input of every kind is one line on stderr and exit 2."""
+    try:
+        precheck(args)
+    except (UsageError, ValueError) as exc:
+        print(f"moe-coordinator: error: {exc}", file=sys.stderr)
+        return 2
+    if args.command in LOADS_A_MODEL and not args.quiet:
+        where = f" on {args.device}" if args.device else ""
+        print(f"moe-coordinator {args.command}: loading {args.model or 'the bundled demo model'}{where} ...",
+              file=sys.stderr, flush=True)
     configure_logging(args)
     from ..offload_core.checkpoint import CheckpointError
     from . import commands

@@ -404,6 +404,26 @@ class Joiner:
         return sent
 
 
+def check_worker_formats(cfg: ClusterConfig, planned_format: str) -> None:
+    """Before the model loads (and its experts are quantized, which takes hours on a large model): a worker that
+    serves its own checkpoint in another expert format is refused now, with both sides' settings. Workers that
+    do not answer at once are left to `join_workers`."""
+    for address in cfg.spec.workers:
+        client = WorkerClient(address, "", replace(cfg.client, control_timeout_s=min(
+            cfg.client.control_timeout_s, cfg.connect_timeout_s)))
+        try:
+            info = client.info()
+        except grpc.RpcError:
+            continue
+        finally:
+            client.close()
+        if info.own_checkpoint and info.expert_format and info.expert_format != planned_format:
+            raise ClusterError(
+                f"worker {address} serves its own checkpoint with experts as {info.expert_format!r}, but this "
+                f"coordinator's settings make them {planned_format!r}: give both the same --dtype, --expert-bits and "
+                "--expert-group, or start the worker without --model to receive the coordinator's experts")
+
+
 def join_workers(om, cfg: ClusterConfig, progress: bool = False) -> Cluster:
     """Connect every worker of `cfg.spec`, check it serves (or may receive) the same model, place experts, give
     each worker its share and join them to `om`'s runtime. A worker that does not answer within

@@ -35,6 +35,16 @@ def model_folder(args) -> Path:
     return resolve_model(args.model, progress=not getattr(args, "quiet", False))
 
 
+def context_length(path: Path) -> int:
+    """max_position_embeddings from config.json (0 when absent), read without building the model."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    text = config.get("text_config") or config
+    return int(text.get("max_position_embeddings") or 0)
+
+
 def tokenizer_folder(path: Path) -> Path:
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise UsageError(f"no tokenizer in {str(path)!r}: expected tokenizer.json or tokenizer_config.json "
@@ -100,7 +110,7 @@ def sampling(args) -> SamplingParams:
 def batch_config(args, max_queue: int = 0):
     from .batching import BatchConfig
 
-    step_tokens = args.step_tokens if args.step_tokens is not None else max(64, args.max_batch)
+    step_tokens = args.step_tokens if args.step_tokens is not None else max(256, args.max_batch)
     try:
         return BatchConfig(max_batch=args.max_batch, max_queue=max_queue, step_tokens=step_tokens,
                            kv_tokens=args.kv_tokens)
@@ -257,10 +267,14 @@ def cmd_chat(args) -> int:
         messages: list[dict] = []
         transcript = ""
         print(f"moeshard chat on {engine.name} ({'chat template' if templated else 'plain continuation'}); "
-              "an empty line or /exit ends it.", file=sys.stderr)
+              "Ctrl-C stops a reply; an empty line, /exit or Ctrl-C at the prompt ends the chat.", file=sys.stderr)
         while True:
             print("> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
+            try:
+                line = sys.stdin.readline()
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                return 0
             if not line or line.strip() in ("", "/exit"):
                 return 0
             if templated:
@@ -271,15 +285,44 @@ def cmd_chat(args) -> int:
                 ids = engine.encode_prompt(transcript)
             budget = engine.context_length - params.max_new_tokens if engine.context_length else len(ids)
             ids = ids[-max(budget, 1):]  # keep the most recent context
-            result = engine.generate(ids, params, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+            result, stopped = _interruptible(engine, ids, params)
             sys.stdout.write("\n")
             sys.stdout.flush()
+            if stopped:
+                print("[reply stopped; the conversation goes on]", file=sys.stderr)
             if templated:
                 messages.append({"role": "assistant", "content": result.text})
             else:
                 transcript += result.text + "\n"
     finally:
         engine.close()
+
+
+def _interruptible(engine: Engine, ids: list[int], params: SamplingParams):
+    """A reply streamed to stdout that Ctrl-C stops at the next token (generation runs on a thread; the main
+    thread takes the interrupt and tells it to stop): (the result so far, whether it was stopped)."""
+    import threading
+
+    cancel, done, box = threading.Event(), threading.Event(), {}
+
+    def work():
+        try:
+            box["result"] = engine.generate(ids, params, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+                                            cancel=cancel)
+        except BaseException as exc:  # handed to the main thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="moeshard-chat", daemon=True).start()
+    while not done.is_set():  # an Event, not Thread.join: an interrupted join can leave is_alive() wrong (3.11)
+        try:
+            done.wait(0.1)
+        except KeyboardInterrupt:
+            cancel.set()
+    if "error" in box:
+        raise box["error"]
+    return box["result"], cancel.is_set()
 
 
 def cmd_perplexity(args) -> int:
@@ -290,6 +333,11 @@ def cmd_perplexity(args) -> int:
         text = text_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read --text {str(text_path)!r}: expected a UTF-8 text file ({exc})") from exc
+    context = context_length(model_folder(args))
+    if context and args.seq_len > context:
+        raise UsageError(f"--seq-len {args.seq_len} is longer than the model's context of {context} tokens "
+                         "(max_position_embeddings): its perplexity there would measure positions it was never "
+                         f"trained on; use --seq-len {context} or less")
     engine = load_engine(args)
     try:
         start = time.perf_counter()
@@ -323,19 +371,21 @@ def cmd_info(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .http_security import serve_config
+    from .http_security import listen_socket, serve_config
     from .server import build_server
 
-    cfg = serve_config(args)  # a missing API key off loopback, bad TLS files or limits: refused before the model loads
+    cfg = getattr(args, "serve_config", None) or serve_config(args)  # checked before anything loads (cli.precheck)
+    sock = getattr(args, "listen_socket", None) or listen_socket(cfg.host, cfg.port)
     batch = batch_config(args, args.max_queue)
     engine = load_engine(args)
     try:
         server = build_server(engine, cfg, log_level="warning" if args.quiet else "info", batch=batch,
                               max_tokens=args.max_tokens)
         scheme = "https" if cfg.tls_cert is not None else "http"
-        print(f"moe-coordinator: serving {engine.name} at {scheme}://{cfg.host}:{cfg.port}/v1 "
+        port = sock.getsockname()[1]
+        print(f"moe-coordinator: serving {engine.name} at {scheme}://{cfg.host}:{port}/v1 "
               f"({'API key required' if cfg.api_key else 'no API key'})", file=sys.stderr, flush=True)
-        server.run()
+        server.run(sockets=[sock])
     finally:
         engine.close()
     return 0

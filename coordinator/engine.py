@@ -18,8 +18,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, StoppingCriteri
 
 from ..offload_core.config import OffloadConfig
 from ..offload_core.counters import ExpertCounters
-from ..offload_core.model import OffloadedModel, load_model
-from .cluster import Cluster, ClusterConfig, join_workers
+from ..offload_core.model import OffloadedModel, load_model, planned_expert_format
+from .cluster import Cluster, ClusterConfig, check_worker_formats, join_workers
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, offload: OffloadConfig = OffloadConfig(), cluster: ClusterConfig | None = None,
              progress: bool = True) -> Engine:
+        if cluster is not None:  # a worker whose expert format differs is refused before anything is quantized
+            check_worker_formats(cluster, planned_expert_format(path, offload))
         om = load_model(path, offload, progress=progress)
         try:
             tokenizer = AutoTokenizer.from_pretrained(Path(path))

@@ -9,10 +9,12 @@ the API's own routes are logged as "<other path>", headers and bodies never.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import ipaddress
 import json
 import logging
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -91,6 +93,22 @@ def serve_config(args) -> ServeConfig:
                        tls_cert=args.tls_cert, tls_key=args.tls_key, max_body_bytes=args.max_body_bytes,
                        max_prompt_chars=args.max_prompt_chars, header_timeout_s=args.header_timeout,
                        body_timeout_s=args.body_timeout, max_connections=args.max_connections)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound before the model loads: a port in use is one line at once, not an error
+    after minutes of loading. (SO_REUSEADDR only, as uvicorn: a second server on the same port is refused.)"""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        hint = " (another server is using it: stop it or choose another --port)" if exc.errno == errno.EADDRINUSE else ""
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def is_loopback(host: str) -> bool:

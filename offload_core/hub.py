@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a model needs from a repository; never pickles (*.bin, *.pt), never the original/ subfolders.
 MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -20,21 +18,35 @@ EXPECTED = ("expected a model folder (holding config.json and *.safetensors) or 
             "such as Qwen/Qwen3-30B-A3B")
 
 
-def resolve_model(text: str | Path, *, progress: bool = False) -> Path:
-    """The local folder for a `--model` value: the folder itself, or the repository's snapshot."""
+def check_model_argument(text: str | Path) -> Path | None:
+    """A `--model` value checked without importing anything heavy: the folder, or None for a repository id;
+    a file, or a path that does not exist and is no repository id, is a ValueError saying what is expected."""
     path = Path(text).expanduser()
     if path.is_dir():
         return path
     if path.is_file():
         hint = " (it is the model's config file: pass its folder)" if path.name == "config.json" else ""
-        raise CheckpointError(f"--model {str(text)!r} is a file{hint}: {EXPECTED}")
+        raise ValueError(f"--model {str(text)!r} is a file{hint}: {EXPECTED}")
     if not _REPO_ID.match(str(text)) or str(text).startswith((".", "~")):
-        raise CheckpointError(f"model folder {str(text)!r} does not exist: {EXPECTED}")
-    return _snapshot(str(text), progress)
+        raise ValueError(f"model folder {str(text)!r} does not exist: {EXPECTED}")
+    return None
+
+
+def resolve_model(text: str | Path, *, progress: bool = False) -> Path:
+    """The local folder for a `--model` value: the folder itself, or the repository's snapshot."""
+    from .checkpoint import CheckpointError
+
+    try:
+        folder = check_model_argument(text)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    return folder if folder is not None else _snapshot(str(text), progress)
 
 
 def _snapshot(repo_id: str, progress: bool) -> Path:
     from huggingface_hub import constants, snapshot_download
+
+    from .checkpoint import CheckpointError
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Iterable
 
 import torch
 
@@ -61,13 +62,17 @@ class LocalExperts:
     def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return self.submit(layer, groups).result()
 
-    def prefetch(self, layer: int, experts: list[int]) -> list[int]:
-        """Start loading `experts` of `layer` (a hint); returns the ones asked for (at most the slots)."""
+    def prefetch(self, layer: int, experts: list[int], skip: Iterable[int] = ()) -> list[int]:
+        """Start loading the first `experts` of `layer` that fit its slots (a hint, best first), except those in
+        `skip` (hinted already); returns the ones that fit. No predicted expert is evicted for another: with
+        several sequences in a step most experts are predicted, and the resident ones are needed too."""
         slots = self.slots.get(layer)
         if slots is None:
             return []
-        wanted = list(dict.fromkeys(experts))[: slots.capacity]
-        slots.prefetch(wanted)
+        ranked = list(dict.fromkeys(experts))
+        wanted = ranked[: slots.capacity]
+        skip = set(skip)
+        slots.prefetch([e for e in wanted if e not in skip], protect=ranked)
         return wanted
 
     def counters(self) -> dict[int, ExpertCounters]:

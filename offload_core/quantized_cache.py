@@ -147,7 +147,7 @@ class QuantizedCache:
 
     def _write_manifest(self) -> None:
         manifest = self._expected()
-        manifest["layers"] = {str(layer): self._entries[layer] for layer in self.layers}
+        manifest["layers"] = {str(layer): self._entries[layer] for layer in self.layers if layer in self._entries}
         _atomic_write(self.folder / _MANIFEST, json.dumps(manifest, indent=1).encode())
 
     # -- checking ----------------------------------------------------------------------------
@@ -180,8 +180,23 @@ class QuantizedCache:
 
     # -- building ----------------------------------------------------------------------------
     def build(self, layers: list[int], progress: bool = False) -> None:
-        """Quantize every expert of `layers` from the source into fresh files (temp file, then rename)."""
+        """Quantize every expert of `layers` from the source into fresh files (temp file, then rename). The
+        manifest is rewritten after each layer, so an interrupted build (Ctrl-C, a crash) resumes where it
+        stopped; a folder left with nothing in it is removed."""
+        created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._build(layers, progress)
+        except BaseException:
+            done = [layer for layer in layers if layer in self._entries]
+            if created and not any(self.folder.iterdir()):
+                self.folder.rmdir()
+            elif done:
+                logger.warning("quantizing stopped after %d of %d layers; they are kept in %s and the next start "
+                               "resumes from there", len(done), len(layers), self.folder)
+            raise
+
+    def _build(self, layers: list[int], progress: bool) -> None:
         needed = len(layers) * self.num_experts * self.nbytes
         free = shutil.disk_usage(self.folder).free
         if free < needed:
@@ -194,7 +209,7 @@ class QuantizedCache:
                 self._build_layer(layer, bar)
                 # Offsets come from the file just written, read back like any other open would.
                 self._check_layer(layer, self._entries[layer], verify=False)
-        self._write_manifest()
+                self._write_manifest()
         self.built_layers += layers
         logger.info("quantized %d experts (%d layers) into %s in %.1fs", len(layers) * self.num_experts,
                     len(layers), self.folder, time.perf_counter() - start)

@@ -103,9 +103,7 @@ class ExpertRuntime:
         local_hint, remote_hint = self._split((layer, experts)) if self.remote is not None else ((layer, experts), None)
         predicted = []
         if local_hint is not None:
-            capped = list(dict.fromkeys(local_hint[1]))[: self.local.slots_per_layer]
-            self.local.prefetch(layer, [e for e in capped if e not in already])
-            predicted += capped
+            predicted += self.local.prefetch(layer, local_hint[1], skip=already)
         if remote_hint is not None:
             predicted += self.remote.prefetch(layer, remote_hint[1], already)
         self._predicted[layer] = set(predicted)

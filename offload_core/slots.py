@@ -188,10 +188,11 @@ class LayerSlots:
             slot.free_event = torch.cuda.Event()
             slot.free_event.record(torch.cuda.current_stream(self.loader.device))
 
-    def prefetch(self, experts) -> int:
-        """Start loading `experts` (a hint, at most `capacity` of them); returns how many loads it started."""
+    def prefetch(self, experts, protect=()) -> int:
+        """Start loading `experts` (a hint, at most `capacity` of them), never evicting one of them or of
+        `protect`; returns how many loads it started."""
         wanted = list(dict.fromkeys(experts))[: self.capacity]
-        protect = set(wanted)
+        protect = set(wanted) | set(protect)
         issued = 0
         for e in wanted:
             if e in self._resident:

@@ -55,3 +55,23 @@ def test_bench_many_experts_small(tmp_path):
     assert report["budget"]["slots_per_layer"] == 16  # a quarter of the experts
     assert all(r["tokens_match_reference"] for r in report["runs"])
     assert {"resident_vs_fastest_transformers", "lru+prefetch_vs_accelerate"} <= set(report["targets"])
+
+
+@pytest.mark.slow  # two servers, each decoding 1 and 3 streams
+def test_bench_concurrency_serves_streams_over_http(tmp_path, capsys):
+    out = tmp_path / "concurrency.json"
+    code = main(["bench", "--concurrency", "1,3", "--hidden", "64", "--intermediate", "128", "--layers", "2",
+                 "--tokens", "6", "--prompt-tokens", "8", "--repeats", "2", "--workdir", str(tmp_path / "work"),
+                 "--json", str(out), "--quiet"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert set(report["systems"]) == {"resident", "lru+prefetch"} and report["levels"] == [1, 3]
+    for name, by_level in report["systems"].items():
+        one, three = by_level["1"], by_level["3"]
+        assert one["rounds"] == three["rounds"] == 2
+        assert one["mean_batch"] == 1.0 and three["mean_batch"] > 1.5, (name, three)
+        assert 0 < one["ttft_p50_s"] <= one["ttft_p95_s"] and three["aggregate_tok_s"] > 0
+        assert 0 < three["active_fraction"] <= 1
+    assert report["systems"]["resident"]["3"]["hit_rate"] == 1.0
+    assert report["systems"]["lru+prefetch"]["3"]["bytes_per_step"] > 0
+    assert "tok/s together" in capsys.readouterr().out

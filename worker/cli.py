@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .. import __version__
 from ..offload_core.config import ALLOWED_BITS, OffloadConfig, QuantConfig
 from ..offload_core.config import parse_size as _parse_size
 from ..offload_core.settings import token_from_env
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-worker", allow_abbrev=False,
                                 description="Host a share of an MoE model's experts and compute them for a "
                                             "moe-coordinator over gRPC. Activations travel, weights do not.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--model", type=Path, default=None,
                    help="this machine's own copy of the checkpoint folder (optional: without it the worker waits for "
                         "a coordinator to join it and send just its share of the experts, kept under --cache-dir)")
