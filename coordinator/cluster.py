@@ -30,7 +30,7 @@ from ..offload_core.experts import ExpertKey
 from ..offload_core.local_experts import Hint, LocalExperts
 from ..protos.wire import WorkerInfo
 from .placement import ClusterError, ClusterSpec, hosted_by, plan_placement
-from .remote import ClientConfig, RemoteExperts, WorkerClient
+from .remote import ClientConfig, HandshakeFailed, RemoteExperts, WorkerClient
 
 logger = logging.getLogger(__name__)
 
@@ -439,7 +439,7 @@ def join_workers(om, cfg: ClusterConfig, progress: bool = False) -> Cluster:
             try:
                 client.wait_ready(cfg.connect_timeout_s)
                 info = client.info()
-            except (grpc.FutureTimeoutError, grpc.RpcError, ConnectionRefusedError) as exc:
+            except (grpc.FutureTimeoutError, grpc.RpcError, ConnectionError) as exc:
                 refusal = _misconfigured(address, exc, cfg)
                 if refusal is not None:
                     raise refusal from exc
@@ -502,6 +502,14 @@ def _assumed(infos: dict[str, WorkerInfo | None], om, expert_bytes: int) -> dict
 def _misconfigured(address: str, exc: Exception, cfg: ClusterConfig) -> ClusterError | None:
     """A worker that answered, but not as this coordinator was told to talk to it: a clear error now, not a
     worker 'down' forever."""
+    if isinstance(exc, HandshakeFailed):
+        if cfg.client.tls_ca is None:
+            return ClusterError(f"worker {address} accepts connections but not this coordinator's plaintext: it "
+                                "probably speaks TLS: pass --tls-ca with the certificate of the CA that signed its "
+                                "--tls-cert")
+        return ClusterError(f"worker {address} accepts connections but the TLS handshake failed: its certificate is "
+                            "not signed by --tls-ca, not made for this address (subjectAltName), or it does not "
+                            "speak TLS (started without --tls-cert)")
     if not isinstance(exc, grpc.RpcError) or not callable(getattr(exc, "code", None)):
         return None
     code, details = exc.code(), exc.details() or ""

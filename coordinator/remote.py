@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import logging
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -140,6 +141,20 @@ class Session:
         self._call.cancel()
 
 
+class HandshakeFailed(ConnectionError):
+    """Something listens at the address, but the channel could not be set up: TLS on one side only, a
+    certificate the other side does not accept, or not a moe-worker."""
+
+
+def _tcp_open(address: str, timeout_s: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 class WorkerClient:
     def __init__(self, address: str, fingerprint: str, cfg: ClientConfig = ClientConfig()):
         self.address, self.fingerprint, self.cfg = address, fingerprint, cfg
@@ -182,6 +197,8 @@ class WorkerClient:
             if state.get("now") == grpc.ChannelConnectivity.READY:
                 return
             if ok and state.get("failed"):
+                if _tcp_open(self.address):
+                    raise HandshakeFailed(f"{self.address} accepts connections but the gRPC handshake with it failed")
                 raise ConnectionRefusedError(f"cannot connect to {self.address} (connection refused, or no route)")
             raise grpc.FutureTimeoutError()
         finally:

@@ -278,3 +278,19 @@ def test_certificate_for_another_host_is_refused(tiny_ckpt, pki, local):
             client.info()
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         client.close()
+
+
+@pytest.mark.parametrize("side", ["plaintext", "another CA", "wrong token"])
+def test_a_misconfigured_coordinator_is_told_what_to_fix(tls_worker, pki, tiny_ckpt, side):
+    """Plaintext to a TLS worker, a CA that did not sign its certificate, a wrong token: one clear error at start,
+    naming the fix, not a worker 'down' (or a timeout)."""
+    from moeshard.coordinator.cluster import ClusterConfig, ClusterError, join_workers
+    from moeshard.coordinator.placement import ClusterSpec
+
+    client = {"plaintext": ClientConfig(token=TOKEN), "another CA": ClientConfig(tls_ca=pki["other_ca"], token=TOKEN),
+              "wrong token": ClientConfig(tls_ca=pki["ca"], token="not-" + TOKEN)}[side]
+    expected = {"plaintext": "probably speaks TLS: pass --tls-ca", "another CA": "not signed by --tls-ca",
+                "wrong token": "refused the token"}[side]
+    with load_model(tiny_ckpt, slots_per_layer=2, prefetch=0) as om:
+        with pytest.raises(ClusterError, match=expected):
+            join_workers(om, ClusterConfig(ClusterSpec((tls_worker.address,)), client))
