@@ -236,8 +236,8 @@ class Batcher:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if self.manager is not None:
-            self.manager.stop(block=True, timeout=60)
+        if self.manager is not None:  # requests still in it fail ("generation loop finished"): nothing waits for them
+            self.manager.stop(block=True, timeout=60, hard_stop=True)
             self.manager = None
 
     # -- figures -------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import hmac
-import ipaddress
 import json
 import logging
 import socket
@@ -25,6 +24,7 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..offload_core.config import is_loopback
 from ..offload_core.settings import API_KEY_ENV, api_key_from_env
 
 logger = logging.getLogger(__name__)
@@ -109,16 +109,6 @@ def listen_socket(host: str, port: int) -> socket.socket:
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
     sock.set_inheritable(True)
     return sock
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:

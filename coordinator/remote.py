@@ -110,6 +110,10 @@ class Session:
             future.set_exception(error)
 
     def run(self, request: pb.RunExpertsRequest) -> Future:
+        return self._send(lambda rid: pb.SessionRequest(id=rid, run=request))
+
+    def _send(self, message) -> Future:
+        """Sends `message(id)` on the stream; the future gets the reply with that id (or the stream's error)."""
         future: Future = Future()
         with self._lock:
             if self.broken is not None:
@@ -117,7 +121,7 @@ class Session:
                 return future
             rid = next(self._ids)
             self._pending[rid] = future
-        self._queue.put(pb.SessionRequest(id=rid, run=request))
+        self._queue.put(message(rid))
         return future
 
     def prefetch(self, request: pb.PrefetchRequest) -> None:
@@ -126,15 +130,7 @@ class Session:
 
     def ping(self) -> Future:
         """An empty round trip (the floor under every RunExperts on this stream)."""
-        future: Future = Future()
-        with self._lock:
-            if self.broken is not None:
-                future.set_exception(self.broken)
-                return future
-            rid = next(self._ids)
-            self._pending[rid] = future
-        self._queue.put(pb.SessionRequest(id=rid))
-        return future
+        return self._send(lambda rid: pb.SessionRequest(id=rid))
 
     def close(self) -> None:
         self._queue.put(None)

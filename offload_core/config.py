@@ -4,6 +4,8 @@ No torch or hqq import at module level: the CLIs build and check these before lo
 """
 from __future__ import annotations
 
+import ipaddress
+
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +110,17 @@ class OffloadConfig:
 
     def store_for(self, device_type: str) -> str:
         return self.store or ("ram" if device_type == "cuda" else "disk")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or "localhost") is this machine only: listening there needs no credentials."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_device_name(device: str) -> None:

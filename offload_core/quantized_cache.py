@@ -54,7 +54,8 @@ def _safetensors_header(num_experts: int, nbytes: int, metadata: dict[str, str])
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """`data` in `path` whole or not at all (a temp file, synced, then renamed over it)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -148,7 +149,7 @@ class QuantizedCache:
     def _write_manifest(self) -> None:
         manifest = self._expected()
         manifest["layers"] = {str(layer): self._entries[layer] for layer in self.layers if layer in self._entries}
-        _atomic_write(self.folder / _MANIFEST, json.dumps(manifest, indent=1).encode())
+        atomic_write(self.folder / _MANIFEST, json.dumps(manifest, indent=1).encode())
 
     # -- checking ----------------------------------------------------------------------------
     def _check_layer(self, layer: int, entry: dict, verify: bool) -> None:

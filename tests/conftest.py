@@ -87,6 +87,20 @@ def tiny_tok_ckpt(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def demo_engine():
+    """The trained demo model in fp32, its experts offloaded (4 of 8 slots per layer, prefetch 1), with its
+    tokenizer: the real routing that user-facing options must survive."""
+    from moeshard.coordinator.engine import Engine
+    from moeshard.offload_core import OffloadConfig
+    from moeshard.offload_core.demo import demo_model_path
+
+    engine = Engine.load(demo_model_path(), OffloadConfig(dtype="float32", slots_per_layer=4, prefetch=1),
+                         progress=False)
+    yield engine
+    engine.close()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def kill_leftover_children():
     """Worker processes are stopped by the tests that start them; any a failing test left behind is killed here,

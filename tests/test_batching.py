@@ -20,11 +20,8 @@ LONG = ("import os\nimport re\nimport sys\n\n\ndef main(argv=None):\n    parser 
 
 
 @pytest.fixture(scope="module")
-def engine():
-    engine = Engine.load(demo_model_path(), OffloadConfig(dtype="float32", slots_per_layer=4, prefetch=1),
-                         progress=False)
-    yield engine
-    engine.close()
+def engine(demo_engine):
+    return demo_engine
 
 
 @pytest.fixture

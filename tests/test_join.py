@@ -2,7 +2,6 @@
 (verified, kept on disk, never sent twice), and a worker that is down when the coordinator starts is treated like
 one that dies later. Real worker processes on 127.0.0.1."""
 import hashlib
-import json
 import signal
 import threading
 import time

@@ -255,3 +255,14 @@ def test_generate_reads_the_prompt_from_stdin_and_a_file(tiny_tok_ckpt, capsys, 
     assert from_file == tokens("--prompt", "def add(a, b):") + tokens("--prompt", "class Point:")
     code, _, err = run_cli(capsys, "generate", "--model", str(tiny_tok_ckpt), "--quiet")
     assert code == 2 and "give a prompt: --prompt TEXT, --prompt - (from stdin), or --prompt-file FILE" in one_line(err)
+
+
+# -- 8. a worker too small for its share ----------------------------------------------------------
+
+def test_a_worker_whose_memory_is_too_small_is_one_line(tiny_tok_ckpt, capsys):
+    with InProcessWorker(ShardConfig(model=None, memory_bytes=32 << 10)) as worker:
+        code, _, err = run_cli(capsys, "generate", "--prompt", "x", "--model", str(tiny_tok_ckpt), "--workers",
+                               worker.address, "--quiet")
+    line = one_line(err)
+    assert code == 2 and f"worker {worker.address} refused to join" in line
+    assert "for 2 device slots in each of 3 layers" in line and "budget of 0.03 MiB" in line and "--memory" in line

@@ -20,19 +20,14 @@ from moeshard.coordinator.batching import BatchConfig
 from moeshard.coordinator.engine import Engine
 from moeshard.coordinator.http_security import ServeConfig
 from moeshard.coordinator.server import build_server
-from moeshard.offload_core import OffloadConfig
-from moeshard.offload_core.demo import demo_model_path
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n",
            "for i in range(", "x = 1", "    return", "class Node:\n"]
 
 
 @pytest.fixture(scope="module")
-def engine():
-    engine = Engine.load(demo_model_path(), OffloadConfig(dtype="float32", slots_per_layer=4, prefetch=1),
-                         progress=False)
-    yield engine
-    engine.close()
+def engine(demo_engine):
+    return demo_engine
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import torch
 
 from ..offload_core.checkpoint import pread_into
 from ..offload_core.experts import ExpertKey
+from ..offload_core.quantized_cache import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class ReceivedExperts:
                 shutil.rmtree(folder)
                 folder.mkdir(parents=True)
         if not model.is_file():
-            _atomic_write(model, msgpack.packb(record, use_bin_type=True))
+            atomic_write(model, msgpack.packb(record, use_bin_type=True))
         for stale in folder.glob("*.part"):  # experts a killed worker was receiving: received again from the start
             stale.unlink(missing_ok=True)
         cache = cls(folder, description, nbytes)
@@ -104,7 +105,7 @@ class ReceivedExperts:
             if self._verify(key, sha):
                 self._held[key] = sha
         # Rewrite the log with exactly what was verified, so that dropped experts stay dropped.
-        _atomic_write(path, b"".join(_record(k, s) for k, s in sorted(self._held.items())))
+        atomic_write(path, b"".join(_record(k, s) for k, s in sorted(self._held.items())))
 
     def _verify(self, key: ExpertKey, sha: str) -> bool:
         path = self._expert_path(key)
@@ -212,12 +213,3 @@ class ReceivedExperts:
 
 def _record(key: ExpertKey, sha256: str) -> bytes:
     return msgpack.packb({"layer": key.layer, "expert": key.expert, "sha256": sha256}, use_bin_type=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import ipaddress
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .. import __version__
-from ..offload_core.config import resolve_device
+from ..offload_core.config import is_loopback, resolve_device
 from ..offload_core.experts import ExpertKey
 from ..protos import expert_pb2 as pb
 from ..protos import expert_pb2_grpc as pb_grpc
@@ -85,16 +84,6 @@ class ServerConfig:
                 # still fills a LAN's bandwidth-delay product.
                 ("grpc.http2.bdp_probe", 0),
                 ("grpc.so_reuseport", 0)]  # a second worker on a taken port fails instead of sharing its traffic
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _status_for(exc: Exception) -> grpc.StatusCode:

@@ -195,11 +195,15 @@ class ExpertShard:
 
     # -- operations ----------------------------------------------------------------------------
     def _check_memory(self, count: int, what: str) -> None:
-        need = count * self.expert_bytes if self.cfg.store == "ram" else 0
-        need += len(self.moe_layers) * self.cfg.offload.slots_per_layer * self.expert_bytes
-        if need > self.capacity_bytes:
-            raise OverCapacity(f"{what} {count} experts needs {need / 2**20:.1f} MiB of memory, more than this "
-                               f"worker's {self.capacity_bytes / 2**20:.1f} MiB (raise --memory or give it fewer experts)")
+        held = count * self.expert_bytes if self.cfg.store == "ram" else 0
+        slots = len(self.moe_layers) * self.cfg.offload.slots_per_layer * self.expert_bytes
+        if held + slots > self.capacity_bytes:
+            mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+            raise OverCapacity(f"{what} {count} experts needs {mib(held + slots)} of memory ({mib(held)} of experts in "
+                               f"RAM + {mib(slots)} for {self.cfg.offload.slots_per_layer} device slots in each of "
+                               f"{len(self.moe_layers)} layers), more than this worker's budget of "
+                               f"{mib(self.capacity_bytes)} (raise its --memory, lower its --slots-per-layer, or give "
+                               "it fewer experts)")
 
     def join(self, keys: list[ExpertKey]) -> tuple[list[ExpertKey], int]:
         """A coordinator's share for this worker: checked against memory (and disk, for what must still be
