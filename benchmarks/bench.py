@@ -28,7 +28,7 @@ import torch
 
 from .bench_model import BenchModelSpec, make_bench_checkpoint
 from .cli import HF_SYSTEMS, OFFLOADED, SYSTEMS
-from .protocol import data_files, drop_page_cache, h2d_bandwidth, read_bandwidth
+from .protocol import data_files, drop_page_cache, h2d_bandwidth, mapped_files, own_memory, read_bandwidth
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class _System:
     files: list = field(default_factory=list)
     close: Callable | None = None
     processes: Callable | None = None  # -> {name: psutil.Process} of its worker processes (CPU time per token)
+    activate: Callable | None = None  # called before each decode (systems that share one model switch it over)
     built: object = None  # an OffloadedModel, or transformers' model
     rounds: list = field(default_factory=list)  # per round: {"step_s", "prefill_s", "counters", "disk_read_bytes"}
     empty_round_trip_ms: float | None = None  # worker systems: an empty message's round trip on the session
@@ -138,9 +139,20 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
     def worker_processes(count: int):
         return lambda: {f"worker{i}": psutil.Process(p.pid) for i, p in enumerate(workers_state[count].procs)}
 
+    hf_shared = {}  # the transformers systems share one model (switched per round): one copy of the weights, not three
+
     def hf(implementation):
-        return lambda: AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, experts_implementation=implementation
-                                                            ).to(device).eval()
+        def build():
+            if "model" not in hf_shared:
+                model = AutoModelForCausalLM.from_pretrained(
+                    ckpt, dtype=dtype, experts_implementation=implementation).to(device).eval()
+                own_memory(model)  # else its map of the checkpoint keeps the offloaded systems' reads warm
+                hf_shared["model"] = model
+            return hf_shared["model"]
+        return build
+
+    def hf_activate(implementation):
+        return lambda: hf_shared["model"].set_experts_implementation(implementation)
 
     offload_dir = workdir / "accelerate-offload"
 
@@ -152,8 +164,10 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
             max_memory = {device.index or 0: budget_bytes, "cpu": host}
         else:
             max_memory = {"cpu": budget_bytes}
-        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map="auto", max_memory=max_memory,
-                                                    offload_folder=str(offload_dir)).eval()
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map="auto", max_memory=max_memory,
+                                                     offload_folder=str(offload_dir)).eval()
+        own_memory(model)
+        return model
 
     systems = {
         "resident": _System("resident", resident),
@@ -165,7 +179,8 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
         "accelerate-offload": _System("accelerate-offload", accelerate_offload, [offload_dir, ckpt]),
     }
     for name, implementation in HF_SYSTEMS.items():
-        systems[name] = _System(name, hf(implementation))
+        systems[name] = _System(name, hf(implementation), activate=hf_activate(implementation),
+                                close=hf_shared.clear)
     return systems
 
 
@@ -186,6 +201,8 @@ def _round(system: _System, prompt, steps: int, cold: bool) -> dict:
     drop = (lambda: drop_page_cache(files)) if cold and files else None
     before = system.built.stats().total if system.is_moeshard else None
     procs = {"coordinator": psutil.Process(), **(system.processes() if system.processes else {})}
+    if system.activate is not None:
+        system.activate()
     io_before, cpu_before = psutil.Process().io_counters().read_bytes, _cpu_s(procs)
     result = decode(system.model, prompt, steps, drop)
     result["disk_read_bytes"] = psutil.Process().io_counters().read_bytes - io_before
@@ -270,7 +287,15 @@ def run_benchmark(args) -> dict:
         for system in systems:  # build and warm up every system before any is timed
             logger.info("building %s", system.name)
             system.built = system.build()
+            if system.activate is not None:
+                system.activate()
             decode(system.model, prompt, args.warmup)
+        gc.collect()
+        if args.protocol == "cold":
+            mapped = mapped_files(sorted({f for s in systems if s.name in OFFLOADED for f in _cold_files(s)}))
+            if mapped:  # a mapped page cannot be dropped: every "cold" read of it would be warm
+                raise RuntimeError(f"the cold protocol cannot hold: this process maps {len(mapped)} offloaded "
+                                   f"file(s), e.g. {mapped[0]}")
         for r in range(args.repeats):
             order = systems if r % 2 == 0 else systems[::-1]
             for system in order:

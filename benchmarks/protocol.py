@@ -32,6 +32,29 @@ def drop_page_cache(files: list[Path]) -> None:
             os.close(fd)
 
 
+def mapped_files(files: list[Path]) -> list[Path]:
+    """Those of `files` that this process has memory-mapped (Linux; [] elsewhere). The kernel keeps a mapped page
+    in the page cache whatever posix_fadvise says, so a system that maps a file makes every other system's reads
+    of it warm: transformers maps the safetensors it loads and keeps tensors that need no conversion on the map."""
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = {line.split(maxsplit=5)[-1].strip() for line in maps if "/" in line}
+    except OSError:
+        return []
+    return [f for f in files if str(Path(f).resolve()) in mapped]
+
+
+def own_memory(model) -> None:
+    """Copy every CPU parameter and buffer of a transformers model that still lives on the checkpoint's memory map
+    into memory of its own, so that the model no longer maps the file (see `mapped_files`)."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+
+
 def read_bandwidth(path: Path, cold: bool, limit_bytes: int = 1 << 30) -> float:
     """Bytes per second reading up to `limit_bytes` of `path` (after dropping it from the page cache if cold)."""
     if cold:

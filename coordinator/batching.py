@@ -185,15 +185,20 @@ class Batcher:
         self._durations: deque[float] = deque(maxlen=64)  # recent request durations, for Retry-After
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.num_blocks = max(1, math.ceil(self.cfg.cache_tokens(engine.context_length) / self.cfg.page_size))
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        context = self.engine.context_length
-        tokens = self.cfg.cache_tokens(context)
-        self.num_blocks = max(1, math.ceil(tokens / self.cfg.page_size))
-        self._hooks = [self.model.register_forward_pre_hook(self._before_step, with_kwargs=True),
-                       self.model.register_forward_hook(self._after_step)]
-        self._start_manager()
+        """Start the batching loop now (else the first request starts it)."""
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        if not self._hooks:
+            self._hooks = [self.model.register_forward_pre_hook(self._before_step, with_kwargs=True),
+                           self.model.register_forward_hook(self._after_step)]
+        if self.manager is None:
+            self._start_manager()
 
     def _start_manager(self) -> None:
         eos = sorted(self.eos_ids) or None
@@ -219,6 +224,9 @@ class Batcher:
         """After a step failed (every request in the manager was failed and told), a fresh manager."""
         with self._lock:
             manager = self.manager
+            if manager is None and not self._hooks:  # never started (an app used without its lifespan)
+                self._start()
+                return
             if (manager is not None and manager.is_running()
                     and manager.background_thread_status.can_accept_new_requests() is None):
                 return

@@ -1,6 +1,7 @@
 """`moe-coordinator bench` end to end on a small generated model: every system runs, gives the reference
 tokens, and the report has the fields the README's table is built from (no timing is asserted)."""
 import json
+import os
 
 import pytest
 
@@ -75,3 +76,24 @@ def test_bench_concurrency_serves_streams_over_http(tmp_path, capsys):
     assert report["systems"]["resident"]["3"]["hit_rate"] == 1.0
     assert report["systems"]["lru+prefetch"]["3"]["bytes_per_step"] > 0
     assert "tok/s together" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_a_transformers_model_stops_mapping_the_checkpoint_once_it_owns_its_memory(tiny_ckpt):
+    """The cold protocol drops offloaded files from the page cache, which the kernel refuses for mapped pages:
+    transformers maps the safetensors it loads, so the benchmark copies its models off the map and checks."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moeshard.benchmarks.protocol import data_files, mapped_files, own_memory
+
+    files = data_files(tiny_ckpt)
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    assert mapped_files(files), "transformers no longer maps what it loads: the check below proves nothing"
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    own_memory(model)
+    gc.collect()
+    assert mapped_files(files) == []
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())

@@ -191,9 +191,11 @@ def test_a_config_json_as_model_says_what_model_expects(capsys):
 
 @pytest.mark.slow  # a fresh interpreter on the demo model
 def test_ctrl_c_stops_a_chat_reply_and_the_chat_goes_on(tmp_path):
+    # A terminal's Ctrl-C: SIGINT at its default, whatever this run inherited (a background job ignores it, and
+    # so would a child started from it).
     proc = subprocess.Popen([sys.executable, "-m", "moeshard", "chat", "--max-new-tokens", "400", "--quiet"],
                             cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, bufsize=1)
+                            text=True, bufsize=1, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdin.write("def main():\n")
     proc.stdin.flush()
     proc.stdout.read(20)  # the reply has started
