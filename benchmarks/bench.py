@@ -28,7 +28,8 @@ import torch
 
 from .bench_model import BenchModelSpec, make_bench_checkpoint
 from .cli import HF_SYSTEMS, OFFLOADED, SYSTEMS
-from .protocol import data_files, drop_page_cache, h2d_bandwidth, mapped_files, own_memory, read_bandwidth
+from .protocol import (data_files, drop_page_cache, h2d_bandwidth, mapped_files, own_memory, read_bandwidth,
+                       write_bandwidth)
 
 logger = logging.getLogger(__name__)
 
@@ -301,10 +302,10 @@ def run_benchmark(args) -> dict:
             for system in order:
                 result = _round(system, prompt, args.tokens, cold=args.protocol == "cold" and system.name in OFFLOADED)
                 system.rounds.append(result)
-        for system in systems:
-            system.empty_round_trip_ms = _empty_round_trip_ms(system)
             print(f"round {r + 1}/{args.repeats}: " + ", ".join(
                 f"{s.name} {1 / statistics.median(s.rounds[-1]['step_s']):.2f}" for s in systems) + " tok/s", flush=True)
+        for system in systems:
+            system.empty_round_trip_ms = _empty_round_trip_ms(system)
     finally:
         for system in systems:
             if system.built is not None:
@@ -352,7 +353,9 @@ def _reference_tokens(ckpt: Path, spec: BenchModelSpec, args, prompt) -> list[in
 def measure_push(ckpt: Path, args, spec: BenchModelSpec, workdir: Path) -> dict:
     """Every expert of the model pushed to one empty worker, beside a plain gRPC byte stream of the same size to a
     sink process (plain, push, plain: the plain figure is their mean), then a second coordinator start against the
-    same worker, which must send nothing."""
+    same worker, which must send nothing. `push_s` is the transfer (PushExperts), `join_s` the whole join around it
+    (the empty worker builds the model's skeleton from the description first). The disk is in the push and not in
+    the plain stream: `disk_write_bytes_s` is a sequential write of the same size with fsync, on the worker's disk."""
     import shutil
     import subprocess
     import sys
@@ -382,8 +385,9 @@ def measure_push(ckpt: Path, args, spec: BenchModelSpec, workdir: Path) -> dict:
                 plain.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 cluster = join_workers(om, ClusterConfig(spec_))
-                push_s = time.perf_counter() - start
+                join_s = time.perf_counter() - start
                 pushed = sum(d["pushed_bytes"] for d in cluster.describe().values())
+                push_s = sum(d["push_s"] for d in cluster.describe().values())
                 start = time.perf_counter()
                 send(sink_address, total)
                 plain.append(time.perf_counter() - start)
@@ -402,7 +406,9 @@ def measure_push(ckpt: Path, args, spec: BenchModelSpec, workdir: Path) -> dict:
         sink.wait(timeout=10)
         shutil.rmtree(cache, ignore_errors=True)
     plain_s = statistics.mean(plain)
-    return {"bytes": pushed, "push_s": push_s, "push_bytes_s": pushed / push_s, "plain_s": plain_s,
+    workdir.mkdir(parents=True, exist_ok=True)
+    disk_write = write_bandwidth(workdir)
+    return {"disk_write_bytes_s": disk_write, "push_vs_disk_write": (pushed / push_s) / disk_write,"bytes": pushed, "push_s": push_s, "join_s": join_s, "push_bytes_s": pushed / push_s, "plain_s": plain_s,
             "plain_bytes_s": total / plain_s, "push_vs_plain": (pushed / push_s) / (total / plain_s),
             "warm_restart_bytes": warm_bytes, "warm_restart_s": warm_s}
 
@@ -431,6 +437,7 @@ def _targets(runs: list[dict], layers: int, push: dict | None = None) -> dict:
                 out[f"{name}_empty_round_trip_ms"] = by[name]["empty_round_trip_ms"]
     if push is not None:
         out["push_vs_plain_stream"] = push["push_vs_plain"]
+        out["push_vs_disk_write"] = push["push_vs_disk_write"]
         out["warm_restart_bytes"] = push["warm_restart_bytes"]
     return out
 

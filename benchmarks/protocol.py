@@ -74,6 +74,22 @@ def read_bandwidth(path: Path, cold: bool, limit_bytes: int = 1 << 30) -> float:
     return done / (time.perf_counter() - start)
 
 
+def write_bandwidth(folder: Path, nbytes: int = 512 << 20) -> float:
+    """Bytes per second writing `nbytes` sequentially into a new file in `folder`, fsync included (then removed)."""
+    buf = os.urandom(_CHUNK)
+    path = Path(folder) / ".moeshard-write-test"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    start = time.perf_counter()
+    try:
+        for offset in range(0, nbytes, _CHUNK):
+            os.pwrite(fd, buf[: min(_CHUNK, nbytes - offset)], offset)
+        os.fsync(fd)
+        return nbytes / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+
+
 def h2d_bandwidth(device, nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Bytes per second copying a pinned host buffer to `device` (best of `repeats`)."""
     import torch

@@ -78,6 +78,7 @@ class WorkerState:
     since: float = field(default_factory=time.time)  # when it entered that state (epoch seconds)
     detail: str = ""  # why it is down, or what is being received
     pushed_bytes: int = 0  # expert bytes sent to it, since this coordinator started
+    push_s: float = 0.0  # seconds spent sending them (the transfer alone, without joining)
 
     def enter(self, state: str, detail: str = "") -> None:
         if state != self.state:
@@ -231,7 +232,8 @@ class Cluster:
             state = self.states[name]
             out[name] = {**backend.describe(), "failures": self.failures.get(name, 0), "down": name in self.down,
                          "hosted": len(hosted_by(self.placement, name)), "state": state.state,
-                         "since": state.since, "detail": state.detail, "pushed_bytes": state.pushed_bytes}
+                         "since": state.since, "detail": state.detail, "pushed_bytes": state.pushed_bytes,
+                         "push_s": state.push_s}
         return out
 
     @property
@@ -397,7 +399,9 @@ class Joiner:
             with self._read_lock:
                 source.read_into(key, buf)
 
+        start = time.perf_counter()
         experts, sent = client.push(missing, read_into, self.expert_bytes, progress=progress)
+        state.push_s += time.perf_counter() - start
         state.pushed_bytes += sent
         if experts != len(missing):
             raise ClusterError(f"worker {name} verified {experts} of the {len(missing)} experts sent to it")

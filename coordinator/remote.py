@@ -217,24 +217,32 @@ class WorkerClient:
 
     def push(self, keys: list[ExpertKey], read_into: Callable[[ExpertKey, torch.Tensor], None], nbytes: int,
              progress: bool = False) -> tuple[int, int]:
-        """Stream `keys` to the worker, each read by `read_into` into one reused buffer of `nbytes`, in chunks, its
-        SHA-256 on the last one. Returns (experts, bytes) the worker wrote and verified."""
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        """Stream `keys` to the worker, each read by `read_into` into one of two reused buffers of `nbytes` and
+        hashed on a thread while the one before it is sent, in chunks, its SHA-256 on the last one. Returns (experts,
+        bytes) the worker wrote and verified."""
+        buffers = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(2 if len(keys) > 1 else 1)]
         bar = tqdm(total=len(keys) * nbytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
                    desc=f"pushing {len(keys)} experts to {self.address}")
 
+        def load(i: int) -> tuple[memoryview, str]:
+            buf = buffers[i % len(buffers)]
+            read_into(keys[i], buf)
+            data = memoryview(buf.numpy())
+            return data, hashlib.sha256(data).hexdigest()
+
         def chunks() -> Iterator[pb.ExpertChunk]:
-            for key in keys:
-                read_into(key, buf)
-                data = memoryview(buf.numpy())
-                sha = hashlib.sha256(data).hexdigest()
-                expert = pb.ExpertId(layer=key.layer, expert=key.expert)
-                for offset in range(0, nbytes, PUSH_CHUNK):
-                    piece = bytes(data[offset: offset + PUSH_CHUNK])
-                    last = offset + PUSH_CHUNK >= nbytes
-                    yield pb.ExpertChunk(fingerprint=self.fingerprint, expert=expert, offset=offset, data=piece,
-                                         sha256=sha if last else "")
-                    bar.update(len(piece))
+            with ThreadPoolExecutor(1, thread_name_prefix="moeshard-push-read") as reader:
+                ahead = reader.submit(load, 0) if keys else None
+                for i, key in enumerate(keys):
+                    data, sha = ahead.result()
+                    ahead = reader.submit(load, i + 1) if i + 1 < len(keys) else None  # the other buffer
+                    expert = pb.ExpertId(layer=key.layer, expert=key.expert)
+                    for offset in range(0, nbytes, PUSH_CHUNK):
+                        piece = bytes(data[offset: offset + PUSH_CHUNK])  # a copy: the buffer is refilled after
+                        last = offset + PUSH_CHUNK >= nbytes
+                        yield pb.ExpertChunk(fingerprint=self.fingerprint, expert=expert, offset=offset, data=piece,
+                                             sha256=sha if last else "")
+                        bar.update(len(piece))
 
         try:
             reply = self.stub.PushExperts(chunks(), timeout=self.cfg.push_timeout_s, metadata=self.metadata)

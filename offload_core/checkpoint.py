@@ -35,6 +35,16 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def open_for_expert_reads(path: Path) -> int:
+    """A read-only descriptor with the kernel's readahead off: experts are read one by one at scattered offsets,
+    and readahead past each one read the next expert's bytes for nothing (measured on the benchmark model's disk
+    tier: 367 MB read from disk per token for 193 MB of experts; 193 MB with readahead off)."""
+    fd = os.open(path, os.O_RDONLY)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    return fd
+
+
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
     """(absolute offset of the data section, header dict) of a safetensors file, checked for sanity."""
     size = path.stat().st_size
@@ -133,7 +143,7 @@ class Checkpoint:
         with self._lock:
             fd = self._fds.get(file)
             if fd is None:
-                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+                fd = self._fds[file] = open_for_expert_reads(file)
             return fd
 
     @property

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, CheckpointError, pread_into, read_safetensors_header
+from .checkpoint import Checkpoint, CheckpointError, open_for_expert_reads, pread_into, read_safetensors_header
 from .experts import ExpertKey
 from .settings import CACHE_ENV, cache_root_from_env
 from .stores import CheckpointSource, ExpertSource
@@ -266,7 +266,7 @@ class QuantizedCacheSource:
         self.nbytes: int = cache.nbytes
         self.bytes_read = 0
         self._lock = threading.Lock()
-        self._fds = {layer: os.open(cache.layer_path(layer), os.O_RDONLY) for layer in cache.layers}
+        self._fds = {layer: open_for_expert_reads(cache.layer_path(layer)) for layer in cache.layers}
 
     def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
         if out.dtype != torch.uint8 or out.numel() != self.nbytes:

@@ -2,7 +2,9 @@
 
 `cache_dir/<fingerprint>/` holds `model.msgpack` (what the coordinator said the model is: its config.json, the
 expert format, the packed size of one expert), one file per expert (`L-E.bin`: written under a temporary
-name as chunks arrive, fsynced and renamed only once its SHA-256 matched the sender's), and `held.msgpack`, an
+name as chunks arrive; once its SHA-256 matched the sender's it waits to be committed: fsynced, renamed and
+logged with the others of its group, up to 64 MiB at a time and at the end of every push, so that the disk
+writes one group while the next arrives instead of stalling on every expert), and `held.msgpack`, an
 append-only log of verified experts (`{"layer", "expert", "sha256"}` records; a crash mid-append leaves a cut
 last record, which is ignored). Opening re-hashes what the log lists: a truncated or corrupted file is
 dropped, never used, and the coordinator is told to send it again. It is also the `ExpertSource` the worker's
@@ -30,6 +32,8 @@ MODEL_FILE = "model.msgpack"
 LOG_FILE = "held.msgpack"
 _VERSION = 1
 _CHUNK = 1 << 22  # bytes hashed per read when verifying
+_GROUP_BYTES = 64 << 20  # verified experts committed together (one wait on the disk per group, not per expert)
+_GROUP_EXPERTS = 64  # ... and at most this many (each holds its file open until then)
 
 
 class ReceiveError(ValueError):
@@ -56,8 +60,10 @@ class ReceivedExperts:
         self.folder, self.description, self.nbytes = Path(folder), description, int(nbytes)
         self._held: dict[ExpertKey, str] = {}  # verified experts -> sha256
         self._incoming: dict[ExpertKey, _Incoming] = {}
+        self._verified: list[tuple[ExpertKey, str, _Incoming]] = []  # complete and verified, not yet committed
         self._fds: dict[ExpertKey, int] = {}
         self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()
         self.bytes_read = 0
 
     @classmethod
@@ -135,14 +141,16 @@ class ReceivedExperts:
 
     # -- receiving ------------------------------------------------------------------------------
     def write(self, key: ExpertKey, offset: int, data: bytes, sha256: str = "") -> bool:
-        """Write one chunk in order; with `sha256` (the expert's last chunk) verify and keep the expert.
-        Returns True when an expert was completed. A chunk out of order, past the end, or a hash that does not
-        match drops what was received of that expert and raises ReceiveError."""
+        """Write one chunk in order; with `sha256` (the expert's last chunk) verify the expert, which the next
+        `commit()` makes held. Returns True when an expert was completed. A chunk out of order, past the end, or a
+        hash that does not match drops what was received of that expert and raises ReceiveError."""
         with self._lock:
             inc = self._incoming.get(key)
             if inc is None:
                 if offset != 0:
                     raise ReceiveError(f"expert {tuple(key)}: first chunk at offset {offset}, expected 0")
+                if any(k == key for k, _, _ in self._verified):
+                    raise ReceiveError(f"expert {tuple(key)} was already received in this push")
                 tmp = self._expert_path(key).with_suffix(f".{os.getpid()}.part")
                 inc = self._incoming[key] = _Incoming(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), tmp)
         try:
@@ -159,23 +167,41 @@ class ReceivedExperts:
             if inc.received != self.nbytes or inc.digest.hexdigest() != sha256:
                 raise ReceiveError(f"expert {tuple(key)}: {inc.received} bytes with SHA-256 {inc.digest.hexdigest()}, "
                                    f"expected {self.nbytes} bytes with {sha256}")
-            os.fsync(inc.fd)
-            os.close(inc.fd)
-            os.replace(inc.path, self._expert_path(key))
             with self._lock:
                 self._incoming.pop(key, None)
-                old = self._fds.pop(key, None)
-                self._held[key] = sha256
-                with open(self.folder / LOG_FILE, "ab") as log:
-                    log.write(_record(key, sha256))
-                    log.flush()
-                    os.fsync(log.fileno())
-            if old is not None:
-                os.close(old)
-            return True
+                self._verified.append((key, sha256, inc))
+                due = len(self._verified) >= _GROUP_EXPERTS or len(self._verified) * self.nbytes >= _GROUP_BYTES
         except BaseException:
             self.abort(key)
             raise
+        if due:
+            self.commit()
+        return True
+
+    def commit(self) -> int:
+        """Make every verified expert durable and held: each file fsynced and renamed into place, then one append
+        to the log, fsynced. Returns how many were committed. A crash before this loses only what was not yet
+        committed (its temporary files are removed at the next start and the coordinator sends it again)."""
+        with self._commit_lock:
+            with self._lock:
+                group, self._verified = self._verified, []
+            if not group:
+                return 0
+            for key, _, inc in group:
+                os.fsync(inc.fd)
+                os.close(inc.fd)
+                os.replace(inc.path, self._expert_path(key))
+            with self._lock:
+                stale = [self._fds.pop(key) for key, _, _ in group if key in self._fds]
+                for key, sha, _ in group:
+                    self._held[key] = sha
+                with open(self.folder / LOG_FILE, "ab") as log:
+                    log.write(b"".join(_record(key, sha) for key, sha, _ in group))
+                    log.flush()
+                    os.fsync(log.fileno())
+            for fd in stale:  # a damaged copy that was open for reading
+                os.close(fd)
+            return len(group)
 
     def abort(self, key: ExpertKey | None = None) -> None:
         """Drop what was received of `key` (or of every expert still incomplete)."""

@@ -40,6 +40,7 @@ VERSION = __version__
 SERVICE = "moeshard.v1.ExpertService"
 _MAX_STATUS_CHARS = 512  # status messages stay far below gRPC's trailer limit, whatever a request held
 _PARSE_OFF_LOOP_BYTES = 1 << 20  # messages above this are parsed on a thread, not on the event loop
+_PUSH_QUEUE = 4  # pushed chunks (1 MiB each) read ahead of the one being written
 _MAX_JOIN = 1 << 20  # experts one Join may name before the model is known (then: every expert of every layer)
 _FINGERPRINT = re.compile(r"[0-9a-f]{32}")  # also a folder name under the received-experts cache
 
@@ -241,17 +242,49 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     @_rpc
     async def PushExperts(self, request_iterator, context):
-        shard, experts, received = self.shard, 0, 0
+        # Reading and writing overlap: the handler keeps taking chunks off the stream (so that the sender is never
+        # held at the 64 KiB flow-control window while a chunk is written and hashed) and hands them to a writer
+        # task through a queue of a few chunks, which bounds what is buffered.
+        shard, received = self.shard, 0
+        chunks: asyncio.Queue = asyncio.Queue(maxsize=_PUSH_QUEUE)
+
+        async def write() -> int:
+            experts = 0
+            while (item := await chunks.get()) is not None:
+                key, chunk = item
+                experts += await self._call(shard.receive, key, chunk.offset, chunk.data, chunk.sha256)
+            return experts
+
+        writer = asyncio.create_task(write())
+
+        async def put(item) -> None:
+            putting = asyncio.ensure_future(chunks.put(item))
+            await asyncio.wait({putting, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if not putting.done():  # the writer stopped (a bad chunk): its error is the call's
+                putting.cancel()
+                writer.result()
+
         try:
             async for chunk in request_iterator:
                 shard.check_fingerprint(chunk.fingerprint)
-                key = ExpertKey(chunk.expert.layer, chunk.expert.expert)
-                experts += await self._call(shard.receive, key, chunk.offset, chunk.data, chunk.sha256)
+                await put((ExpertKey(chunk.expert.layer, chunk.expert.expert), chunk))
                 received += len(chunk.data)
+            await put(None)
+            experts = await writer
         except BaseException:
+            # The writer finishes the chunk it holds (never cancelled mid-write: the file is the thread's until
+            # then), is told to stop, and what completed is committed.
+            while not chunks.empty():
+                chunks.get_nowait()
+            if not writer.done():
+                chunks.put_nowait(None)
+            await asyncio.shield(asyncio.gather(writer, return_exceptions=True))
             if shard.received is not None:
                 shard.received.abort()  # what was cut off is dropped; what completed stays
+                await asyncio.shield(self._call(shard.received.commit))
             raise
+        if shard.received is not None:
+            await self._call(shard.received.commit)
         logger.info("received %d experts (%.1f MiB)", experts, received / 2**20)
         return pb.PushResponse(experts=experts, bytes=received)
 
