@@ -98,6 +98,7 @@ def test_family_hqq_4_3_equals_transformers_on_the_same_quantized_weights(family
         assert torch.equal(generate(om), generate(quantized))
 
 
+@pytest.mark.slow  # two gRPC servers per family: ~1 s each, 8 families
 def test_family_with_half_the_experts_on_two_workers(family):
     """Two workers (the real gRPC server and shard code, in this process: worker processes are tested in
     test_worker and test_join) compute half of each family's experts."""

@@ -4,6 +4,7 @@ belongs to a distribution named in pyproject.toml's dependencies (the tests' own
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import sys
 from importlib.metadata import packages_distributions
@@ -21,6 +22,17 @@ CODE = ("coordinator", "worker", "protos", "offload_core", "benchmarks", "moesha
 DEV_TOOLS = ("protos/generate.py",)
 
 
+@functools.cache
+def _imports_of(path: Path) -> tuple[str, ...]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return tuple(names)
+
+
 def top_level_imports(folders) -> dict[str, str]:
     found: dict[str, str] = {}
     for folder in folders:
@@ -28,17 +40,10 @@ def top_level_imports(folders) -> dict[str, str]:
         for path in paths:
             if folder in CODE and str(path.relative_to(ROOT)) in DEV_TOOLS:
                 continue
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    names = [node.module]
-                else:
-                    continue
-                for name in names:
-                    top = name.split(".")[0]
-                    if top not in sys.stdlib_module_names and top != "moeshard":
-                        found.setdefault(top, str(path.relative_to(ROOT)))
+            for name in _imports_of(path):
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top != "moeshard":
+                    found.setdefault(top, str(path.relative_to(ROOT)))
     return found
 
 
@@ -46,8 +51,13 @@ def declared(requirements) -> set[str]:
     return {re.split(r"[<>=!~\[; ]", r.strip(), maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
 
 
+@functools.cache
+def _installed() -> dict[str, list[str]]:
+    return packages_distributions()  # reads every installed distribution's metadata: once
+
+
 def distributions_of(module: str) -> set[str]:
-    return {d.lower().replace("_", "-") for d in packages_distributions().get(module, [])}
+    return {d.lower().replace("_", "-") for d in _installed().get(module, [])}
 
 
 @pytest.fixture(scope="module")

@@ -60,18 +60,20 @@ def _health_ok(channel, metadata=AUTH, timeout=5.0) -> float:
     return time.monotonic() - start
 
 
+def _silent(never: threading.Event):
+    """A request stream that sends headers and then nothing until `never` is set."""
+    never.wait(30)
+    return
+    yield  # pragma: no cover
+
+
 def test_unauthenticated_calls_that_never_send_their_message_hold_no_slot(token_worker, tiny_ckpt):
     """70 calls without the token send headers and never a message (more than the 8 in-flight slots): each is
     refused at once, and the coordinator's own calls and health checks go through meanwhile."""
     channel = grpc.insecure_channel(token_worker.address)
     never = threading.Event()
 
-    def silent():
-        never.wait(30)
-        return
-        yield  # pragma: no cover
-
-    hanging = [channel.stream_unary(RUN, request_serializer=None, response_deserializer=None).future(silent())
+    hanging = [channel.stream_unary(RUN, request_serializer=None, response_deserializer=None).future(_silent(never))
                for _ in range(70)]
     try:
         for call in hanging:
@@ -95,13 +97,9 @@ def test_an_authenticated_call_whose_message_never_arrives_is_dropped(token_work
     channel = grpc.insecure_channel(token_worker.address)
     never = threading.Event()
 
-    def silent():
-        never.wait(30)
-        return
-        yield  # pragma: no cover
-
     start = time.monotonic()
-    call = channel.stream_unary(RUN, request_serializer=None, response_deserializer=None).future(silent(), metadata=AUTH)
+    call = channel.stream_unary(RUN, request_serializer=None, response_deserializer=None).future(_silent(never),
+                                                                                              metadata=AUTH)
     with pytest.raises(grpc.RpcError) as err:
         call.result(timeout=10)
     never.set()
