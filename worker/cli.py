@@ -142,6 +142,8 @@ async def _serve(args) -> int:
         os.replace(tmp, args.ready_file)
     what = shard_cfg.model if shard_cfg.model is not None else "experts received from a coordinator"
     print(f"moe-worker: serving {what} on {address}", flush=True)
+    if shard_cfg.model is None:
+        server.preload()
     await stopping.wait()
     logger.info("shutting down: draining in-flight requests (up to %.1f s)", args.grace)
     await server.stop()

@@ -87,6 +87,18 @@ class ServerConfig:
                 ("grpc.so_reuseport", 0)]  # a second worker on a taken port fails instead of sharing its traffic
 
 
+def _import_model_code() -> None:
+    try:
+        import transformers.generation  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+        from accelerate import init_empty_weights  # noqa: F401
+        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
+
+        from ..offload_core import quant  # noqa: F401  (hqq)
+    except Exception:  # only a head start: the Join imports them itself and reports what fails
+        logger.debug("preloading imports failed", exc_info=True)
+
+
 def _status_for(exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, FingerprintMismatch):
         return grpc.StatusCode.FAILED_PRECONDITION
@@ -370,6 +382,13 @@ class WorkerServer:
         self.max_receive_bytes = max_receive_bytes
         self.servicer = ExpertServicer(shard_cfg, server_cfg.max_inflight)
         self.address: str | None = None
+
+    def preload(self) -> None:
+        """Import, while the empty worker waits, what the first Join needs (transformers' model code and hqq): on
+        the benchmark model these imports were 7 of the 8 s a first Join took. They run on the compute thread, the
+        one a Join runs on, so a Join that comes meanwhile waits for them (transformers' lazy imports are not
+        safe to race)."""
+        self.servicer._compute.submit(_import_model_code)
 
     async def start(self) -> str:
         # grpc.aio objects belong to the event loop they are created on: build them here, not in __init__.
