@@ -79,7 +79,7 @@ def test_bench_concurrency_serves_streams_over_http(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
-def test_a_transformers_model_stops_mapping_the_checkpoint_once_it_owns_its_memory(tiny_ckpt):
+def test_a_transformers_model_stops_mapping_the_checkpoint_once_it_owns_its_memory(tmp_path):
     """The cold protocol drops offloaded files from the page cache, which the kernel refuses for mapped pages:
     transformers maps the safetensors it loads, so the benchmark copies its models off the map and checks."""
     import gc
@@ -89,8 +89,11 @@ def test_a_transformers_model_stops_mapping_the_checkpoint_once_it_owns_its_memo
 
     from moeshard.benchmarks.protocol import data_files, mapped_files, own_memory
 
-    files = data_files(tiny_ckpt)
-    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    from .conftest import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")  # its own: other tests' models may map the shared tiny checkpoint
+    files = data_files(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     assert mapped_files(files), "transformers no longer maps what it loads: the check below proves nothing"
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     own_memory(model)

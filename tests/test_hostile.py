@@ -116,10 +116,11 @@ def run_defects(req: pb.RunExpertsRequest, fingerprint: str) -> list[str]:
             defects.append("nan or inf")
     if req.layer not in LAYERS:
         defects.append("unknown layer")
-    elif any(not 0 <= e < NUM_EXPERTS for e in experts):
-        defects.append("unknown expert")
-    elif any(ExpertKey(req.layer, e) not in HOSTED_KEYS for e in experts):
-        defects.append("unhosted")
+    else:  # both may hold; the worker names the first it meets in the list
+        if any(not 0 <= e < NUM_EXPERTS for e in experts):
+            defects.append("unknown expert")
+        if any(0 <= e < NUM_EXPERTS and ExpertKey(req.layer, e) not in HOSTED_KEYS for e in experts):
+            defects.append("unhosted")
     return defects
 
 
