@@ -15,6 +15,7 @@ from moeshard.coordinator.remote import ClientConfig, WorkerClient
 from moeshard.offload_core import ExpertKey, load_model
 
 from .conftest import NUM_EXPERTS, make_checkpoint
+from .workers import wait_until
 
 pytestmark = pytest.mark.slow  # real worker processes killed, stopped and drained: ~2 min on 2 cores
 
@@ -39,13 +40,6 @@ class AtStep(StoppingCriteria):
 def generate(model, criteria=None):
     kwargs = {"stopping_criteria": StoppingCriteriaList([criteria])} if criteria else {}
     return model.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, **kwargs)
-
-
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,8 @@ from moeshard.coordinator.batching import Batcher
 from moeshard.coordinator.server import build_server
 from moeshard.offload_core import OffloadConfig
 
+from .workers import run_server_in_thread
+
 KEY = "test-key-4f1c9a"
 PROMPT = "def add(a, b):"
 MARKER = "MARKER7Q"  # client-written text that must never reach a log
@@ -55,12 +57,7 @@ def running(engine: Engine, cfg: ServeConfig):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = build_server(engine, cfg, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
+    thread = run_server_in_thread(server, sock, 30)
     scheme = "https" if cfg.tls_cert is not None else "http"
     try:
         yield f"{scheme}://127.0.0.1:{port}", port

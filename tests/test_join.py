@@ -22,6 +22,7 @@ from moeshard.protos import expert_pb2 as pb
 from moeshard.protos.wire import AUTH_METADATA_KEY, bearer
 
 from .conftest import NUM_EXPERTS, make_checkpoint
+from .workers import wait_until
 
 pytestmark = pytest.mark.slow  # worker processes started, killed and restarted
 
@@ -34,13 +35,6 @@ FAST = ClientConfig(token=TOKEN, rpc_timeout_s=5.0, control_timeout_s=30.0)
 
 def generate(om) -> torch.Tensor:
     return om.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,8 @@ from moeshard.coordinator.batching import BatchConfig
 from moeshard.coordinator.engine import Engine
 from moeshard.coordinator.http_security import ServeConfig
 from moeshard.coordinator.server import build_server
+
+from .workers import run_server_in_thread
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n",
            "for i in range(", "x = 1", "    return", "class Node:\n"]
@@ -37,12 +38,7 @@ def serving(engine: Engine, batch: BatchConfig, max_tokens: int | None = None):
     port = sock.getsockname()[1]
     server = build_server(engine, ServeConfig(port=port, max_connections=512), log_level="warning", batch=batch,
                           max_tokens=max_tokens)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
+    thread = run_server_in_thread(server, sock, 60)
     base = f"http://127.0.0.1:{port}"
     try:
         yield base, OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
