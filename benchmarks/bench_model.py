@@ -1,7 +1,8 @@
 """The benchmark checkpoints, written straight to safetensors in each family's own naming.
 
-Two kinds: `mixtral` (the paper's architecture: 8 large experts, top-2) and `many-experts` (Qwen3-MoE's: 64
-small experts, top-8, what people run at home now, where per-expert work rather than bandwidth is the cost).
+Three kinds: `mixtral` (the paper's architecture: 8 large experts, top-2), `many-experts` (Qwen3-MoE's: 64
+small experts, top-8, what people run at home now, where per-expert work rather than bandwidth is the cost) and
+`qwen3-30b-a3b` (two layers of that model's real shape, bf16: per-layer rates project to the whole model).
 Random weights (seeded), scaled so the residual stream behaves like a trained model's: each layer adds a small
 update to a large residual (output projections at 1/10 of the usual init), so consecutive layers see similar
 states and routers, sharpened, are decisive. Written tensor by tensor, so a multi-GB checkpoint needs little
@@ -33,6 +34,7 @@ class BenchModelSpec:
     num_attention_heads: int = 16
     num_key_value_heads: int = 4
     vocab_size: int = 4096
+    head_dim: int | None = None  # None = hidden_size / num_attention_heads
     dtype: str = "float32"
     seed: int = 0
     version: int = 3  # bump when the weights' recipe changes, so cached checkpoints are rewritten
@@ -47,6 +49,12 @@ class BenchModelSpec:
             return cls(**{**dict(family="qwen3_moe", hidden_size=512, intermediate_size=256, num_hidden_layers=12,
                                  num_local_experts=64, num_experts_per_tok=8, num_attention_heads=8,
                                  num_key_value_heads=4), **overrides})
+        if kind == "qwen3-30b-a3b":  # Qwen3-30B-A3B's layer: 128 experts of 768, top-8, 32/4 heads of 128; bf16
+            # Two of its 48 layers and a 4096-token vocabulary (its own is 151,936: an LM head of 311 M weights
+            # would dwarf two layers); rates are reported per layer and projected to 48.
+            return cls(**{**dict(family="qwen3_moe", hidden_size=2048, intermediate_size=768, num_hidden_layers=2,
+                                 num_local_experts=128, num_experts_per_tok=8, num_attention_heads=32,
+                                 num_key_value_heads=4, head_dim=128, dtype="bfloat16"), **overrides})
         raise ValueError(f"benchmark model kind must be one of {list(KINDS)}, got {kind!r}")
 
     def expert_bytes(self) -> int:
@@ -69,7 +77,8 @@ class BenchModelSpec:
             config = AutoConfig.for_model("qwen3_moe", moe_intermediate_size=self.intermediate_size,
                                           intermediate_size=4 * self.intermediate_size, decoder_sparse_step=1,
                                           num_experts=self.num_local_experts, norm_topk_prob=True,
-                                          head_dim=self.hidden_size // self.num_attention_heads, **common)
+                                          head_dim=self.head_dim or self.hidden_size // self.num_attention_heads,
+                                          **common)
         config.dtype = self.dtype
         return config
 
@@ -86,7 +95,7 @@ def make_bench_checkpoint(folder: Path, spec: BenchModelSpec = BenchModelSpec())
     gen = torch.Generator().manual_seed(spec.seed)
     dtype = getattr(torch, spec.dtype)
     D, I = spec.hidden_size, spec.intermediate_size
-    H = getattr(config, "head_dim", None) or D // spec.num_attention_heads
+    H = spec.head_dim or D // spec.num_attention_heads
 
     def rand(*shape, std=0.02):
         return (torch.randn(*shape, generator=gen) * std).to(dtype)

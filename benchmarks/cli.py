@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-KINDS = ("mixtral", "many-experts")  # the benchmark models (bench_model.py; kept here: that module imports torch)
+KINDS = ("mixtral", "many-experts", "qwen3-30b-a3b")  # the benchmark models (bench_model.py; kept here: that module imports torch)
 
 # transformers with everything in RAM, once per experts implementation (the fastest is the one to beat)
 HF_SYSTEMS = {"hf-eager": "eager", "hf-batched_mm": "batched_mm", "hf-grouped_mm": "grouped_mm"}

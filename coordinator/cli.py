@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..offload_core.config import ALLOWED_BITS, POLICIES
+from ..offload_core.config import ALLOWED_BITS, KERNELS, POLICIES
 from .errors import UsageError
 
 logger = logging.getLogger("moeshard")
@@ -55,19 +55,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="experts of the next layer to load speculatively per step (0 = off; default 1)")
     g.add_argument("--policy", choices=list(POLICIES), default="lru",
                    help="slot eviction: lru (the paper's), router (keep what the router favours; stream the rest), "
-                        "none (naive: reload every expert every step)")
+                        "none (naive: reload every expert every step) (default lru)")
     g.add_argument("--store", choices=["ram", "disk"], default=None,
                    help="where experts wait when not in a slot (default: ram on CUDA, disk on CPU)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the checkpoint's)")
     g.add_argument("--attn-bits", type=int, choices=ALLOWED_BITS, default=16,
-                   help="HQQ bits for attention projections (16 = not quantized; the paper uses 4)")
+                   help="HQQ bits for attention projections (16 = not quantized; the paper uses 4) (default 16)")
     g.add_argument("--attn-group", type=_positive_int, default=64, help="attention quantization group (default 64)")
     g.add_argument("--expert-bits", type=int, choices=ALLOWED_BITS, default=16,
                    help="HQQ bits for experts (16 = not quantized; the paper uses 3 or 2); quantized once, "
-                        "cached on disk")
+                        "cached on disk (default 16)")
     g.add_argument("--expert-group", type=_positive_int, default=None,
                    help="expert quantization group (default: 16 at 2 bits, 64 otherwise)")
+    g.add_argument("--quant-kernel", choices=list(KERNELS), default="auto",
+                   help="auto: compute quantized weights from their packed codes with moeshard's CPU kernels (built "
+                        "once with the system C compiler); reference: dequantize on every call (slow; for checking) "
+                        "(default auto)")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="where quantized experts are cached (default: $MOESHARD_CACHE_DIR or ~/.cache/moeshard)")
     g = p.add_argument_group("remote workers")

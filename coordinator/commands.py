@@ -56,7 +56,8 @@ def offload_config(args) -> OffloadConfig:
     return OffloadConfig(device=args.device or default_device(), slots_per_layer=args.slots_per_layer,
                          prefetch=args.prefetch, store=args.store, dtype=args.dtype, policy=args.policy,
                          quant=QuantConfig(attn_bits=args.attn_bits, attn_group=args.attn_group,
-                                           expert_bits=args.expert_bits, expert_group=args.expert_group),
+                                           expert_bits=args.expert_bits, expert_group=args.expert_group,
+                                           kernel=args.quant_kernel),
                          cache_dir=args.cache_dir)
 
 

@@ -19,6 +19,11 @@ STORES = {
     "ram": "experts wait in host RAM (pinned on CUDA), read from disk once",
     "disk": "experts are read from disk on every miss (machines with less RAM than the model)",
 }
+KERNELS = {
+    "auto": "moeshard's CPU kernels multiply straight from the packed codes (built once with the system C "
+            "compiler); on CUDA, or without a compiler, weights are dequantized on each call",
+    "reference": "dequantize each weight on every call, then multiply in float32 (slow: for checking results)",
+}
 POLICIES = {
     "lru": "evict the least recently used expert (the paper's cache)",
     "router": "keep the experts that the router's own history says follow the ones just used (transition "
@@ -34,6 +39,7 @@ class QuantConfig:
     attn_group: int = 64  # weights sharing one (scale, zero) pair in attention; the paper uses 64
     expert_bits: int = 16  # expert FFN weights; the paper uses 3 or 2
     expert_group: int | None = None  # None = the paper's group for expert_bits (2-bit: 16, 3/4/8-bit: 64)
+    kernel: str = "auto"  # how packed weights are computed (see KERNELS); results agree to float32 rounding
 
     def __post_init__(self):
         for name, bits in (("attn_bits", self.attn_bits), ("expert_bits", self.expert_bits)):
@@ -43,6 +49,8 @@ class QuantConfig:
             # hqq's config builder accepts only multiples of 8.
             if group is not None and (not isinstance(group, int) or group <= 0 or group % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8 (e.g. 16, 64, 128), got {group!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
 
     @property
     def attention_quantized(self) -> bool:

@@ -106,6 +106,19 @@ class ExpertMath:
         h = self._linear(x, w[self.up], w.get(f"{self.up}_bias"))  # [t, 2I] (or [t, I] without a gate)
         return self._linear(self._gate(h), w["down"], w.get("down_bias"))
 
+    def forward_with(self, linear: Callable[[str, torch.Tensor], torch.Tensor],
+                     bias: Callable[[str], torch.Tensor | None], x: torch.Tensor) -> torch.Tensor:
+        """The same FFN with the projections given as functions: `linear(name, h)` applies the expert weight
+        `name` ([S, in] -> [S, out]), `bias(name)` is that bias per row ([S, out]) or None. For weights that are
+        not plain matrices (packed codes computed by a kernel)."""
+        h = linear(self.up, x)  # [S, 2I] (or [S, I] without a gate)
+        if self.has_bias and (b := bias(f"{self.up}_bias")) is not None:
+            h = h + b
+        out = linear("down", self._gate(h))  # [S, D]
+        if self.has_bias and (b := bias("down_bias")) is not None:
+            out = out + b
+        return out
+
     def forward_grouped(self, w: dict[str, torch.Tensor], x: torch.Tensor, slots: torch.Tensor,
                         offsets: torch.Tensor) -> torch.Tensor:
         """Rows `x` [S, D] sorted by slot, through experts stacked as `w[name]` [n, ...] (strided views of the

@@ -3,8 +3,8 @@
 The coordinator computes the experts it keeps (or falls back to) with one; a worker wraps one in its
 `ExpertShard`. `submit(layer, groups, hint)` starts the loads now (and then the prefetch `hint` for the
 next layer, so demand loads go first) and returns a pending result whose `result()` computes. Resident
-dense experts of a layer are computed together: one grouped matmul per projection over strided views of
-the layer's slot slab, not one Python call per expert.
+experts of a layer are computed together, one call per projection over the layer's slot slab (dense: a
+grouped matmul over strided views; quantized: moeshard's packed kernels), not one Python call per expert.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 from .checkpoint import Checkpoint
 from .config import OffloadConfig
 from .counters import ExpertCounters
-from .experts import ExpertMath, grouped_supported
-from .formats import DenseFormat, expert_format
+from .experts import ExpertMath
+from .formats import expert_format
 from .policies import make_policy
 from .slots import LayerSlots, Loader
 from .stores import CheckpointSource, DiskStore, ExpertSource, RamStore
@@ -46,11 +46,15 @@ class LocalExperts:
         self.source, self.format, self.math, self.device = source, fmt, math, device
         self.num_experts, self.slots_per_layer = num_experts, slots_per_layer
         self.store = RamStore(source, pin_memory=device.type == "cuda") if store == "ram" else DiskStore(source)
-        self.loader = Loader(self.store, device)
-        self.slots = {layer: LayerSlots(layer, slots_per_layer, self.loader, source.nbytes,
+        # A slot holds the format's compute form; filling it converts from the stored form where they differ.
+        converts = fmt.compute_layout is not fmt.layout
+        self.loader = Loader(self.store, device, fill=fmt.fill if converts else None)
+        self.slot_bytes = fmt.compute_layout.nbytes
+        self.slots = {layer: LayerSlots(layer, slots_per_layer, self.loader, self.slot_bytes,
                                         make_policy(policy, num_experts)) for layer in layers}
-        # One grouped matmul per projection when the format's buffers are the dense weights themselves.
-        self.grouped = isinstance(fmt, DenseFormat) and grouped_supported(device, fmt.dtype)
+        # One call per projection for all the resident experts of a layer (dense: grouped matmul over strided
+        # views of the slot slab; quantized on CPU: moeshard's kernels), where the device allows.
+        self.grouped = fmt.grouped(device)
 
     # -- the backend interface ----------------------------------------------------------------
     def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: Hint | None = None) -> _LocalPending:
@@ -80,7 +84,8 @@ class LocalExperts:
 
     def describe(self) -> dict:
         return {"store": self.store.kind, "store_resident_bytes": self.store.resident_bytes,
-                "loader_busy_s": self.loader.busy_s, "grouped": self.grouped}
+                "loader_busy_s": self.loader.busy_s, "grouped": self.grouped, "compute": self.format.compute,
+                "slot_bytes": self.slot_bytes}
 
     # -- compute ------------------------------------------------------------------------------
     def _compute(self, layer: int, groups: dict[int, torch.Tensor], order: list[int]) -> dict[int, torch.Tensor]:
@@ -91,8 +96,7 @@ class LocalExperts:
                 buf = slots.acquire(expert)
                 start = time.perf_counter()
                 x = groups[expert].to(self.device, non_blocking=True)
-                out = self.math.forward(self.format.decode(buf), x.to(self.format.dtype))
-                outputs[expert] = out.to(x.dtype)
+                outputs[expert] = self.format.forward(self.math, buf, x).to(x.dtype)
                 slots.counters.compute_s += time.perf_counter() - start
                 slots.release(expert)
             return outputs
@@ -114,16 +118,11 @@ class LocalExperts:
         start = time.perf_counter()
         wave = sorted(wave, key=slots.slot_of)  # rows grouped by slot, slots ascending
         index = [slots.slot_of(e) for e in wave]
-        counts = [0] * slots.capacity
-        for e, i in zip(wave, index):
-            counts[i] = int(groups[e].shape[0])
+        counts = [int(groups[e].shape[0]) for e in wave]
         dtype = groups[wave[0]].dtype
-        x = torch.cat([groups[e] for e in wave]).to(self.device, non_blocking=True).to(self.format.dtype)  # [S, D]
-        offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)  # [k]
-        rows = torch.tensor(index, device=self.device).repeat_interleave(
-            torch.tensor([counts[i] for i in index], device=self.device))  # [S] slot of each row
-        y = self.math.forward_grouped(self.format.decode_stacked(slots.slab), x, rows, offsets)  # [S, D]
-        for e, part in zip(wave, y.split([counts[i] for i in index])):
+        x = torch.cat([groups[e] for e in wave]).to(self.device, non_blocking=True)  # [S, D]
+        y = self.format.forward_grouped(self.math, slots.slab, index, counts, x)  # [S, D]
+        for e, part in zip(wave, y.split(counts)):
             outputs[e] = part.to(dtype)
         slots.counters.compute_s += time.perf_counter() - start
         for e in wave:
@@ -152,7 +151,8 @@ def open_local_experts(ckpt: Checkpoint, layout, cfg: OffloadConfig, device: tor
 
     Dense experts are read from the checkpoint itself; quantized ones from the quantized cache, which is
     built on first use (on the GPU when there is one: quantizing is much faster there)."""
-    fmt = expert_format(layout.tensors, cfg.quant, dtype, quant_device=device if device.type == "cuda" else None)
+    fmt = expert_format(layout.tensors, cfg.quant, dtype, quant_device=device if device.type == "cuda" else None,
+                        device=device)
     if cfg.quant.experts_quantized:
         from .quantized_cache import QuantizedCacheSource, open_quantized_cache
 
@@ -167,6 +167,8 @@ def open_local_experts(ckpt: Checkpoint, layout, cfg: OffloadConfig, device: tor
 
 def expert_fingerprint(ckpt: Checkpoint, layout, fmt) -> str:
     """What a coordinator and a worker must agree on: the checkpoint (a sample of its bytes too), the
-    family's expert structure and arithmetic, and the expert format."""
-    return ckpt.fingerprint({"experts": fmt.describe(), "family": layout.describe()},
-                            sample=layout.fingerprint_sample())
+    family's expert structure and arithmetic, the expert format, and who chose the quantized codes."""
+    experts = fmt.describe()
+    if getattr(fmt, "quantized", False):
+        experts = {**experts, "quantizer": fmt.quantizer}
+    return ckpt.fingerprint({"experts": experts, "family": layout.describe()}, sample=layout.fingerprint_sample())

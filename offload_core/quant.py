@@ -1,87 +1,149 @@
-"""Mixed HQQ quantization (Eliseev & Mazur 2023): attention modules and packed expert buffers.
+"""Mixed HQQ quantization (Eliseev & Mazur 2023): packed expert buffers and packed attention projections.
 
-`HQQExpertFormat` packs one quantized expert (bit-packed codes, scales,
-zeros) into one byte buffer and dequantizes it on whatever device the buffer is on; `quantize_attention`
-swaps a model's q/k/v/o projections for hqq's `HQQLinear`. The quantizer, bit packing and dequantization
-are hqq's own; this module only lays their outputs out. It does no caching (see `quantized_cache.py`).
+An expert has two forms. The storage form (`HQQExpertFormat.layout`) is what the quantized cache, the host
+store and the wire to workers hold: codes packed at their own width, float16 scales and zeros per group.
+The compute form (`compute_layout`) is what a slot holds: on a CPU with moeshard's kernels the same bytes
+(3-bit codes widened to 4-bit chunks when the slot is filled), computed by one fused
+dequantize-and-multiply call for all the experts of a layer (`kernels.py`), never expanded to a dense matrix;
+elsewhere (CUDA, no C compiler) the storage form, dequantized on each call (the reference path).
+`PackedLinear` does the same for attention's q/k/v/o projections. Weights are quantized with HQQ's
+proximal optimiser (run group by group in C; hqq's own `Quantizer` where the kernels are unavailable).
+This module does no caching (see `quantized_cache.py`).
 """
 from __future__ import annotations
 
 import logging
 import math
-
 import torch
-from hqq.core.quantize import HQQLinear, Quantizer, hqq_base_quant_config
+import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig, dtype_name
-from .experts import ExpertTensor
+from .experts import ExpertMath, ExpertTensor
 from .formats import PackedLayout
+from .kernels import CpuKernels, cpu_kernels, pack, packed_bytes, unpack
 
 logger = logging.getLogger(__name__)
 
-# hqq's packers split the code rows into 8/bits equal slices (3-bit packs 10 rows per int32 and pads).
-_ROWS_MULTIPLE = {8: 1, 4: 2, 3: 1, 2: 4}
-_FORMAT_VERSION = 2  # bump when the packed layout changes, so that old caches are rebuilt
+# S = rows of a grouped call, N = output features, K = input features, G = groups of a tensor
+
+_FORMAT_VERSION = 3  # bump when the packed layout changes, so that old caches are rebuilt
+SUPPORTED_BITS = (8, 4, 3, 2)
+QUANTIZER_C, QUANTIZER_HQQ = "moeshard", "hqq"  # who chose the codes (part of the fingerprint, not of the layout)
 
 
-def _weight_params(bits: int, group: int) -> dict:
-    # axis=1: each group is `group` consecutive weights along the input dim, hqq's choice for quality.
-    # (hqq's ATen kernel needs axis=0, but it is a separate CUDA build, absent from the hqq wheel.)
-    return hqq_base_quant_config(nbits=bits, group_size=group, axis=1)["weight_quant_params"]
-
-
-def _check_groupable(name: str, shape: tuple[int, ...], bits: int, group: int) -> int:
+def check_groupable(name: str, shape: tuple[int, ...], group: int) -> int:
+    """Groups of a tensor: its weights, read flat, in groups of `group` (HQQ's axis 1)."""
     numel = math.prod(shape)
     if numel % group:
         raise ValueError(f"tensor {name!r} of shape {list(shape)} has {numel} weights, not a multiple of group {group}")
-    rows = numel // group
-    if rows % _ROWS_MULTIPLE[bits]:
-        raise ValueError(f"tensor {name!r} of shape {list(shape)} splits into {rows} groups of {group}; {bits}-bit "
-                         f"packing needs a multiple of {_ROWS_MULTIPLE[bits]}: choose another group size")
-    return rows
+    return numel // group
+
+
+def _code_specs(prefix: str, numel: int, bits: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    if bits == 3:  # a 2-bit plane of the low bits and a 1-bit plane of bit 2: exactly 3 bits a weight
+        return {f"{prefix}.q2": (torch.uint8, (packed_bytes(numel, 2),)),
+                f"{prefix}.q1": (torch.uint8, (packed_bytes(numel, 1),))}
+    return {f"{prefix}.q": (torch.uint8, (packed_bytes(numel, bits),))}
+
+
+class QuantizedTensor:
+    """One weight quantized and packed: which [N, K] matrix it is (out, in), and how its buffer reads back."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], transposed: bool, bits: int, group: int):
+        self.name, self.shape, self.transposed, self.bits, self.group = name, shape, transposed, bits, group
+        self.out_features, self.in_features = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+        self.numel = math.prod(shape)
+        self.groups = check_groupable(name, shape, group)
+        self.compute_bits = 4 if bits == 3 else bits  # slots hold 3-bit codes widened to 4-bit chunks
+
+    def storage_specs(self) -> dict:
+        return {**_code_specs(self.name, self.numel, self.bits),
+                f"{self.name}.scale": (torch.float16, (self.groups,)), f"{self.name}.zero": (torch.float16, (self.groups,))}
+
+    def compute_specs(self) -> dict:
+        return {**_code_specs(self.name, self.numel, self.compute_bits),
+                f"{self.name}.scale": (torch.float16, (self.groups,)), f"{self.name}.zero": (torch.float16, (self.groups,))}
+
+    def oriented(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight as the [out, in] matrix that is quantized (a transposed [in, out] weight is transposed)."""
+        return w.t() if self.transposed else w
+
+    def codes(self, views: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+        if bits == 3:
+            return unpack(views[f"{self.name}.q2"], self.numel, 2) | (unpack(views[f"{self.name}.q1"], self.numel, 1) << 2)
+        return unpack(views[f"{self.name}.q"], self.numel, bits)
+
+    def dequantize(self, views: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+        """The reference: (q - zero) * scale in float32, as the [out, in] matrix; any device."""
+        q = self.codes(views, bits).view(self.groups, self.group).float()
+        scale = views[f"{self.name}.scale"].float().unsqueeze(1)
+        zero = views[f"{self.name}.zero"].float().unsqueeze(1)
+        return ((q - zero) * scale).view(self.out_features, self.in_features)
+
+
+def _quantize_flat(weights: torch.Tensor, bits: int, group: int, kernels: CpuKernels | None):
+    """Flat float weights -> (codes uint8, scale, zero): the C optimiser, else hqq's `Quantizer` (same algorithm)."""
+    if kernels is not None and weights.device.type == "cpu":
+        return kernels.quantize(weights, bits, group)
+    from hqq.core.quantize import Quantizer, hqq_base_quant_config
+
+    params = dict(hqq_base_quant_config(nbits=bits, group_size=group, axis=1)["weight_quant_params"], bitpack=False)
+    codes, meta = Quantizer.quantize(weights.float().reshape(-1, group), device=weights.device, **params)
+    return codes.reshape(-1).to(torch.uint8).cpu(), meta["scale"].reshape(-1).cpu(), meta["zero"].reshape(-1).cpu()
+
+
+def _pack_into(t: QuantizedTensor, codes: torch.Tensor, bits: int, kernels: CpuKernels | None,
+               views: dict[str, torch.Tensor]) -> None:
+    packer = kernels.pack if kernels is not None else pack
+    if bits == 3:
+        views[f"{t.name}.q2"].copy_(packer(codes & 3, 2))
+        views[f"{t.name}.q1"].copy_(packer(codes >> 2, 1))
+    else:
+        views[f"{t.name}.q"].copy_(packer(codes, bits))
 
 
 class HQQExpertFormat:
-    """One expert as hqq-quantized tensors in one buffer: `{name}.q` codes, `{name}.scale`, `{name}.zero`.
+    """One expert as HQQ-quantized, packed tensors in one buffer: `{name}.q` codes (3-bit: `.q2` and `.q1`),
+    `{name}.scale` and `{name}.zero` (float16, one per group of `group_size` weights read flat), biases in the
+    compute dtype. Weights are quantized in [out, in] orientation (a transposed [in, out] weight, GPT-OSS's, as
+    its transpose). Scales and zeros in float16 cost 32 / group bits per weight (2-bit g16: 4.0 bits).
 
-    Weights are quantized in [out, in] orientation (groups run along the input dim, hqq's choice for quality),
-    so a transposed [in, out] weight (GPT-OSS) is quantized as its transpose and decoded back to [in, out].
-    Biases stay in the compute dtype. Scales and zeros are kept in float16: hqq 0.2.8 ignores (and calls
-    deprecated) quantized meta-data, so the paper's 8-bit scales are not available; that costs 32/group bits
-    per weight (2-bit g16: 4.0 bits).
+    `kernels` (moeshard's CPU kernels, or None) decides the compute form: with them, slots hold packed codes
+    and `forward_grouped` multiplies from them; without, each call dequantizes (`decode`).
     """
 
     meta_dtype = torch.float16
     quantized = True
 
     def __init__(self, tensors: tuple[ExpertTensor, ...], bits: int, group_size: int, compute_dtype: torch.dtype,
-                 quant_device: torch.device | str | None = None):
-        if bits not in _ROWS_MULTIPLE:
-            raise ValueError(f"expert bits must be one of {sorted(_ROWS_MULTIPLE)}, got {bits!r}")
+                 quant_device: torch.device | str | None = None, kernels: CpuKernels | None = None,
+                 quantizer: str | None = None):
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"expert bits must be one of {list(SUPPORTED_BITS)}, got {bits!r}")
         self.tensors = tuple(tensors)
         self.bits, self.group_size = bits, group_size
-        self.dtype = compute_dtype  # what decode() returns, as DenseFormat.dtype
-        # Where encode() runs hqq's optimiser: None = where the weights are (a GPU makes building far faster).
+        self.dtype = compute_dtype  # what decode() returns and forward() gives back
+        # Where encode() runs the optimiser when the C one is not used: None = where the weights are.
         self.quant_device = torch.device(quant_device) if quant_device is not None else None
-        self._params = _weight_params(bits, group_size)
-        self._packing = Quantizer.bit_to_packing[bits]
-        code_dtype = Quantizer.unpack_view_dtype[self._packing]
-        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        for t in self.tensors:
-            if t.is_bias:
-                specs[t.name] = (compute_dtype, t.shape)
-                continue
-            rows = _check_groupable(t.name, t.shape, bits, group_size)
-            code_rows = -(-rows // 10) if bits == 3 else rows * bits // 8
-            specs[f"{t.name}.q"] = (code_dtype, (code_rows, group_size))
-            specs[f"{t.name}.scale"] = (self.meta_dtype, (rows, 1))
-            specs[f"{t.name}.zero"] = (self.meta_dtype, (rows, 1))
-        self.layout = PackedLayout(specs)
+        self.kernels = kernels
+        self._quantizer_kernels = cpu_kernels() if quantizer in (None, QUANTIZER_C) else None
+        self.quantizer = QUANTIZER_C if self._quantizer_kernels is not None else QUANTIZER_HQQ
+        self.weights = tuple(QuantizedTensor(t.name, t.shape, t.transposed, bits, group_size)
+                             for t in self.tensors if not t.is_bias)
+        self.biases = tuple(t for t in self.tensors if t.is_bias)
+        bias_specs = {t.name: (compute_dtype, t.shape) for t in self.biases}
+        self.layout = PackedLayout({k: v for w in self.weights for k, v in w.storage_specs().items()} | bias_specs)
+        if kernels is not None:
+            self.compute_layout = PackedLayout({k: v for w in self.weights for k, v in w.compute_specs().items()}
+                                               | bias_specs)
+        else:
+            self.compute_layout = self.layout
+        self.compute_bits = self.weights[0].compute_bits if kernels is not None and self.weights else bits
 
     @property
     def num_params(self) -> int:
-        return sum(math.prod(t.shape) for t in self.tensors if not t.is_bias)
+        return sum(w.numel for w in self.weights)
 
     @property
     def bits_per_param(self) -> float:
@@ -89,53 +151,163 @@ class HQQExpertFormat:
         return self.layout.nbytes * 8 / self.num_params
 
     def describe(self) -> dict:
-        """What the bytes mean, and the dtype computed in: backends that share a fingerprint give equal outputs."""
+        """What the bytes mean, and the dtype computed in: backends that share it read the same weights."""
         return {"format": "hqq", "version": _FORMAT_VERSION, "bits": self.bits, "group_size": self.group_size,
-                "axis": 1, "packing": self._packing, "meta_dtype": "float16", "dtype": dtype_name(self.dtype)}
+                "axis": 1, "packing": "chunk16", "meta_dtype": "float16", "dtype": dtype_name(self.dtype)}
 
     @property
     def label(self) -> str:
         return f"hqq {self.bits}-bit g{self.group_size} ({dtype_name(self.dtype)})"
 
-    def encode(self, weights: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        """Quantize one expert's dense weights with hqq and pack codes and meta-data into `out`."""
-        packed = {}
-        for t in self.tensors:
-            w = weights[t.name]
-            if tuple(w.shape) != t.shape:
-                raise ValueError(f"expert tensor {t.name!r} has shape {list(w.shape)}, expected {list(t.shape)}")
-            if t.is_bias:
-                packed[t.name] = w
-                continue
-            device = self.quant_device or w.device
-            w = w.t() if t.transposed else w  # quantize [out, in]
-            codes, meta = Quantizer.quantize(w.contiguous().to(device), device=device, **self._params)
-            packed.update({f"{t.name}.q": codes, f"{t.name}.scale": meta["scale"], f"{t.name}.zero": meta["zero"]})
-        return self.layout.pack(packed, out)
+    @property
+    def compute(self) -> str:
+        """How slots are computed: "packed" (fused kernels) or "dequantize" (the reference, per call)."""
+        return "packed" if self.kernels is not None else "dequantize"
 
-    def _dequant_dtype(self, device: torch.device) -> torch.dtype:
-        # bf16 keeps 8 significant bits: `code - zero` near 255 (8-bit) would lose up to half a step. fp16
-        # keeps it within 1/16 step and is fast on accelerators; CPUs do fp32 faster than fp16.
-        if self.dtype in (torch.float32, torch.float16):
-            return self.dtype
-        return torch.float32 if device.type == "cpu" else torch.float16
+    # -- storage form ------------------------------------------------------------------------
+    def encode(self, weights: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """Quantize one expert's dense weights and pack codes and meta-data into `out`."""
+        return self.encode_many([weights], [out])[0]
+
+    def encode_many(self, experts: list[dict[str, torch.Tensor]], outs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Quantize several experts together (one optimiser call per tensor over all their groups, on every
+        core) and pack each into its buffer in `outs`."""
+        kernels = self._quantizer_kernels
+        for t in self.tensors:
+            for weights in experts:
+                if tuple(weights[t.name].shape) != t.shape:
+                    raise ValueError(f"expert tensor {t.name!r} has shape {list(weights[t.name].shape)}, "
+                                     f"expected {list(t.shape)}")
+        views = [self.layout.views(out) for out in outs]
+        for t in self.biases:
+            for v, weights in zip(views, experts):
+                v[t.name].copy_(weights[t.name])
+        for t in self.weights:
+            stacked = torch.stack([t.oriented(w[t.name]) for w in experts])  # [n, N, K]
+            if kernels is None and self.quant_device is not None:
+                stacked = stacked.to(self.quant_device)
+            codes, scale, zero = _quantize_flat(stacked, self.bits, self.group_size, kernels)
+            codes, scale, zero = codes.view(len(experts), -1), scale.view(len(experts), -1), zero.view(len(experts), -1)
+            for i, v in enumerate(views):
+                _pack_into(t, codes[i], self.bits, kernels, v)
+                v[f"{t.name}.scale"].copy_(scale[i])
+                v[f"{t.name}.zero"].copy_(zero[i])
+        return outs
 
     def decode(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Dense weights in the compute dtype, dequantized by hqq on `buf`'s device."""
+        """Dense weights from a storage buffer, dequantized in float32 on `buf`'s device (the reference)."""
         views = self.layout.views(buf)
-        dtype = self._dequant_dtype(buf.device)
-        weights = {}
-        for t in self.tensors:
-            if t.is_bias:
-                weights[t.name] = views[t.name]
-                continue
-            shape = t.shape[::-1] if t.transposed else t.shape
-            meta = {"nbits": self.bits, "group_size": self.group_size, "shape": torch.Size(shape), "axis": 1,
-                    "packing": self._packing, "view_as_float": False, "compute_dtype": dtype,
-                    "scale": views[f"{t.name}.scale"].to(dtype), "zero": views[f"{t.name}.zero"].to(dtype)}
-            w = Quantizer.dequantize(views[f"{t.name}.q"], meta).to(self.dtype)
+        weights = {t.name: views[t.name] for t in self.biases}
+        for t in self.weights:
+            w = t.dequantize(views, self.bits)
             weights[t.name] = w.t() if t.transposed else w
         return weights
+
+    # -- compute form ------------------------------------------------------------------------
+    def fill(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """A slot's compute form from a storage buffer (3-bit codes widened; everything else copied)."""
+        if self.compute_layout is self.layout:
+            dst.copy_(src)
+            return
+        s, d = self.layout.views(src), self.compute_layout.views(dst)
+        for t in self.weights:
+            d[f"{t.name}.scale"].copy_(s[f"{t.name}.scale"])
+            d[f"{t.name}.zero"].copy_(s[f"{t.name}.zero"])
+            if self.bits == 3:
+                self.kernels.widen3(s[f"{t.name}.q2"], s[f"{t.name}.q1"], t.numel, out=d[f"{t.name}.q"])
+            else:
+                d[f"{t.name}.q"].copy_(s[f"{t.name}.q"])
+        for t in self.biases:
+            d[t.name].copy_(s[t.name])
+
+    def grouped(self, device: torch.device) -> bool:
+        return self.kernels is not None and device.type == "cpu"
+
+    def forward(self, math_: ExpertMath, buf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [t, D] through one expert whose slot holds `buf`."""
+        if self.grouped(buf.device):
+            return self.forward_grouped(math_, buf.view(1, -1), [0], [x.shape[0]], x)
+        w = self.decode(buf)
+        return math_.forward_with(lambda name, h: F.linear(h, w[name].t() if _transposed(self, name) else w[name]),
+                                  lambda name: w[name].float() if name in w else None, x.float()).to(self.dtype)
+
+    def forward_grouped(self, math_: ExpertMath, slab: torch.Tensor, index: list[int], counts: list[int],
+                        x: torch.Tensor) -> torch.Tensor:
+        """Rows `x` [S, D] grouped by expert, `counts[i]` of them for the expert in slot `index[i]` of `slab`
+        [k, nbytes]: one kernel call per projection for all of them. Returns [S, D] in the compute dtype."""
+        layout, stride = self.compute_layout, slab.stride(0)
+        offsets = {e.name: e.offset for e in layout.entries}
+        by_name = {t.name: t for t in self.weights}
+
+        def linear(name: str, h: torch.Tensor) -> torch.Tensor:
+            t = by_name[name]
+            return self.kernels.qmm_grouped(
+                self.compute_bits, t.out_features, t.in_features, self.group_size, h, slab, stride,
+                (offsets[f"{name}.q"], offsets[f"{name}.scale"], offsets[f"{name}.zero"]), index, counts)
+
+        rows = None
+        if self.biases:
+            rows = torch.repeat_interleave(torch.tensor(index), torch.tensor(counts))  # [S] slot of each row
+            stacked = layout.stacked_views(slab)
+
+        def bias(name: str) -> torch.Tensor | None:
+            return stacked[name][rows].float() if rows is not None and name in stacked else None
+
+        return math_.forward_with(linear, bias, x.float()).to(self.dtype)
+
+
+def _transposed(fmt: HQQExpertFormat, name: str) -> bool:
+    # decode() gives weights in the checkpoint's orientation; F.linear wants [out, in]
+    return any(t.name == name and t.transposed for t in fmt.weights)
+
+
+# -- attention ----------------------------------------------------------------------------------------------
+class PackedLinear(nn.Module):
+    """An nn.Linear whose weight is HQQ-quantized and packed: computed from the packed codes by moeshard's CPU
+    kernels, or dequantized per call (CUDA, no compiler). Keeps the linear's dtype for its output and bias."""
+
+    def __init__(self, linear: nn.Linear, bits: int, group: int, kernels: CpuKernels | None,
+                 quantizer_kernels: CpuKernels | None):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, weight.dtype
+        self.bits, self.group = bits, group
+        self.spec = QuantizedTensor("weight", tuple(weight.shape), False, bits, group)
+        self.kernels = kernels if weight.device.type == "cpu" else None
+        codes, scale, zero = _quantize_flat(weight, bits, group, quantizer_kernels)
+        self.compute_bits = 4 if bits == 3 else bits  # 3-bit codes packed in 4-bit chunks: same values
+        self.register_buffer("codes", pack(codes, self.compute_bits).to(weight.device), persistent=False)
+        self.register_buffer("scale", scale.to(torch.float16).to(weight.device), persistent=False)
+        self.register_buffer("zero", zero.to(torch.float16).to(weight.device), persistent=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def _packed(self) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        # codes, scale and zero as one buffer view for the kernel's (base, offsets) addressing
+        base = self.codes
+        offsets = (0, self.scale.data_ptr() - base.data_ptr(), self.zero.data_ptr() - base.data_ptr())
+        return base, offsets
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight [out, in] in float32: what this module multiplies by."""
+        views = {"weight.q": self.codes, "weight.scale": self.scale, "weight.zero": self.zero}
+        return self.spec.dequantize(views, self.compute_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernels is not None and x2.device.type == "cpu":
+            base, offsets = self._packed()
+            y = self.kernels.qmm_grouped(self.compute_bits, self.out_features, self.in_features, self.group, x2, base,
+                                         0, offsets, [0], [x2.shape[0]])
+        else:
+            y = F.linear(x2.float(), self.dequantized())
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group={self.group}, compute={'packed' if self.kernels is not None else 'dequantize'}")
 
 
 def attention_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -149,7 +321,7 @@ def attention_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]
 
 
 def quantize_attention(model: nn.Module, cfg: QuantConfig, device: torch.device | str) -> int:
-    """Replace the attention projections of a materialised model by hqq `HQQLinear`s on `device`.
+    """Replace the attention projections of a materialised model by `PackedLinear`s on `device`.
 
     Embeddings, norms, routers and the LM head are left as they are. Returns how many modules were
     replaced (0 when `cfg.attn_bits` is 16).
@@ -157,16 +329,25 @@ def quantize_attention(model: nn.Module, cfg: QuantConfig, device: torch.device 
     if not cfg.attention_quantized:
         return 0
     device = torch.device(device)
+    kernels = compute_kernels(cfg, device)
+    quantizer = cpu_kernels()
     targets = attention_linears(model)
-    quant_config = hqq_base_quant_config(nbits=cfg.attn_bits, group_size=cfg.attn_group, axis=1)
     for parent, attr, linear in targets:
         if linear.weight.is_meta:
             raise ValueError(f"attention weights of {type(parent).__name__}.{attr} are on the meta device: "
                              "load the dense weights before quantizing")
-        _check_groupable(attr, tuple(linear.weight.shape), cfg.attn_bits, cfg.attn_group)
-        # hqq quantizes on `device` and keeps meta-data in the module's own dtype.
-        setattr(parent, attr, HQQLinear(linear, quant_config, del_orig=True, compute_dtype=linear.weight.dtype,
-                                        device=device))
-    logger.info("quantized %d attention projections to %d-bit (group %d) with hqq on %s", len(targets),
-                cfg.attn_bits, cfg.attn_group, device)
+        check_groupable(attr, tuple(linear.weight.shape), cfg.attn_group)
+        setattr(parent, attr, PackedLinear(linear.to(device), cfg.attn_bits, cfg.attn_group, kernels, quantizer))
+    logger.info("quantized %d attention projections to %d-bit (group %d) on %s, computed %s", len(targets),
+                cfg.attn_bits, cfg.attn_group, device, "from packed codes" if kernels is not None else
+                "by dequantizing per call")
     return len(targets)
+
+
+def compute_kernels(cfg: QuantConfig, device: torch.device) -> CpuKernels | None:
+    """The kernels that compute packed weights on `device`: moeshard's CPU kernels on a CPU (unless the
+    reference path is asked for), none elsewhere."""
+    if device.type != "cpu" or cfg.kernel == "reference":
+        return None
+    return cpu_kernels()
+

@@ -1,7 +1,7 @@
 """The quantized cache on disk: experts are quantized once per (checkpoint, settings), then read by offset.
 
 `QuantizedCache.open` reuses a valid cache folder, or (re)builds the layer files that are missing or
-corrupt, one expert at a time. Files are plain safetensors (one per MoE layer, tensor `expert.{e}` =
+corrupt, a batch of experts at a time. Files are plain safetensors (one per MoE layer, tensor `expert.{e}` =
 one packed expert) plus `manifest.json`: no pickle. `QuantizedCacheSource` reads one expert's bytes with
 `os.preadv` straight into a host buffer. This module neither chooses the format nor knows the model.
 """
@@ -30,6 +30,7 @@ _MANIFEST = "manifest.json"
 _VERSION = 1  # of the folder layout and manifest
 _ALIGN = 64  # the data section starts aligned, and every packed expert is a multiple of 64 bytes
 _CHUNK = 1 << 24  # bytes hashed per read when verifying
+_BATCH_BYTES = 512 << 20  # float32 weights quantized together (a batch of experts; at least one)
 
 
 class CorruptCacheError(ValueError):
@@ -221,17 +222,21 @@ class QuantizedCache:
         metadata = {"format": "moeshard-quantized-experts", "fingerprint": self.fingerprint, "layer": str(layer)}
         header = _safetensors_header(self.num_experts, self.nbytes, metadata)
         digest = hashlib.sha256(header)
-        buf = torch.zeros(self.nbytes, dtype=torch.uint8)  # formats never write the alignment padding: keep it 0
+        # Experts are quantized a batch at a time (one optimiser call over all their groups, on every core).
+        batch = max(1, min(self.num_experts, _BATCH_BYTES // max(1, self.source.dense_bytes)))
+        bufs = torch.zeros(batch, self.nbytes, dtype=torch.uint8)  # formats never write the alignment padding
         try:
             with open(tmp, "wb") as f:
                 f.write(header)
-                for expert in range(self.num_experts):
-                    self.source.read_into(ExpertKey(layer, expert), buf)
-                    data = memoryview(buf.numpy())
-                    f.write(data)
-                    digest.update(data)
-                    QuantizedCache.experts_quantized += 1
-                    bar.update()
+                for first in range(0, self.num_experts, batch):
+                    keys = [ExpertKey(layer, e) for e in range(first, min(first + batch, self.num_experts))]
+                    self.source.read_many_into(keys, list(bufs[: len(keys)]))
+                    for i in range(len(keys)):
+                        data = memoryview(bufs[i].numpy())
+                        f.write(data)
+                        digest.update(data)
+                    QuantizedCache.experts_quantized += len(keys)
+                    bar.update(len(keys))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

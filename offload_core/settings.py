@@ -7,6 +7,7 @@ from pathlib import Path
 TOKEN_ENV = "MOESHARD_TOKEN"  # shared secret between a coordinator and its workers
 CACHE_ENV = "MOESHARD_CACHE_DIR"  # where quantized caches are written (default ~/.cache/moeshard)
 API_KEY_ENV = "MOESHARD_API_KEY"  # the key HTTP clients of `serve` must send (Authorization: Bearer <key>)
+COMPILER_ENV = "CC"  # the C compiler for the CPU kernels (default: cc, gcc or clang on the PATH)
 
 
 def token_from_env() -> str | None:
@@ -19,3 +20,8 @@ def cache_root_from_env() -> Path:
 
 def api_key_from_env() -> str | None:
     return os.environ.get(API_KEY_ENV) or None
+
+
+def compiler_from_env() -> str | None:
+    """The C compiler that builds moeshard's CPU kernels (the usual CC variable); None = cc, gcc or clang."""
+    return os.environ.get(COMPILER_ENV) or None

@@ -31,8 +31,10 @@ class Loader:
     into a slot waits for that slot's previous load, so two loads never write one slot at once.
     """
 
-    def __init__(self, store, device: torch.device, threads: int = LOADER_THREADS):
+    def __init__(self, store, device: torch.device, threads: int = LOADER_THREADS, fill=None):
         self.store, self.device = store, device
+        # fill(stored, slot): the slot's compute form from a stored buffer; None = the bytes are copied as stored
+        self.fill = fill
         self.cuda = device.type == "cuda"
         self.busy_s = 0.0
         self._lock = threading.Lock()
@@ -58,7 +60,17 @@ class Loader:
         start = time.perf_counter()
         try:
             if not self.cuda:
-                self.store.read_into(key, dst)
+                if self.fill is None:
+                    self.store.read_into(key, dst)
+                    return None
+                src = self.store.host_buffer(key)
+                if src is None:  # disk store: read into this thread's buffer, then convert into the slot
+                    local = self._local
+                    if not hasattr(local, "host"):
+                        local.host = torch.empty(self.store.nbytes, dtype=torch.uint8)
+                    src = local.host
+                    self.store.read_into(key, src)
+                self.fill(src, dst)
                 return None
             src = self.store.host_buffer(key)
             local = index = None
@@ -72,7 +84,10 @@ class Loader:
             with torch.cuda.stream(self._stream):
                 if free_event is not None:  # the slot's previous expert may still be in use by a kernel
                     self._stream.wait_event(free_event)
-                dst.copy_(src, non_blocking=True)
+                if self.fill is None:
+                    dst.copy_(src, non_blocking=True)
+                else:  # the stored bytes to the device, converted there into the slot
+                    self.fill(src.to(self.device, non_blocking=True), dst)
                 done = torch.cuda.Event()
                 done.record(self._stream)
             if local is not None:

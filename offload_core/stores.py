@@ -8,6 +8,7 @@ than the model. Neither knows about slots or the device.
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Protocol
 
@@ -32,6 +33,12 @@ class CheckpointSource:
     def __init__(self, ckpt: Checkpoint, layout, fmt):
         self.ckpt, self.layout, self.format = ckpt, layout, fmt
         self.nbytes: int = fmt.layout.nbytes
+        self.dense_bytes: int = 4 * sum(math.prod(t.shape) for t in fmt.tensors)  # one expert in float32
+
+    def read_many_into(self, keys: list[ExpertKey], outs: list[torch.Tensor]) -> None:
+        """Several experts at once: quantized formats quantize them together (much faster than one by one)."""
+        weights = [self.layout.read_expert(self.ckpt, k.layer, k.expert, self.format.dtype) for k in keys]
+        self.format.encode_many(weights, outs)
 
     def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
         # Dense experts already in the compute dtype go from disk into `out` directly: no temporaries, so

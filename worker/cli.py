@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..offload_core.config import ALLOWED_BITS, OffloadConfig, QuantConfig
+from ..offload_core.config import ALLOWED_BITS, KERNELS, OffloadConfig, QuantConfig
 from ..offload_core.config import parse_size as _parse_size
 from ..offload_core.settings import token_from_env
 
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --model: HQQ bits for the hosted experts, as the coordinator's (default 16 = none)")
     p.add_argument("--expert-group", type=_positive_int, default=None,
                    help="with --model: expert quantization group (default: 16 at 2 bits, 64 otherwise)")
+    p.add_argument("--quant-kernel", choices=list(KERNELS), default="auto",
+                   help="auto: compute quantized experts from their packed codes with moeshard's CPU kernels; "
+                        "reference: dequantize on every call (slow; for checking) (default auto)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where received and quantized experts are kept (default: $MOESHARD_CACHE_DIR or "
                         "~/.cache/moeshard)")
@@ -108,7 +111,8 @@ def configs(args):
                               tls_cert=_read(args.tls_cert), tls_key=_read(args.tls_key))
     offload = OffloadConfig(device=args.device or _default_device(), slots_per_layer=args.slots_per_layer,
                             prefetch=0, store=args.store, dtype=args.dtype,
-                            quant=QuantConfig(expert_bits=args.expert_bits or 16, expert_group=args.expert_group),
+                            quant=QuantConfig(expert_bits=args.expert_bits or 16, expert_group=args.expert_group,
+                                              kernel=args.quant_kernel),
                             cache_dir=args.cache_dir)
     shard_cfg = ShardConfig(model=args.model, offload=offload, memory_bytes=args.memory, disk_bytes=args.disk,
                             max_tokens=args.max_tokens, allow_model_switch=args.allow_model_switch)

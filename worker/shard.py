@@ -135,10 +135,9 @@ class ExpertShard:
             "float32", "bfloat16", "float16") else None
         if dtype is None:
             raise ValueError(f"expert format {quote(format_desc)} has no dtype this worker computes in")
-        quant = QuantConfig(expert_bits=int(format_desc.get("bits", 16)),
-                            expert_group=format_desc.get("group_size")) if format_desc.get("format") == "hqq" \
-            else QuantConfig()
-        fmt = expert_format(layout.tensors, quant, dtype, quant_device=None)
+        quant = QuantConfig(expert_bits=int(format_desc.get("bits", 16)), expert_group=format_desc.get("group_size"),
+                            kernel=cfg.offload.quant.kernel) if format_desc.get("format") == "hqq" else QuantConfig()
+        fmt = expert_format(layout.tensors, quant, dtype, quant_device=None, device=device)
         if fmt.describe() != format_desc or fmt.layout.nbytes != nbytes:
             raise FingerprintMismatch(f"this worker packs the coordinator's experts as {fmt.describe()} "
                                       f"({fmt.layout.nbytes} bytes), the coordinator sends {quote(format_desc, 200)} "
