@@ -27,9 +27,9 @@ import psutil
 import torch
 
 from .bench_model import BenchModelSpec, make_bench_checkpoint
-from .cli import HF_SYSTEMS, OFFLOADED, SYSTEMS
-from .protocol import (data_files, drop_page_cache, h2d_bandwidth, mapped_files, own_memory, read_bandwidth,
-                       write_bandwidth)
+from .cli import DEFAULT_SYSTEMS, HF_SYSTEMS, OFFLOADED, REAL_LAYERS, base_name, parse_system
+from .protocol import (data_files, drop_page_cache, h2d_bandwidth, mapped_files, memory_bandwidth, own_memory,
+                       read_bandwidth, write_bandwidth)
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,18 @@ class _System:
     close: Callable | None = None
     processes: Callable | None = None  # -> {name: psutil.Process} of its worker processes (CPU time per token)
     activate: Callable | None = None  # called before each decode (systems that share one model switch it over)
-    built: object = None  # an OffloadedModel, or transformers' model
+    expert_bits: int | str | None = None  # moeshard: HQQ bits of experts (16 = none); llama.cpp: its GGUF type
+    attn_bits: int | None = None
+    built: object = None  # an OffloadedModel, transformers' model, or a LlamaCppModel
     rounds: list = field(default_factory=list)  # per round: {"step_s", "prefill_s", "counters", "disk_read_bytes"}
     empty_round_trip_ms: float | None = None  # worker systems: an empty message's round trip on the session
+    resident_bytes: int | None = None  # resident moeshard systems: weight bytes read from memory per token
+    quantize_s_per_layer: float | None = None  # when building it quantized the experts (the cache was new)
+    slots_per_layer: int | None = None  # moeshard: the slots its budget bought
+
+    @property
+    def base(self) -> str:
+        return base_name(self.name)
 
     @property
     def model(self):
@@ -84,8 +93,13 @@ class _System:
 
         return isinstance(self.built, OffloadedModel)
 
+    def decode(self, prompt, steps: int, before_step=None) -> dict:
+        if self.base == "llama.cpp":
+            return self.built.decode(prompt[0].tolist(), steps)
+        return decode(self.model, prompt, steps, before_step)
+
     def shutdown(self) -> None:
-        if self.is_moeshard:
+        if self.is_moeshard or self.base == "llama.cpp":
             self.built.close()
         if self.close is not None:
             self.close()
@@ -93,41 +107,67 @@ class _System:
         gc.collect()
 
 
-def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir: Path) -> dict[str, _System]:
+def _systems(names: list[str], ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int,
+             workdir: Path) -> list[_System]:
     from transformers import AutoModelForCausalLM
 
     from ..coordinator.cluster import ClusterConfig, join_workers
     from ..coordinator.local_workers import LocalWorkers
     from ..coordinator.placement import ClusterSpec
-    from ..offload_core import load_model
+    from ..offload_core import OffloadConfig, QuantConfig, load_model
     from ..offload_core.experts import ExpertKey
+    from ..offload_core.model import planned_format
 
     E, k, m = spec.num_local_experts, args.slots_per_layer, args.prefetch
     ckpt_files = data_files(ckpt)
     workers_state = {}
     dtype = getattr(torch, args.dtype or spec.dtype)
     device = torch.device(args.device)
+    quant_cache = workdir / "quant-cache"
 
-    def moeshard(**kw):
-        return load_model(ckpt, device=args.device, dtype=args.dtype, **kw)
+    def quant(e: int, a: int) -> QuantConfig:
+        return QuantConfig(expert_bits=e, attn_bits=a)
 
-    def resident():
-        om = moeshard(slots_per_layer=E, prefetch=0, store="ram")
-        om.runtime.local.warm()
+    # The budget is bytes: k unquantized experts per layer; a quantized system gets the slots that fit in them.
+    dense_slot = planned_format(ckpt, OffloadConfig(device=args.device, dtype=args.dtype)).compute_layout.nbytes
+
+    def slots_for(e: int, a: int) -> int:
+        if e == 16:
+            return k
+        fmt = planned_format(ckpt, OffloadConfig(device=args.device, dtype=args.dtype, quant=quant(e, a)))
+        return max(1, min(E, k * dense_slot // fmt.compute_layout.nbytes))
+
+    def moeshard(system: _System, **kw):
+        e, a = system.expert_bits, system.attn_bits
+        om = load_model(ckpt, device=args.device, dtype=args.dtype, quant=quant(e, a), cache_dir=quant_cache, **kw)
+        cache = getattr(om.runtime.local.source, "cache", None)
+        if cache is not None and cache.built_layers:
+            system.quantize_s_per_layer = cache.build_s / len(cache.built_layers)
+        system.slots_per_layer = kw.get("slots_per_layer")
         return om
 
-    def offloaded(slots, prefetch, policy="lru"):
-        return lambda: moeshard(slots_per_layer=slots, prefetch=prefetch, store=args.store,
-                                drop_page_cache=args.protocol == "cold", policy=policy)
+    def resident(system: _System):
+        def build():
+            om = moeshard(system, slots_per_layer=E, prefetch=0, store="ram")
+            om.runtime.local.warm()
+            return om
+        return build
 
-    def workers(count: int):
+    def offloaded(system: _System, prefetch: int, policy: str = "lru", slots: int | None = None):
+        return lambda: moeshard(system, slots_per_layer=slots or slots_for(system.expert_bits, system.attn_bits),
+                                prefetch=prefetch, store=args.store, drop_page_cache=args.protocol == "cold",
+                                policy=policy)
+
+    def workers(system: _System, count: int):
         def build():
             # Each worker gets every core, as it would on a machine of its own (here they share them).
+            bits = ("--expert-bits", str(system.expert_bits)) if system.expert_bits != 16 else ()
             pool = workers_state[count] = LocalWorkers(count, ckpt, threads=psutil.cpu_count(logical=True) or 1,
                                                        extra_args=("--slots-per-layer", str(E), "--store", "ram",
+                                                                   "--cache-dir", str(quant_cache), *bits,
                                                                    *(("--dtype", args.dtype) if args.dtype else ())))
             addresses = pool.__enter__().addresses
-            om = moeshard(slots_per_layer=1, prefetch=0, store="disk")
+            om = moeshard(system, slots_per_layer=1, prefetch=0, store="disk")
             keys = [(layer, e) for layer in range(spec.num_hidden_layers) for e in range(E)]
             placement = {ExpertKey(*key): (addresses[i % count],) for i, key in enumerate(keys)}
             join_workers(om, ClusterConfig(ClusterSpec(tuple(addresses), placement)))
@@ -170,19 +210,49 @@ def _systems(ckpt: Path, args, spec: BenchModelSpec, budget_bytes: int, workdir:
         own_memory(model)
         return model
 
-    systems = {
-        "resident": _System("resident", resident),
-        "lru": _System("lru", offloaded(k, 0), ckpt_files),
-        "lru+prefetch": _System("lru+prefetch", offloaded(k, m), ckpt_files),
-        "naive": _System("naive", offloaded(spec.num_experts_per_tok, 0, "none"), ckpt_files),
-        "worker": _System("worker", workers(1), close=close_workers(1), processes=worker_processes(1)),
-        "workers": _System("workers", workers(2), close=close_workers(2), processes=worker_processes(2)),
-        "accelerate-offload": _System("accelerate-offload", accelerate_offload, [offload_dir, ckpt]),
-    }
-    for name, implementation in HF_SYSTEMS.items():
-        systems[name] = _System(name, hf(implementation), activate=hf_activate(implementation),
-                                close=hf_shared.clear)
-    return systems
+    def llama_cpp(system: _System):
+        def build():
+            from .llamacpp import LlamaCppModel, quantize, write_gguf
+
+            folder = workdir / "gguf"
+            folder.mkdir(parents=True, exist_ok=True)
+            source = write_gguf(ckpt, folder / f"{ckpt.name}-{spec.dtype}.gguf")
+            kind = system.expert_bits
+            native = {"bfloat16": "BF16", "float32": "F32"}.get(spec.dtype)
+            path = source if kind == native else folder / f"{ckpt.name}-{kind}.gguf"
+            if path != source:
+                took = quantize(source, path, kind, threads=torch.get_num_threads())
+                if took:  # None / 0: an existing file was reused
+                    system.quantize_s_per_layer = took / spec.num_hidden_layers
+            return LlamaCppModel(path, threads=torch.get_num_threads(), n_ctx=args.prompt_tokens + args.tokens + 16)
+        return build
+
+    out = []
+    for name in names:
+        base, e, a = parse_system(name, args.expert_bits, args.attn_bits)
+        system = _System(name, None, expert_bits=e, attn_bits=a)
+        if base == "resident":
+            system.build = resident(system)
+        elif base in ("lru", "lru+prefetch"):
+            system.build, system.files = offloaded(system, m if base == "lru+prefetch" else 0), ckpt_files
+        elif base == "naive":
+            system.build = offloaded(system, 0, "none", slots=spec.num_experts_per_tok)
+            system.files = ckpt_files
+        elif base in ("worker", "workers"):
+            count = 1 if base == "worker" else 2
+            system.build, system.close = workers(system, count), close_workers(count)
+            system.processes = worker_processes(count)
+        elif base == "accelerate-offload":
+            system.build, system.files = accelerate_offload, [offload_dir, ckpt]
+        elif base == "llama.cpp":
+            system.build = llama_cpp(system)
+        else:
+            implementation = HF_SYSTEMS[base]
+            system.build, system.activate, system.close = hf(implementation), hf_activate(implementation), hf_shared.clear
+        if system.expert_bits not in (None, 16) and base in OFFLOADED and system.files is ckpt_files:
+            system.files = [quant_cache]  # quantized experts are read from the cache, not the checkpoint
+        out.append(system)
+    return out
 
 
 def _cold_files(system: _System) -> list[Path]:
@@ -205,7 +275,7 @@ def _round(system: _System, prompt, steps: int, cold: bool) -> dict:
     if system.activate is not None:
         system.activate()
     io_before, cpu_before = psutil.Process().io_counters().read_bytes, _cpu_s(procs)
-    result = decode(system.model, prompt, steps, drop)
+    result = system.decode(prompt, steps, drop)
     result["disk_read_bytes"] = psutil.Process().io_counters().read_bytes - io_before
     result["cpu_s"] = {name: t - cpu_before[name] for name, t in _cpu_s(procs).items()}
     result["counters"] = system.built.stats().total - before if system.is_moeshard else None
@@ -231,7 +301,21 @@ def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def _summarise(system: _System, prompt_len: int, steps: int, bandwidth: float) -> dict:
+def _resident_bytes_per_token(system: _System, top_k: int) -> int | None:
+    """Bytes a moeshard system with every expert resident reads from memory per decoded token (batch 1): its dense
+    weights (packed attention too; not the embedding table, of which it reads one row) and top-k experts' slots
+    per MoE layer."""
+    if not system.is_moeshard or system.base != "resident":
+        return None
+    model, local = system.built.model, system.built.runtime.local
+    embedding = model.get_input_embeddings().weight
+    dense = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+                if not t.is_meta and t is not embedding)
+    return dense + top_k * local.slot_bytes * len(local.slots)
+
+
+def _summarise(system: _System, prompt_len: int, steps: int, bandwidth: float, memory_bandwidth: float,
+               layers: int, real_layers: int | None, top_k: int, agreement_to: list[int]) -> dict:
     name, rounds = system.name, system.rounds
     tok_s = [1.0 / statistics.median(r["step_s"]) for r in rounds]  # per round: its median step
     step_s = statistics.median(statistics.median(r["step_s"]) for r in rounds)
@@ -239,23 +323,32 @@ def _summarise(system: _System, prompt_len: int, steps: int, bandwidth: float) -
     for r in rounds[1:]:
         counters = counters + r["counters"] if counters is not None else None
     decoded = steps * len(rounds)
-    offloaded = name in OFFLOADED
+    offloaded = system.base in OFFLOADED
     per_token = (counters.bytes_loaded / decoded if counters is not None else
                  sum(r["disk_read_bytes"] for r in rounds) / decoded) if offloaded else None
+    resident_bytes = system.resident_bytes
+    agree = [sum(a == b for a, b in zip(r["tokens"], agreement_to)) / len(agreement_to) for r in rounds]
     return {
         "name": name,
+        "expert_bits": system.expert_bits, "attn_bits": system.attn_bits, "slots_per_layer": system.slots_per_layer,
         "decode_tok_s": 1.0 / step_s,
         "decode_tok_s_spread": _spread(tok_s),
         "decode_s_per_token": step_s,
+        "ms_per_layer": 1e3 * step_s / layers,
+        "projected_tok_s": 1.0 / (step_s / layers * real_layers) if real_layers else None,
         "prefill_tok_s": prompt_len / statistics.median(r["prefill_s"] for r in rounds),
         "hit_rate": counters.hit_rate if counters is not None else None,
         "prefetch_recall": counters.prefetch_recall if counters is not None else None,
         "prefetch_precision": counters.prefetch_precision if counters is not None else None,
         "bytes_per_token": per_token,
         "floor_s_per_token": per_token / bandwidth if offloaded else None,
+        "memory_bytes_per_token": resident_bytes,
+        "memory_floor_s_per_token": resident_bytes / memory_bandwidth if resident_bytes else None,
         "disk_read_bytes_per_token": sum(r["disk_read_bytes"] for r in rounds) / decoded,
         "cpu_s_per_token": {proc: sum(r["cpu_s"][proc] for r in rounds) / decoded for proc in rounds[0]["cpu_s"]},
         "empty_round_trip_ms": system.empty_round_trip_ms,
+        "quantize_s_per_layer": system.quantize_s_per_layer,
+        "greedy_agreement": statistics.median(agree),
     }
 
 
@@ -274,7 +367,8 @@ def bench_checkpoint(args) -> tuple[BenchModelSpec, Path, Path]:
 def run_benchmark(args) -> dict:
     spec, ckpt, workdir = bench_checkpoint(args)
     largest = max(data_files(ckpt), key=lambda p: p.stat().st_size)
-    bandwidth = {"cold": read_bandwidth(largest, cold=True), "warm": read_bandwidth(largest, cold=False)}
+    bandwidth = {"cold": read_bandwidth(largest, cold=True), "warm": read_bandwidth(largest, cold=False),
+                 "memory": memory_bandwidth()}
     if torch.device(args.device).type == "cuda":
         bandwidth["h2d"] = h2d_bandwidth(torch.device(args.device))
     # The transfer floor: bytes moved per token over the bandwidth of the tier they come from.
@@ -282,25 +376,25 @@ def run_benchmark(args) -> dict:
     dense = sum(p.stat().st_size for p in data_files(ckpt)) - spec.total_expert_bytes()
     budget = dense + args.slots_per_layer * spec.num_hidden_layers * spec.expert_bytes()
     prompt = torch.randint(3, spec.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
-    all_systems = _systems(ckpt, args, spec, budget, workdir)
-    systems = [all_systems[name] for name in args.systems]
+    systems = _systems(args.systems, ckpt, args, spec, budget, workdir)
     try:
         for system in systems:  # build and warm up every system before any is timed
             logger.info("building %s", system.name)
             system.built = system.build()
             if system.activate is not None:
                 system.activate()
-            decode(system.model, prompt, args.warmup)
+            system.decode(prompt, args.warmup)
+            system.resident_bytes = _resident_bytes_per_token(system, spec.num_experts_per_tok)
         gc.collect()
         if args.protocol == "cold":
-            mapped = mapped_files(sorted({f for s in systems if s.name in OFFLOADED for f in _cold_files(s)}))
+            mapped = mapped_files(sorted({f for s in systems if s.base in OFFLOADED for f in _cold_files(s)}))
             if mapped:  # a mapped page cannot be dropped: every "cold" read of it would be warm
                 raise RuntimeError(f"the cold protocol cannot hold: this process maps {len(mapped)} offloaded "
                                    f"file(s), e.g. {mapped[0]}")
         for r in range(args.repeats):
             order = systems if r % 2 == 0 else systems[::-1]
             for system in order:
-                result = _round(system, prompt, args.tokens, cold=args.protocol == "cold" and system.name in OFFLOADED)
+                result = _round(system, prompt, args.tokens, cold=args.protocol == "cold" and system.base in OFFLOADED)
                 system.rounds.append(result)
             print(f"round {r + 1}/{args.repeats}: " + ", ".join(
                 f"{s.name} {1 / statistics.median(s.rounds[-1]['step_s']):.2f}" for s in systems) + " tok/s", flush=True)
@@ -311,18 +405,26 @@ def run_benchmark(args) -> dict:
             if system.built is not None:
                 system.shutdown()
     push = measure_push(ckpt, args, spec, workdir) if args.push else None
-    hf = [s for s in systems if s.name in HF_SYSTEMS]
+    hf = [s for s in systems if s.base in HF_SYSTEMS]
     reference = hf[0].rounds[0]["tokens"] if hf else _reference_tokens(ckpt, spec, args, prompt)
+    real_layers = REAL_LAYERS.get(args.model_kind)
     runs = []
     for system in systems:
-        summary = _summarise(system, args.prompt_tokens, args.tokens, floor_bandwidth)
-        summary["tokens_match_reference"] = all(r["tokens"] == reference for r in system.rounds)
+        summary = _summarise(system, args.prompt_tokens, args.tokens, floor_bandwidth, bandwidth["memory"],
+                             spec.num_hidden_layers, real_layers, spec.num_experts_per_tok, reference)
+        # Unquantized systems must give transformers' greedy tokens; quantized ones compute other weights (their
+        # exactness against dequantize-then-multiply is tested), so only their agreement is reported.
+        exact = system.expert_bits in (None, 16) and system.attn_bits in (None, 16) and system.base != "llama.cpp"
+        summary["tokens_match_reference"] = all(r["tokens"] == reference for r in system.rounds) if exact else None
         runs.append(summary)
     return {
         "model": {**asdict(spec), "expert_bytes": spec.expert_bytes(), "total_expert_bytes": spec.total_expert_bytes(),
-                  "dense_bytes": dense, "kind": args.model_kind},
-        "quantization": {"attn_bits": 16, "expert_bits": 16, "dtype": args.dtype or spec.dtype},
-        "budget": {"slots_per_layer": args.slots_per_layer, "prefetch": args.prefetch, "bytes": budget},
+                  "dense_bytes": dense, "kind": args.model_kind, "real_layers": real_layers},
+        "quantization": {"attn_bits": args.attn_bits, "expert_bits": args.expert_bits, "dtype": args.dtype or spec.dtype,
+                         "per_system": {s.name: [s.expert_bits, s.attn_bits] for s in systems}},
+        "budget": {"slots_per_layer": args.slots_per_layer, "prefetch": args.prefetch, "bytes": budget,
+                   "note": "quantized systems get the slots that fit in the bytes of slots_per_layer unquantized "
+                           "experts (runs[].slots_per_layer)"},
         "protocol": {"name": args.protocol, "read_bandwidth_bytes_s": bandwidth,
                      "description": "page cache of offloaded files dropped (POSIX_FADV_DONTNEED) before each decode "
                                     "step" if args.protocol == "cold" else "page cache allowed"},
@@ -330,13 +432,25 @@ def run_benchmark(args) -> dict:
                    "figure": "median over rounds of each round's median step time; spread = min..max over rounds"},
         "prompt_tokens": args.prompt_tokens, "decode_tokens": args.tokens,
         "machine": {"cpu_count": psutil.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
-                    "platform": platform.platform(), "device": args.device, "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "processor": _processor(), "device": args.device,
+                    "torch_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
+        "skipped": getattr(args, "skipped", {}),
         "push": push,
         "targets": _targets(runs, spec.num_hidden_layers, push),
     }
+
+
+def _processor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _reference_tokens(ckpt: Path, spec: BenchModelSpec, args, prompt) -> list[int]:
@@ -435,6 +549,7 @@ def _targets(runs: list[dict], layers: int, push: dict | None = None) -> dict:
                 out[f"{name}_overhead"] = extra / by["resident"]["decode_s_per_token"]
                 out[f"{name}_overhead_ms_per_layer"] = 1e3 * extra / layers
                 out[f"{name}_empty_round_trip_ms"] = by[name]["empty_round_trip_ms"]
+    out.update(_quantized_targets(runs))
     if push is not None:
         out["push_vs_plain_stream"] = push["push_vs_plain"]
         out["push_vs_disk_write"] = push["push_vs_disk_write"]
@@ -442,9 +557,38 @@ def _targets(runs: list[dict], layers: int, push: dict | None = None) -> dict:
     return out
 
 
+def _quantized_targets(runs: list[dict]) -> dict:
+    """Issue 20's ratios, for whichever of their systems ran: quantized against unquantized moeshard, the bit
+    widths against each other, offloaded at equal bytes, and against llama.cpp on the same weights."""
+    def find(base: str, e, a=None) -> dict | None:
+        return next((r for r in runs if base_name(r["name"]) == base and r["expert_bits"] == e
+                     and (a is None or r["attn_bits"] == a)), None)
+
+    def ratio(name: str, a: dict | None, b: dict | None) -> None:
+        if a is not None and b is not None:
+            out[name] = a["decode_tok_s"] / b["decode_tok_s"]
+
+    out: dict = {}
+    bf16, q4, q4a4 = find("resident", 16, 16), find("resident", 4, 16), find("resident", 4, 4)
+    ratio("resident_e4_vs_bf16", q4, bf16)
+    ratio("resident_e4a4_vs_bf16", q4a4, bf16)
+    ratio("resident_e3a4_vs_e4a4", find("resident", 3, 4), q4a4)
+    ratio("resident_e2a4_vs_e4a4", find("resident", 2, 4), q4a4)
+    ratio("lru+prefetch_e4_vs_bf16_same_bytes", find("lru+prefetch", 4), find("lru+prefetch", 16, 16))
+    best4 = q4a4 or q4
+    ratio("resident_e4_vs_llama.cpp_q4_0", best4, find("llama.cpp", "Q4_0"))
+    ratio("resident_bf16_vs_llama.cpp_bf16", bf16, find("llama.cpp", "BF16"))
+    if best4 is not None and best4["memory_floor_s_per_token"]:
+        out["resident_e4_memory_floor_share"] = best4["memory_floor_s_per_token"] / best4["decode_s_per_token"]
+    return out
+
+
 def format_table(report: dict) -> str:
-    head = (f"{'system':>20} {'decode tok/s':>12} {'spread':>13} {'prefill tok/s':>13} {'hit rate':>8} {'recall':>6} "
-            f"{'MB/token':>8} {'floor s/tok':>11} {'same tokens':>11}")
+    project = report["model"].get("real_layers")
+    head = (f"{'system':>20} {'bits e/a':>8} {'decode tok/s':>12} {'spread':>13} {'ms/layer':>8} "
+            + (f"{f'tok/s@{project}L':>10} " if project else "")
+            + f"{'mem floor':>9} {'prefill tok/s':>13} {'hit rate':>8} {'recall':>6} {'MB/token':>8} "
+              f"{'floor s/tok':>11} {'same tokens':>11} {'agree':>5}")
     lines = [head]
 
     def f(v, spec):
@@ -452,12 +596,26 @@ def format_table(report: dict) -> str:
 
     for r in report["runs"]:
         s = r["decode_tok_s_spread"]
-        lines.append(f"{r['name']:>20} {r['decode_tok_s']:12.2f} {s['min']:6.2f}-{s['max']:<6.2f} "
-                     f"{r['prefill_tok_s']:13.1f} {f(r['hit_rate'], '.3f'):>8} {f(r['prefetch_recall'], '.3f'):>6} "
+        bits = "-" if r["expert_bits"] is None else (f"{r['expert_bits']}" if r["attn_bits"] is None
+                                                      else f"{r['expert_bits']}/{r['attn_bits']}")
+        floor = r["memory_floor_s_per_token"] and r["memory_floor_s_per_token"] * 1e3
+        lines.append(f"{r['name']:>20} {bits:>8} {r['decode_tok_s']:12.2f} {s['min']:6.2f}-{s['max']:<6.2f} "
+                     f"{r['ms_per_layer']:8.2f} " + (f"{f(r['projected_tok_s'], '.2f'):>10} " if project else "")
+                     + f"{f(floor, '.2f'):>6} ms {r['prefill_tok_s']:13.1f} {f(r['hit_rate'], '.3f'):>8} "
+                     f"{f(r['prefetch_recall'], '.3f'):>6} "
                      f"{f(r['bytes_per_token'] and r['bytes_per_token'] / 1e6, '.1f'):>8} "
-                     f"{f(r['floor_s_per_token'], '.3f'):>11} {str(r['tokens_match_reference']):>11}")
+                     f"{f(r['floor_s_per_token'], '.3f'):>11} {f(r['tokens_match_reference'], ''):>11} "
+                     f"{r['greedy_agreement']:5.2f}")
+    quantized = [r for r in report["runs"] if r["quantize_s_per_layer"]]
+    if quantized:
+        lines.append("quantized while building (s per layer): " + ", ".join(
+            f"{r['name']} {r['quantize_s_per_layer']:.1f}" for r in quantized))
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"skipped {name}: {why}")
     lines.append("targets: " + ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else f"{k} = {v}"
                                          for k, v in report["targets"].items()))
+    lines.append("mem floor: weight bytes read per token / memory read bandwidth (resident systems); "
+                 "agree: share of greedy tokens equal to transformers'")
     return "\n".join(lines)
 
 
@@ -476,7 +634,7 @@ def plot(report: dict, path: Path) -> bool:
     errors = [[m - r["decode_tok_s_spread"]["min"] for m, r in zip(medians, runs)],
               [r["decode_tok_s_spread"]["max"] - m for m, r in zip(medians, runs)]]
     ax.bar([r["name"] for r in runs], medians, yerr=errors, capsize=3,
-           color=["tab:blue" if r["name"] not in OFFLOADED else "tab:orange" for r in runs])
+           color=["tab:blue" if base_name(r["name"]) not in OFFLOADED else "tab:orange" for r in runs])
     ax.set_yscale("log")
     ax.set_ylabel("decode tokens/s (median, min..max)")
     ax.set_title(f"{report['model']['kind']}: {report['protocol']['name']} protocol, budget "
@@ -490,12 +648,20 @@ def plot(report: dict, path: Path) -> bool:
 
 def main(args) -> int:
     explicit = args.systems is not None
-    args.systems = [s.strip() for s in (args.systems or ",".join(SYSTEMS)).split(",") if s.strip()]
-    unknown = sorted(set(args.systems) - set(SYSTEMS))
-    if unknown:
-        raise ValueError(f"unknown systems {unknown}: expected a subset of {list(SYSTEMS)}")
+    args.systems = [s.strip() for s in (args.systems or ",".join(DEFAULT_SYSTEMS)).split(",") if s.strip()]
+    for name in args.systems:
+        parse_system(name)  # a clear error for an unknown system or bad bits, before anything loads
     if len(set(args.systems)) != len(args.systems):
         raise ValueError("--systems lists a system twice: rounds already repeat each system (--repeats)")
+    args.skipped = {}
+    if any(base_name(s) == "llama.cpp" for s in args.systems):
+        from .llamacpp import missing
+
+        reason = missing()
+        if reason is not None:
+            args.skipped = {s: reason for s in args.systems if base_name(s) == "llama.cpp"}
+            args.systems = [s for s in args.systems if s not in args.skipped]
+            print(f"skipping {', '.join(args.skipped)}: {reason}", flush=True)
     if args.concurrency is not None:
         from .concurrency import format_concurrency, parse_levels, run_concurrency
 

@@ -104,3 +104,21 @@ def h2d_bandwidth(device, nbytes: int = 256 << 20, repeats: int = 5) -> float:
         torch.cuda.synchronize(device)
         best = max(best, nbytes / (time.perf_counter() - start))
     return best
+
+
+def memory_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes per second this process reads from RAM with torch's threads (a sum over a buffer far larger than
+    the caches, written first so that its pages are real): the floor under a decode step that reads its weights
+    from memory is the bytes it reads over this."""
+    import statistics
+
+    import torch
+
+    buf = torch.ones(nbytes // 4)
+    buf.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times)

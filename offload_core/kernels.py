@@ -12,12 +12,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -27,12 +29,13 @@ from .settings import cache_root_from_env, compiler_from_env
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "qkernels.c"
-_ABI = 4  # ms_version() of the source this module speaks to
+_ABI = 8  # ms_version() of the source this module speaks to
 CHUNK = 16  # bytes per chunk of packed codes (see the C file's header)
 
 # S = token rows of a call, K = input features, N = output features, G = groups of a tensor
 
 _c_int, _c_i64, _c_ptr, _c_float = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_c_i64p = ctypes.POINTER(ctypes.c_int64)
 _SIGNATURES = {
     "ms_version": ([], _c_int),
     "ms_has_avx2": ([], _c_int),
@@ -40,10 +43,10 @@ _SIGNATURES = {
     "ms_pack": ([_c_ptr, _c_i64, _c_int, _c_ptr], None),
     "ms_unpack": ([_c_ptr, _c_i64, _c_int, _c_ptr], None),
     "ms_widen3": ([_c_ptr, _c_ptr, _c_i64, _c_ptr], None),
-    "ms_dequant": ([_c_int, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_ptr], None),
+    "ms_order": ([_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr], None),
     "ms_fast_path": ([_c_int, _c_i64, _c_i64], _c_int),
     "ms_qmm_grouped": ([_c_int, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64,
-                        _c_ptr, _c_ptr, _c_i64, _c_i64, _c_ptr], None),
+                        _c_i64p, _c_i64p, _c_i64, _c_i64, _c_ptr, _c_int], None),
     "ms_quantize": ([_c_ptr, _c_i64, _c_i64, _c_int, _c_int, _c_float, _c_float, _c_ptr, _c_ptr, _c_ptr], None),
 }
 ROW_BLOCK = 128  # output rows per work item of a multiply (measured: 64-128 best on the real shape)
@@ -55,12 +58,58 @@ def packed_bytes(numel: int, bits: int) -> int:
     return -(-numel // per_chunk) * CHUNK
 
 
+def kernel_ordered(in_features: int, group: int) -> bool:
+    """Whether a tensor's codes are stored in the kernel's order (groups of 8 interleaved in each row; see the C
+    file's header): a property of the shape alone, so every machine packs the same bytes."""
+    return group % 16 == 0 and in_features % group == 0
+
+
 def fast_path_shape(bits: int, in_features: int, group: int) -> bool:
     """Whether the kernel's integer path covers a tensor with `in_features` inputs (it also needs AVX2); the
     mirror of `ms_fast_path`, for planning without the library."""
     maxq = (1 << bits) - 1
-    return (bits in (2, 4, 8) and in_features % (128 // bits) == 0 and group % 16 == 0 and in_features % group == 0
-            and (group // 16) * 2 * maxq * 32767 < 2**31 - 1)
+    return (bits in (2, 4, 8) and kernel_ordered(in_features, group) and in_features % (128 // bits) == 0
+            and (group // 2) * 2 * maxq * 32767 < 2**31 - 1)
+
+
+@functools.lru_cache(maxsize=256)
+def kernel_positions(in_features: int, group: int) -> torch.Tensor:
+    """[K] int64: where the weight at natural position k of a row sits in kernel order (`kernel_pos` in C)."""
+    K, g = in_features, group
+    G = K // g
+    full = G // 8 * 8
+    first, size = torch.empty(G, dtype=torch.int64), torch.empty(G, dtype=torch.int64)
+    groups = torch.arange(full)
+    first[:full], size[:full] = groups - groups % 8, 8
+    start = full
+    for m in (4, 2, 1):
+        if (G - full) & m:
+            first[start:start + m], size[start:start + m] = start, m
+            start += m
+    k = torch.arange(K)
+    ga = k // g
+    gb, m = first[ga], size[ga]
+    width = g * m // 8  # a slice of a group
+    off = k - ga * g
+    w, p = off % width, (off // width) * m + (ga - gb)
+    return gb * g + (w // 2) * 16 + 2 * p + (w & 1)
+
+
+def to_kernel_order(codes: torch.Tensor, in_features: int, group: int) -> torch.Tensor:
+    """Codes (flat, natural [N, K] order) -> flat, in kernel order where the shape is ordered."""
+    if not kernel_ordered(in_features, group):
+        return codes.reshape(-1)
+    rows = codes.reshape(-1, in_features)
+    out = torch.empty_like(rows)
+    out[:, kernel_positions(in_features, group)] = rows
+    return out.reshape(-1)
+
+
+def from_kernel_order(codes: torch.Tensor, in_features: int, group: int) -> torch.Tensor:
+    """The inverse of `to_kernel_order`."""
+    if not kernel_ordered(in_features, group):
+        return codes.reshape(-1)
+    return codes.reshape(-1, in_features)[:, kernel_positions(in_features, group)].reshape(-1)
 
 
 class CpuKernels:
@@ -72,6 +121,7 @@ class CpuKernels:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, result
         self.avx2 = bool(lib.ms_has_avx2())
+        self._local = threading.local()  # per-thread scratch for quantized activations
 
     def describe(self) -> dict:
         return {"library": str(self.path), "avx2": self.avx2}
@@ -100,13 +150,13 @@ class CpuKernels:
         self.lib.ms_widen3(lo2.data_ptr(), hi1.data_ptr(), numel, out.data_ptr())
         return out
 
-    def dequant(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, numel: int, bits: int,
-                group: int) -> torch.Tensor:
-        packed = _contiguous(packed, torch.uint8)
-        _check_packed(packed, numel, bits)
-        scale, zero = _contiguous(scale, torch.float16), _contiguous(zero, torch.float16)
-        out = torch.empty(numel, dtype=torch.float32)
-        self.lib.ms_dequant(bits, numel, group, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr())
+    def order(self, codes: torch.Tensor, in_features: int, group: int) -> torch.Tensor:
+        """`to_kernel_order` in C (the quantizer's output for a whole layer goes through it)."""
+        codes = _contiguous(codes, torch.uint8).reshape(-1)
+        if not kernel_ordered(in_features, group):
+            return codes
+        out = torch.empty_like(codes)
+        self.lib.ms_order(codes.data_ptr(), codes.numel() // in_features, in_features, group, out.data_ptr())
         return out
 
     # -- quantizing ----------------------------------------------------------------------------
@@ -127,25 +177,33 @@ class CpuKernels:
                     base: torch.Tensor, stride: int, offsets: tuple[int, int, int], slots: list[int],
                     counts: list[int]) -> torch.Tensor:
         """x [S, K] (rows grouped by expert, `counts[i]` rows for the expert in `slots[i]`) -> y [S, N] float32.
-        Expert i's codes, scales and zeros lie at `base` + slots[i] * stride + offsets (codes, scale, zero)."""
-        x = _contiguous(x, torch.float32)
-        S = x.shape[0]
-        if x.shape[1] != in_features or sum(counts) != S or len(slots) != len(counts):
-            raise ValueError(f"qmm_grouped: x {list(x.shape)} for {len(slots)} experts of {sum(counts)} rows and "
-                             f"{in_features} inputs")
+        Expert i's codes, scales and zeros lie at `base` + slots[i] * stride + offsets (codes, scale, zero).
+        Called a dozen times per token: kept to a few microseconds of Python."""
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = _contiguous(x, torch.float32)
+        S, n = x.shape[0], len(slots)
+        if x.dim() != 2 or x.shape[1] != in_features or len(counts) != n or sum(counts) != S or x.device.type != "cpu":
+            raise ValueError(f"qmm_grouped: x {list(x.shape)} on {x.device} for {n} experts of {sum(counts)} rows "
+                             f"and {in_features} inputs")
         y = torch.empty(S, out_features, dtype=torch.float32)
         if S == 0:
             return y
-        slot = torch.tensor(slots, dtype=torch.int64)
-        starts = torch.zeros(len(counts) + 1, dtype=torch.int64)
-        torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0, out=starts[1:])
-        scratch = None
+        starts = (ctypes.c_int64 * (n + 1))(0, *itertools.accumulate(counts))
+        scratch, threads = None, torch.get_num_threads()
         if self.avx2 and fast_path_shape(bits, in_features, group):
-            scratch = torch.empty(S * in_features * 2 + 2 * S * (in_features // group) * 4, dtype=torch.uint8)
+            padded_groups = -(-(in_features // group) // 8) * 8
+            scratch = self._scratch(S * in_features * 2 + 2 * S * padded_groups * 4 + threads * in_features * 2)
         self.lib.ms_qmm_grouped(bits, out_features, in_features, group, x.data_ptr(), y.data_ptr(), base.data_ptr(),
-                                stride, *offsets, slot.data_ptr(), starts.data_ptr(), len(slots), ROW_BLOCK,
-                                scratch.data_ptr() if scratch is not None else None)
+                                stride, offsets[0], offsets[1], offsets[2], (ctypes.c_int64 * n)(*slots), starts, n,
+                                ROW_BLOCK, scratch, threads)
         return y
+
+    def _scratch(self, nbytes: int) -> int:
+        """A buffer of at least `nbytes` owned by this thread (calls on one thread never overlap), grown as needed."""
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._local.scratch = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+        return buf.data_ptr()
 
 
 def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -79,10 +79,9 @@ class OffloadedModel:
         self.close()
 
 
-def planned_expert_format(path: str | Path, config: OffloadConfig) -> str:
-    """The label of the expert format `load_model(path, config)` will use ("dense float32", "hqq 3-bit g64
-    (bfloat16)"), from config.json alone: no weight is read and nothing is quantized, so settings can be checked
-    against workers before a long load."""
+def planned_format(path: str | Path, config: OffloadConfig):
+    """The expert format `load_model(path, config)` will use, from config.json alone: no weight is read and
+    nothing is quantized, so settings (and slot sizes) can be checked before a long load."""
     from .formats import expert_format
 
     hf_config = load_config(Checkpoint(path))
@@ -90,7 +89,13 @@ def planned_expert_format(path: str | Path, config: OffloadConfig) -> str:
     register_experts_implementation()
     layout = FamilyLayout(build_meta_model(hf_config, dtype=dtype, experts_implementation=IMPLEMENTATION), None,
                           check_quantization(hf_config))
-    return expert_format(layout.tensors, config.quant, dtype).label
+    return expert_format(layout.tensors, config.quant, dtype, device=resolve_device(config.device))
+
+
+def planned_expert_format(path: str | Path, config: OffloadConfig) -> str:
+    """The label of the expert format `load_model(path, config)` will use ("dense float32", "hqq 3-bit g64
+    (bfloat16)"): what workers are checked against before a long load."""
+    return planned_format(path, config).label
 
 
 def load_model(path: str | Path, config: OffloadConfig | None = None, *, progress: bool = False,

@@ -21,13 +21,14 @@ from torch import nn
 from .config import QuantConfig, dtype_name
 from .experts import ExpertMath, ExpertTensor
 from .formats import PackedLayout
-from .kernels import CpuKernels, cpu_kernels, pack, packed_bytes, unpack
+from .kernels import CpuKernels, cpu_kernels, from_kernel_order, pack, packed_bytes, to_kernel_order, unpack
 
 logger = logging.getLogger(__name__)
 
 # S = rows of a grouped call, N = output features, K = input features, G = groups of a tensor
 
 _FORMAT_VERSION = 3  # bump when the packed layout changes, so that old caches are rebuilt
+META_PAD = 8  # zero float16s after each tensor's scales and zeros (the kernel loads eight groups' at a time)
 SUPPORTED_BITS = (8, 4, 3, 2)
 QUANTIZER_C, QUANTIZER_HQQ = "moeshard", "hqq"  # who chose the codes (part of the fingerprint, not of the layout)
 
@@ -57,28 +58,38 @@ class QuantizedTensor:
         self.groups = check_groupable(name, shape, group)
         self.compute_bits = 4 if bits == 3 else bits  # slots hold 3-bit codes widened to 4-bit chunks
 
+    def _meta_specs(self) -> dict:
+        # META_PAD zeros after each: the kernel reads eight groups' scales at once, also at a row's end
+        shape = (self.groups + META_PAD,)
+        return {f"{self.name}.scale": (torch.float16, shape), f"{self.name}.zero": (torch.float16, shape)}
+
     def storage_specs(self) -> dict:
-        return {**_code_specs(self.name, self.numel, self.bits),
-                f"{self.name}.scale": (torch.float16, (self.groups,)), f"{self.name}.zero": (torch.float16, (self.groups,))}
+        return {**_code_specs(self.name, self.numel, self.bits), **self._meta_specs()}
 
     def compute_specs(self) -> dict:
-        return {**_code_specs(self.name, self.numel, self.compute_bits),
-                f"{self.name}.scale": (torch.float16, (self.groups,)), f"{self.name}.zero": (torch.float16, (self.groups,))}
+        return {**_code_specs(self.name, self.numel, self.compute_bits), **self._meta_specs()}
+
+    def meta(self, views: dict[str, torch.Tensor], what: str) -> torch.Tensor:
+        """The `what` ("scale" or "zero") of each group, float16 [groups]."""
+        return views[f"{self.name}.{what}"][: self.groups]
 
     def oriented(self, w: torch.Tensor) -> torch.Tensor:
         """The weight as the [out, in] matrix that is quantized (a transposed [in, out] weight is transposed)."""
         return w.t() if self.transposed else w
 
     def codes(self, views: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+        """The codes in natural order, flat [N * K]."""
         if bits == 3:
-            return unpack(views[f"{self.name}.q2"], self.numel, 2) | (unpack(views[f"{self.name}.q1"], self.numel, 1) << 2)
-        return unpack(views[f"{self.name}.q"], self.numel, bits)
+            q = unpack(views[f"{self.name}.q2"], self.numel, 2) | (unpack(views[f"{self.name}.q1"], self.numel, 1) << 2)
+        else:
+            q = unpack(views[f"{self.name}.q"], self.numel, bits)
+        return from_kernel_order(q, self.in_features, self.group)
 
     def dequantize(self, views: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
         """The reference: (q - zero) * scale in float32, as the [out, in] matrix; any device."""
         q = self.codes(views, bits).view(self.groups, self.group).float()
-        scale = views[f"{self.name}.scale"].float().unsqueeze(1)
-        zero = views[f"{self.name}.zero"].float().unsqueeze(1)
+        scale = self.meta(views, "scale").float().unsqueeze(1)
+        zero = self.meta(views, "zero").float().unsqueeze(1)
         return ((q - zero) * scale).view(self.out_features, self.in_features)
 
 
@@ -95,7 +106,10 @@ def _quantize_flat(weights: torch.Tensor, bits: int, group: int, kernels: CpuKer
 
 def _pack_into(t: QuantizedTensor, codes: torch.Tensor, bits: int, kernels: CpuKernels | None,
                views: dict[str, torch.Tensor]) -> None:
+    """Natural-order codes of `t` packed into its views, in kernel order where its shape is ordered."""
     packer = kernels.pack if kernels is not None else pack
+    codes = kernels.order(codes, t.in_features, t.group) if kernels is not None else \
+        to_kernel_order(codes, t.in_features, t.group)
     if bits == 3:
         views[f"{t.name}.q2"].copy_(packer(codes & 3, 2))
         views[f"{t.name}.q1"].copy_(packer(codes >> 2, 1))
@@ -179,6 +193,10 @@ class HQQExpertFormat:
                     raise ValueError(f"expert tensor {t.name!r} has shape {list(weights[t.name].shape)}, "
                                      f"expected {list(t.shape)}")
         views = [self.layout.views(out) for out in outs]
+        for v in views:  # scales and zeros carry padding: keep it zero whatever buffer we were given
+            for t in self.weights:
+                v[f"{t.name}.scale"].zero_()
+                v[f"{t.name}.zero"].zero_()
         for t in self.biases:
             for v, weights in zip(views, experts):
                 v[t.name].copy_(weights[t.name])
@@ -190,8 +208,8 @@ class HQQExpertFormat:
             codes, scale, zero = codes.view(len(experts), -1), scale.view(len(experts), -1), zero.view(len(experts), -1)
             for i, v in enumerate(views):
                 _pack_into(t, codes[i], self.bits, kernels, v)
-                v[f"{t.name}.scale"].copy_(scale[i])
-                v[f"{t.name}.zero"].copy_(zero[i])
+                t.meta(v, "scale").copy_(scale[i])
+                t.meta(v, "zero").copy_(zero[i])
         return outs
 
     def decode(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -262,6 +280,9 @@ def _transposed(fmt: HQQExpertFormat, name: str) -> bool:
 
 
 # -- attention ----------------------------------------------------------------------------------------------
+_ONE_SLOT = [0]
+
+
 class PackedLinear(nn.Module):
     """An nn.Linear whose weight is HQQ-quantized and packed: computed from the packed codes by moeshard's CPU
     kernels, or dequantized per call (CUDA, no compiler). Keeps the linear's dtype for its output and bias."""
@@ -276,16 +297,17 @@ class PackedLinear(nn.Module):
         self.kernels = kernels if weight.device.type == "cpu" else None
         codes, scale, zero = _quantize_flat(weight, bits, group, quantizer_kernels)
         self.compute_bits = 4 if bits == 3 else bits  # 3-bit codes packed in 4-bit chunks: same values
+        codes = to_kernel_order(codes, self.in_features, group)
         self.register_buffer("codes", pack(codes, self.compute_bits).to(weight.device), persistent=False)
-        self.register_buffer("scale", scale.to(torch.float16).to(weight.device), persistent=False)
-        self.register_buffer("zero", zero.to(torch.float16).to(weight.device), persistent=False)
+        pad = torch.zeros(META_PAD, dtype=torch.float16)
+        self.register_buffer("scale", torch.cat([scale.half(), pad]).to(weight.device), persistent=False)
+        self.register_buffer("zero", torch.cat([zero.half(), pad]).to(weight.device), persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def _packed(self) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        # codes, scale and zero as one buffer view for the kernel's (base, offsets) addressing
+        # codes, scale and zero addressed from the codes' buffer, as the kernel addresses a slot's tensors
         base = self.codes
-        offsets = (0, self.scale.data_ptr() - base.data_ptr(), self.zero.data_ptr() - base.data_ptr())
-        return base, offsets
+        return base, (0, self.scale.data_ptr() - base.data_ptr(), self.zero.data_ptr() - base.data_ptr())
 
     def dequantized(self) -> torch.Tensor:
         """The weight [out, in] in float32: what this module multiplies by."""
@@ -293,17 +315,16 @@ class PackedLinear(nn.Module):
         return self.spec.dequantize(views, self.compute_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.kernels is not None and x2.device.type == "cpu":
             base, offsets = self._packed()
             y = self.kernels.qmm_grouped(self.compute_bits, self.out_features, self.in_features, self.group, x2, base,
-                                         0, offsets, [0], [x2.shape[0]])
+                                         0, offsets, _ONE_SLOT, [x2.shape[0]])
         else:
             y = F.linear(x2.float(), self.dequantized())
         if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+            y += self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

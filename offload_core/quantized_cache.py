@@ -76,6 +76,7 @@ class QuantizedCache:
         self.layers, self.num_experts, self.fingerprint = list(layers), num_experts, fingerprint
         self.nbytes: int = fmt.layout.nbytes
         self.built_layers: list[int] = []  # layers quantized by this open (empty when the cache was reused)
+        self.build_s = 0.0  # seconds spent quantizing them
         self._entries: dict[int, dict] = {}  # layer -> {"file", "size", "sha256"}
         self._offsets: dict[int, list[int]] = {}  # layer -> absolute file offset of each expert
 
@@ -213,6 +214,7 @@ class QuantizedCache:
                 self._check_layer(layer, self._entries[layer], verify=False)
                 self._write_manifest()
         self.built_layers += layers
+        self.build_s += time.perf_counter() - start
         logger.info("quantized %d experts (%d layers) into %s in %.1fs", len(layers) * self.num_experts,
                     len(layers), self.folder, time.perf_counter() - start)
 

@@ -41,6 +41,21 @@ def test_pack_in_c_equals_torch_and_round_trips(kern, bits, numel):
         assert numel < 32 or packed[0].item() == (codes[0] | (codes[16] << 4)).item()
 
 
+@pytest.mark.parametrize("k, group", [(64, 16), (768, 64), (224, 16), (208, 16), (48, 16), (256, 128), (224, 64),
+                                      (40, 8)])
+def test_kernel_order_is_a_permutation_in_c_and_torch(kern, k, group):
+    codes = torch.randint(0, 256, (3 * k,), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+    ordered = K.to_kernel_order(codes, k, group)
+    assert torch.equal(kern.order(codes, k, group), ordered)
+    assert torch.equal(K.from_kernel_order(ordered, k, group), codes)
+    assert K.kernel_ordered(k, group) == (not torch.equal(ordered, codes))
+    if K.kernel_ordered(k, group):
+        positions = K.kernel_positions(k, group)
+        assert sorted(positions.tolist()) == list(range(k))
+        if k // group >= 8:  # lanes 2p, 2p + 1 of the first vector: weights 0 and 1 of group p
+            assert [positions[p * group].item() for p in range(8)] == [2 * p for p in range(8)]
+
+
 @pytest.mark.parametrize("numel", [7, 96, 4096 + 40])
 def test_widening_3_bit_planes_keeps_every_code(kern, numel):
     codes = torch.randint(0, 8, (numel,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -81,9 +96,9 @@ def _packed_experts(kern, bits: int, group: int, n: int, k: int, experts: int, s
     for e in range(experts):
         codes, scale, zero = kern.quantize(torch.randn(n, k, generator=gen) * 0.05, bits, group)
         views = layout.views(slab[e])
-        views["w.q"].copy_(K.pack(codes, spec.compute_bits))
-        views["w.scale"].copy_(scale)
-        views["w.zero"].copy_(zero)
+        views["w.q"].copy_(K.pack(K.to_kernel_order(codes, k, group), spec.compute_bits))
+        spec.meta(views, "scale").copy_(scale)
+        spec.meta(views, "zero").copy_(zero)
         dense.append(spec.dequantize(views, spec.compute_bits))
     offsets = {e.name: e.offset for e in layout.entries}
     return slab, (offsets["w.q"], offsets["w.scale"], offsets["w.zero"]), dense, spec
@@ -91,9 +106,11 @@ def _packed_experts(kern, bits: int, group: int, n: int, k: int, experts: int, s
 
 # Shapes: the fast path (K a multiple of the chunk and of the group) and the float32 path (groups that span rows,
 # K that no chunk divides, groups of 8 or 24), as tiny test models and the demo model have them.
+# Blocks of 8 groups and the tails of 4, 2 and 1 (768 / 64 = 8 + 4, 224 / 16 = 8 + 4 + 2, 208 / 16 = 8 + 4 + 1).
 CASES = [(bits, group, n, k) for bits in (8, 4, 3, 2)
          for group, n, k in [(16, 48, 64), (64, 96, 128), (128, 40, 256), (64, 64, 224), (64, 32, 48), (8, 24, 40),
-                             (24, 16, 72), (DEFAULT_EXPERT_GROUP[bits], 160, 192)]]
+                             (24, 16, 72), (DEFAULT_EXPERT_GROUP[bits], 160, 192), (64, 24, 768), (16, 8, 224),
+                             (16, 8, 208), (16, 8, 48)]]
 
 
 @pytest.mark.parametrize("bits, group, n, k", CASES)
@@ -216,8 +233,8 @@ def test_expert_tensor_shapes_for_the_kernel():
     assert (t.out_features, t.in_features) == (5760, 2880) and t.groups == 2880 * 5760 // 64
     with pytest.raises(ValueError, match="not a multiple of group"):
         QuantizedTensor("w", (10, 10), False, 4, 64)
-    assert HQQExpertFormat((ExpertTensor("w", "w", (64, 64)),), 3, 64, torch.float32).bits_per_param == \
-        pytest.approx(3 + 32 / 64, abs=0.01)
+    big = HQQExpertFormat((ExpertTensor("w", "w", (2048, 2048)),), 3, 64, torch.float32)
+    assert big.bits_per_param == pytest.approx(3 + 32 / 64, abs=0.01)  # 2 + 1 bit planes, float16 scale and zero
 
 
 @pytest.mark.gpu

@@ -12,6 +12,12 @@
  * consecutive weights with a shift and a mask. 3-bit codes are kept as a 2-bit plane (low bits) and a 1-bit
  * plane (bit 2); a slot widens them to 4-bit chunks. Scales and zeros are float16, one per group.
  *
+ * Kernel order: where g % 16 == 0 and K % g == 0, each row's codes are stored in the order the fast path reads
+ * them. A row is cut into blocks of m groups (m = 8 while 8 remain, then 4, 2, 1); in a block, vector j holds
+ * in its 16-bit lanes 2p, 2p + 1 the weights at 2j, 2j + 1 of slice p / m of group p % m (a group is cut into
+ * 8 / m slices of g m / 8). After vpmaddwd each 32-bit lane belongs to one group, so a block's 8 groups are
+ * scaled by one lane-wise multiply-add instead of one per group (which cost more than the products at g = 16).
+ *
  * The fast path (AVX2) quantizes each token's activations to int16 per group of g (a scale per token and
  * group: relative error below 2^-16 of the group's largest value, a hundred times finer than bfloat16) and
  * multiplies them with the codes in integers (vpmaddwd: 16 multiply-adds an instruction), applying the
@@ -21,6 +27,10 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -34,7 +44,7 @@
 
 #define MS_CHUNK 16  /* bytes per chunk of codes */
 
-int ms_version(void) { return 4; }
+int ms_version(void) { return 8; }
 int ms_has_avx2(void) { return MS_AVX2; }
 
 static inline float h2f(uint16_t h) {
@@ -65,6 +75,46 @@ static inline float h2f(uint16_t h) {
 static inline uint8_t code_at(const uint8_t *packed, int64_t i, int bits) {
     const int64_t w = 128 / bits, r = i % w;
     return (packed[(i / w) * MS_CHUNK + (r & 15)] >> ((r >> 4) * bits)) & ((1u << bits) - 1);
+}
+
+/* Whether a [N, K] tensor in groups of g is stored in kernel order (a property of the shape alone). */
+static inline int ordered(int64_t K, int64_t g) { return g % 16 == 0 && K % g == 0; }
+
+/* The block of m groups that holds group ga of a row of G groups: its first group. */
+static inline int64_t block_of(int64_t ga, int64_t G, int64_t *m) {
+    const int64_t full = G / 8 * 8;
+    if (ga < full) {
+        *m = 8;
+        return ga - ga % 8;
+    }
+    int64_t gb = full;
+    for (int64_t size = 4; size >= 1; size /= 2) {
+        if ((G - full) & size) {
+            if (ga < gb + size) {
+                *m = size;
+                return gb;
+            }
+            gb += size;
+        }
+    }
+    *m = 1;  /* unreachable for ga < G */
+    return ga;
+}
+
+/* Kernel-order position of the weight at natural position k of a row (K, g ordered). */
+static inline int64_t kernel_pos(int64_t k, int64_t K, int64_t g) {
+    int64_t m;
+    const int64_t ga = k / g, gb = block_of(ga, K / g, &m), slice = g * m / 8, off = k - ga * g;
+    const int64_t sub = off / slice, w = off % slice, p = sub * m + (ga - gb);
+    return gb * g + (w / 2) * 16 + 2 * p + (w & 1);
+}
+
+/* codes [N, K] one per byte, natural order -> kernel order (or a copy where the shape is not ordered). */
+void ms_order(const uint8_t *codes, int64_t N, int64_t K, int64_t g, uint8_t *out) {
+    const int o = ordered(K, g);
+#pragma omp parallel for schedule(static) if (N * K > 1 << 18)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++) out[n * K + (o ? kernel_pos(k, K, g) : k)] = codes[n * K + k];
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -116,17 +166,6 @@ void ms_widen3(const uint8_t *lo2, const uint8_t *hi1, int64_t numel, uint8_t *o
     }
 }
 
-/* One packed tensor to float32 (the large-batch path: dequantize once, then a BLAS matmul). */
-void ms_dequant(int bits, int64_t numel, int64_t g, const uint8_t *codes, const uint16_t *scale,
-                const uint16_t *zero, float *out) {
-    const int64_t groups = numel / g;
-#pragma omp parallel for schedule(static) if (numel > 1 << 18)
-    for (int64_t gi = 0; gi < groups; gi++) {
-        const float s = h2f(scale[gi]), z = h2f(zero[gi]);
-        for (int64_t i = gi * g; i < (gi + 1) * g; i++) out[i] = ((float)code_at(codes, i, bits) - z) * s;
-    }
-}
-
 /* ---------------------------------------------------------------------------------------------------------
  * The multiply. A tile is R weight rows times T token rows.
  * ------------------------------------------------------------------------------------------------------- */
@@ -134,13 +173,15 @@ void ms_dequant(int bits, int64_t numel, int64_t g, const uint8_t *codes, const 
 /* Any shape, float32 activations, w = (q - z) * s as the reference computes it. */
 static void rows_scalar(int bits, const uint8_t *codes, const uint16_t *scale, const uint16_t *zero, int64_t N,
                         int64_t K, int64_t g, int64_t n0, int64_t n1, const float *x, int64_t T, float *y) {
+    const int o = ordered(K, g);
     for (int64_t n = n0; n < n1; n++) {
         for (int64_t t0 = 0; t0 < T; t0 += 4) {
             const int64_t tb = T - t0 < 4 ? T - t0 : 4;
             float acc[4][8] = {{0}};
             for (int64_t k = 0; k < K; k++) {
                 const int64_t i = n * K + k, gi = i / g;
-                const float w = ((float)code_at(codes, i, bits) - h2f(zero[gi])) * h2f(scale[gi]);
+                const int64_t at = o ? n * K + kernel_pos(k, K, g) : i;
+                const float w = ((float)code_at(codes, at, bits) - h2f(zero[gi])) * h2f(scale[gi]);
                 for (int64_t t = 0; t < tb; t++) acc[t][k & 7] = fmaf(w, x[(t0 + t) * K + k], acc[t][k & 7]);
             }
             for (int64_t t = 0; t < tb; t++) {
@@ -160,17 +201,24 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Rows n0 .. n0 + R of one expert against T tokens given as int16 `xq` [T, K] with per-(token, group) scales
- * `xs` [T, G] and sums of the dequantized activations `xsum` [T, G]. Needs K % W == 0, g % 16 == 0, K % g == 0. */
+/* A mask of the lanes below n (0 < n < 8). */
+static inline __m256 lanes_below(int64_t n) {
+    static const int32_t window[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_ps((const float *)(window + 8 - n));
+}
+
+/* Rows n0 .. n0 + R of one expert against T tokens given as int16 `xq` [T, K] (in kernel order) with
+ * per-(token, group) scales `xs` [T, Gp] and sums of the dequantized activations `xsum` [T, Gp] (Gp = G rounded
+ * up to 8, zero-padded). Needs ordered(K, g) and K % W == 0, and 8 readable float16s after the last scale and
+ * zero of the tensor (the formats pad them). */
 static inline __attribute__((always_inline)) void tile_i16(
     const int bits, const int R, const int T, const uint8_t *codes, const uint16_t *scale, const uint16_t *zero,
     int64_t K, int64_t g, int64_t n0, const int16_t *xq, const float *xs, const float *xsum, float *y, int64_t ldy) {
     const int P = 8 / bits;                  /* vectors of 16 weights per chunk */
-    const int64_t W = 16 * P, gvec = g / 16, G = K / g, chunks = K / W;
+    const int64_t W = 16 * P, G = K / g, Gp = (G + 7) / 8 * 8, chunks = K / W, gv = g / 16;
     const __m256i mask = _mm256_set1_epi16((short)((1 << bits) - 1));
     __m256 tot[4][4];
     __m256i acc[4][4];
-    float zt[4][4];
     const uint8_t *cp[4];
     const uint16_t *sp[4], *zp[4];
     for (int r = 0; r < R; r++) {
@@ -180,44 +228,77 @@ static inline __attribute__((always_inline)) void tile_i16(
         for (int t = 0; t < T; t++) {
             tot[r][t] = _mm256_setzero_ps();
             acc[r][t] = _mm256_setzero_si256();
-            zt[r][t] = 0.f;
         }
     }
-    int64_t gi = 0, left = gvec;
-    for (int64_t c = 0; c < chunks; c++) {
-        __m256i raw[4];
-        if ((c & 3) == 0)  /* the next tile's rows, a cache line ahead per row: short row streams train the
-                              hardware prefetcher too late */
-            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(cp[r] + (R + 0) * chunks * MS_CHUNK + c * MS_CHUNK), _MM_HINT_T0);
-        for (int r = 0; r < R; r++)
-            raw[r] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(cp[r] + c * MS_CHUNK)));
-        for (int v = 0; v < P; v++) {
-            __m256i xv[4];
-            for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_si256((const __m256i *)(xq + t * K + c * W + 16 * v));
-            for (int r = 0; r < R; r++) {
-                const __m256i q = bits == 8 ? raw[r]
-                                  : v == 0 ? _mm256_and_si256(raw[r], mask)
-                                  : v == P - 1 ? _mm256_srli_epi16(raw[r], v * bits)
-                                  : _mm256_and_si256(_mm256_srli_epi16(raw[r], v * bits), mask);
-                for (int t = 0; t < T; t++) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(q, xv[t]));
-            }
-            if (--left == 0) {  /* end of a group: its scales and zero */
-                for (int r = 0; r < R; r++) {
-                    const float s = h2f(sp[r][gi]), sz = s * h2f(zp[r][gi]);
-                    for (int t = 0; t < T; t++) {
-                        tot[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][t]), _mm256_set1_ps(s * xs[t * G + gi]),
-                                                    tot[r][t]);
-                        acc[r][t] = _mm256_setzero_si256();
-                        zt[r][t] = fmaf(sz, xsum[t * G + gi], zt[r][t]);
+    int64_t u = 0;  /* vectors of the row done */
+    __m256i raw[4];
+    for (int64_t gb = 0, m = 8; gb < G; gb += m) {
+        m = G - gb >= 8 ? 8 : (G - gb >= 4 ? 4 : (G - gb >= 2 ? 2 : 1));
+        const int64_t nvec = m * gv;
+        if (u % P == 0 && nvec % P == 0) {  /* whole chunks: planes known at compile time */
+            for (int64_t c = u / P; c < (u + nvec) / P; c++) {
+                if ((c & 3) == 0)  /* the next tile's rows, a cache line ahead per row: short row streams train
+                                      the hardware prefetcher too late */
+                    for (int r = 0; r < R; r++)
+                        _mm_prefetch((const char *)(cp[r] + R * chunks * MS_CHUNK + c * MS_CHUNK), _MM_HINT_T0);
+                for (int r = 0; r < R; r++)
+                    raw[r] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(cp[r] + c * MS_CHUNK)));
+                for (int v = 0; v < P; v++) {
+                    __m256i xv[4];
+                    for (int t = 0; t < T; t++)
+                        xv[t] = _mm256_loadu_si256((const __m256i *)(xq + t * K + c * W + 16 * v));
+                    for (int r = 0; r < R; r++) {
+                        const __m256i q = bits == 8 ? raw[r]
+                                          : v == 0 ? _mm256_and_si256(raw[r], mask)
+                                          : v == P - 1 ? _mm256_srli_epi16(raw[r], v * bits)
+                                          : _mm256_and_si256(_mm256_srli_epi16(raw[r], v * bits), mask);
+                        for (int t = 0; t < T; t++)
+                            acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(q, xv[t]));
                     }
                 }
-                gi++;
-                left = gvec;
+            }
+        } else {  /* a chunk straddles blocks (the row's last groups): planes chosen at run time */
+            for (int64_t uu = u; uu < u + nvec; uu++) {
+                const int64_t c = uu / P;
+                const __m128i shift = _mm_cvtsi32_si128((int)(uu % P) * bits);
+                __m256i xv[4];
+                for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_si256((const __m256i *)(xq + t * K + uu * 16));
+                for (int r = 0; r < R; r++) {
+                    const __m256i q = _mm256_and_si256(
+                        _mm256_srl_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(cp[r] + c * MS_CHUNK))),
+                                         shift), mask);
+                    for (int t = 0; t < T; t++) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(q, xv[t]));
+                }
+            }
+        }
+        u += nvec;
+        /* end of a block: lane p of the sums belongs to group gb + p % m */
+        const __m256i lanes = _mm256_setr_epi32(0, 1 % m, 2 % m, 3 % m, 4 % m, 5 % m, 6 % m, 7 % m);
+        for (int r = 0; r < R; r++) {
+            /* eight scales, whatever is left in the row: lanes past its end (the next row's, or the tensor's
+               padding) are masked off */
+            __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sp[r] + gb)));
+            if (G - gb < 8) s8 = _mm256_and_ps(s8, lanes_below(G - gb));
+            for (int t = 0; t < T; t++) {
+                __m256 f = _mm256_mul_ps(s8, _mm256_loadu_ps(xs + t * Gp + gb));
+                if (m != 8) f = _mm256_permutevar8x32_ps(f, lanes);
+                tot[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][t]), f, tot[r][t]);
+                acc[r][t] = _mm256_setzero_si256();
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) y[t * ldy + n0 + r] = hsum256(tot[r][t]) - zt[r][t];
+    /* the zeros' term, sum over the row's groups of s z sum x', eight groups at a time */
+    for (int r = 0; r < R; r++) {
+        __m256 zacc[4];
+        for (int t = 0; t < T; t++) zacc[t] = _mm256_setzero_ps();
+        for (int64_t gi = 0; gi < G; gi += 8) {
+            __m256 sz8 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sp[r] + gi))),
+                                       _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zp[r] + gi))));
+            if (G - gi < 8) sz8 = _mm256_and_ps(sz8, lanes_below(G - gi));
+            for (int t = 0; t < T; t++) zacc[t] = _mm256_fmadd_ps(sz8, _mm256_loadu_ps(xsum + t * Gp + gi), zacc[t]);
+        }
+        for (int t = 0; t < T; t++) y[t * ldy + n0 + r] = hsum256(tot[r][t]) - hsum256(zacc[t]);
+    }
 }
 
 #define MS_CASES(R, T)                                                                                       \
@@ -232,11 +313,11 @@ static inline __attribute__((always_inline)) void tile_i16(
 static void rows_i16(int bits, const uint8_t *codes, const uint16_t *scale, const uint16_t *zero, int64_t N,
                      int64_t K, int64_t g, int64_t n0, int64_t n1, const int16_t *xq, const float *xs,
                      const float *xsum, int64_t T, float *y) {
-    const int64_t G = K / g;
+    const int64_t Gp = (K / g + 7) / 8 * 8;
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
         const int64_t tb = T - t0 < 4 ? T - t0 : 4;
         const int16_t *xq_t = xq + t0 * K;
-        const float *xs_t = xs + t0 * G, *xsum_t = xsum + t0 * G;
+        const float *xs_t = xs + t0 * Gp, *xsum_t = xsum + t0 * Gp;
         float *y_t = y + t0 * N;
         int64_t n = n0;
         if (tb == 1) {
@@ -254,25 +335,59 @@ static void rows_i16(int bits, const uint8_t *codes, const uint16_t *scale, cons
 }
 #undef MS_CASES
 
-/* x [S, K] float32 -> xq [S, K] int16, xs [S, G] its scales, xsum [S, G] the sums of xq * xs per group. */
+/* x [S, K] float32 -> xq [S, K] int16 in kernel order, xs [S, Gp] its scales, xsum [S, Gp] the sums of
+ * xq * xs per group (rows padded with zeros to Gp, a multiple of 8 groups). `tmp` holds K int16 per thread. */
 static void quantize_activations(const float *x, int64_t S, int64_t K, int64_t g, int16_t *xq, float *xs,
-                                 float *xsum) {
-    const int64_t G = K / g;
-#pragma omp parallel for schedule(static) if (S * K > 1 << 16)
-    for (int64_t sg = 0; sg < S * G; sg++) {
-        const float *xg = x + sg * g;
-        int16_t *qg = xq + sg * g;
-        float amax = 0.f;
-        for (int64_t k = 0; k < g; k++) amax = fmaxf(amax, fabsf(xg[k]));
-        const float scale = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / scale;
-        int32_t sum = 0;
-        for (int64_t k = 0; k < g; k++) {
-            const int32_t q = (int32_t)nearbyintf(xg[k] * inv);
-            qg[k] = (int16_t)q;
-            sum += q;
+                                 float *xsum, int16_t *tmp, int threads) {
+    const int64_t G = K / g, Gp = (G + 7) / 8 * 8;
+#pragma omp parallel for schedule(static) num_threads(threads) if (S * K > 1 << 17)
+    for (int64_t row = 0; row < S; row++) {
+        const float *xr = x + row * K;
+#ifdef _OPENMP
+        int16_t *nat = tmp + (int64_t)omp_get_thread_num() * K;
+#else
+        int16_t *nat = tmp;
+#endif
+        for (int64_t gi = 0; gi < Gp; gi++) {
+            if (gi >= G) {
+                xs[row * Gp + gi] = 0.f;
+                xsum[row * Gp + gi] = 0.f;
+                continue;
+            }
+            const float *xg = xr + gi * g;
+            __m256 vmax = _mm256_setzero_ps();
+            const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            for (int64_t k = 0; k < g; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(xg + k), absmask));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+            const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+            const __m256 inv = _mm256_set1_ps(1.f / scale);
+            __m256i vsum = _mm256_setzero_si256();
+            for (int64_t k = 0; k < g; k += 16) {  /* round to nearest even, as nearbyintf */
+                const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k), inv));
+                const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k + 8), inv));
+                vsum = _mm256_add_epi32(vsum, _mm256_add_epi32(a, b));
+                const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+                _mm256_storeu_si256((__m256i *)(nat + gi * g + k), packed);
+            }
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(vsum), _mm256_extracti128_si256(vsum, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+            xs[row * Gp + gi] = scale;
+            xsum[row * Gp + gi] = (float)_mm_cvtsi128_si32(s4) * scale;
         }
-        xs[sg] = scale;
-        xsum[sg] = (float)sum * scale;
+        /* natural order -> kernel order: pairs of int16 move as 32-bit words, block by block */
+        const uint32_t *src = (const uint32_t *)nat;
+        uint32_t *dst = (uint32_t *)(xq + row * K);
+        for (int64_t gb = 0, m; gb < G; gb += m) {
+            m = G - gb >= 8 ? 8 : (G - gb >= 4 ? 4 : (G - gb >= 2 ? 2 : 1));
+            const int64_t half = g / 2, slice = half * m / 8, base = gb * half;  /* in pairs */
+            for (int64_t p = 0; p < 8; p++) {
+                const uint32_t *from = src + base + (p % m) * half + (p / m) * slice;
+                for (int64_t j = 0; j < slice; j++) dst[base + j * 8 + p] = from[j];
+            }
+        }
     }
 }
 #endif
@@ -282,9 +397,9 @@ int ms_fast_path(int bits, int64_t K, int64_t g) {
 #if MS_AVX2
     const int64_t w = 128 / bits;
     const double maxq = (double)((1 << bits) - 1);
-    /* int32 accumulators of one group must not overflow: g / 16 sums of two products per lane */
-    return (bits == 2 || bits == 4 || bits == 8) && K % w == 0 && g % 16 == 0 && K % g == 0 &&
-           (double)(g / 16) * 2.0 * maxq * 32767.0 < 2147483647.0;
+    /* a 32-bit lane sums g / 2 products of pairs in a block of 8 groups: it must not overflow */
+    return (bits == 2 || bits == 4 || bits == 8) && ordered(K, g) && K % w == 0 &&
+           (double)(g / 2) * 2.0 * maxq * 32767.0 < 2147483647.0;
 #else
     (void)bits; (void)K; (void)g;
     return 0;
@@ -296,22 +411,23 @@ int ms_fast_path(int bits, int64_t K, int64_t g) {
  *   y [S, N] float32, written row for row.
  *   Expert i's codes, scales and zeros start at base + slot[i] * stride + {codes,scale,zero}_off (a layer's
  *   slab of slots, or one buffer with stride 0).
- *   scratch: S * K int16 and 2 * S * (K / g) float32 when ms_fast_path(bits, K, g), else unused.
+ *   scratch: S * K int16, 2 * S * Gp float32 (Gp = K / g rounded up to 8) and K int16 per OpenMP thread when
+ *   ms_fast_path(bits, K, g); `threads` OpenMP threads at most (torch's count: scratch is sized by it).
  * Work is split over (expert, block of `row_block` output rows) across the OpenMP threads. */
 void ms_qmm_grouped(int bits, int64_t N, int64_t K, int64_t g, const float *x, float *y, const uint8_t *base,
                     int64_t stride, int64_t codes_off, int64_t scale_off, int64_t zero_off, const int64_t *slot,
-                    const int64_t *row_start, int64_t n_experts, int64_t row_block, void *scratch) {
+                    const int64_t *row_start, int64_t n_experts, int64_t row_block, void *scratch, int threads) {
     const int64_t blocks = (N + row_block - 1) / row_block, items = n_experts * blocks;
 #if MS_AVX2
     const int fast = ms_fast_path(bits, K, g);
-    const int64_t S = row_start[n_experts], G = K / g;
+    const int64_t S = row_start[n_experts], Gp = (K / g + 7) / 8 * 8;
     int16_t *xq = (int16_t *)scratch;
-    float *xs = (float *)(xq + S * K), *xsum = xs + S * G;
-    if (fast) quantize_activations(x, S, K, g, xq, xs, xsum);
+    float *xs = (float *)(xq + S * K), *xsum = xs + S * Gp;
+    if (fast) quantize_activations(x, S, K, g, xq, xs, xsum, (int16_t *)(xsum + S * Gp), threads);
 #else
     (void)scratch;
 #endif
-#pragma omp parallel for schedule(dynamic, 1) if (items > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (items > 1)
     for (int64_t it = 0; it < items; it++) {
         const int64_t e = it / blocks, b = it % blocks;
         const int64_t t0 = row_start[e], T = row_start[e + 1] - t0;
@@ -322,7 +438,7 @@ void ms_qmm_grouped(int bits, int64_t N, int64_t K, int64_t g, const float *x, f
         const uint16_t *scale = (const uint16_t *)(buf + scale_off), *zero = (const uint16_t *)(buf + zero_off);
 #if MS_AVX2
         if (fast) {
-            rows_i16(bits, codes, scale, zero, N, K, g, n0, n1, xq + t0 * K, xs + t0 * G, xsum + t0 * G, T,
+            rows_i16(bits, codes, scale, zero, N, K, g, n0, n1, xq + t0 * K, xs + t0 * Gp, xsum + t0 * Gp, T,
                      y + t0 * N);
             continue;
         }
