@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, as one prepared script for a lent GPU machine (a few minutes): the CUDA tests, then the
+# The GPU checks, as one prepared script for a lent GPU machine (a few minutes): the CUDA tests (parity, the
+# tinygemm int4 path against the CPU kernels), the quantized benchmark on Qwen3-30B-A3B's shape, then the
 # benchmark on the GPU (RAM and disk tiers) with the host-to-device bandwidth measured. That machine runs
 # its own python3 (with torch) and reaches no registry: run benchmarks/gpu_wheels.sh here first and carry
 # .whl. Results land in $OUT (the device tool brings that folder back).
@@ -14,9 +15,17 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } | tee "$out/gpu.txt"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_parity.py 2>&1 | tail -5 | tee "$out/gpu-tests.txt"
+# moeshard itself, from this tree, beside the carried wheels (its subpackages only exist installed)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . >/dev/null
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_parity.py tests/test_kernels.py 2>&1 | tail -8 \
+  | tee "$out/gpu-tests.txt"
+bench() { python3 -m moeshard.cli bench --device cuda "$@" 2>&1 | tail -16; }
+# quantized experts on the real shape (tinygemm int4 vs bf16, all resident and offloaded at equal bytes)
+bench --model-kind qwen3-30b-a3b --store ram --protocol warm --tokens 32 --workdir /tmp/moeshard-bench \
+    --systems resident,resident@4/4,resident@3/4,resident@2/4,lru+prefetch,lru+prefetch@4/4,hf-eager \
+    --json "$out/bench-cuda-quant.json" | tee "$out/bench-cuda-quant.txt"
 for store in ram disk; do
-  python3 -c "import sys; from coordinator.cli import main; sys.exit(main(sys.argv[1:]))" bench --device cuda \
-      --store "$store" --tokens 32 --workdir /tmp/moeshard-bench --systems resident,lru,lru+prefetch,naive,hf-eager,accelerate-offload \
-      --json "$out/bench-cuda-$store.json" --plot "$out/bench-cuda-$store.png" 2>&1 | tail -12 | tee "$out/bench-cuda-$store.txt"
+  bench --store "$store" --tokens 32 --workdir /tmp/moeshard-bench \
+      --systems resident,lru,lru+prefetch,naive,hf-eager,accelerate-offload \
+      --json "$out/bench-cuda-$store.json" --plot "$out/bench-cuda-$store.png" | tee "$out/bench-cuda-$store.txt"
 done

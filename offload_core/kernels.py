@@ -29,7 +29,7 @@ from .settings import cache_root_from_env, compiler_from_env
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "qkernels.c"
-_ABI = 8  # ms_version() of the source this module speaks to
+_ABI = 9  # ms_version() of the source this module speaks to
 CHUNK = 16  # bytes per chunk of packed codes (see the C file's header)
 
 # S = token rows of a call, K = input features, N = output features, G = groups of a tensor
@@ -46,7 +46,7 @@ _SIGNATURES = {
     "ms_order": ([_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr], None),
     "ms_fast_path": ([_c_int, _c_i64, _c_i64], _c_int),
     "ms_qmm_grouped": ([_c_int, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64,
-                        _c_i64p, _c_i64p, _c_i64, _c_i64, _c_ptr, _c_int], None),
+                        _c_i64p, _c_i64p, _c_i64, _c_i64, _c_ptr, _c_int], _c_int),
     "ms_quantize": ([_c_ptr, _c_i64, _c_i64, _c_int, _c_int, _c_float, _c_float, _c_ptr, _c_ptr, _c_ptr], None),
 }
 ROW_BLOCK = 128  # output rows per work item of a multiply (measured: 64-128 best on the real shape)
@@ -185,18 +185,24 @@ class CpuKernels:
         if x.dim() != 2 or x.shape[1] != in_features or len(counts) != n or sum(counts) != S or x.device.type != "cpu":
             raise ValueError(f"qmm_grouped: x {list(x.shape)} on {x.device} for {n} experts of {sum(counts)} rows "
                              f"and {in_features} inputs")
+        if not self.fast(bits, in_features, group):
+            raise ValueError(f"qmm_grouped: no packed kernel for {bits}-bit [{out_features}, {in_features}] g{group} "
+                             f"on this CPU (AVX2: {self.avx2}); dequantize it instead")
         y = torch.empty(S, out_features, dtype=torch.float32)
         if S == 0:
             return y
+        threads = torch.get_num_threads()
+        padded_groups = -(-(in_features // group) // 8) * 8
+        scratch = self._scratch(S * in_features * 2 + 2 * S * padded_groups * 4 + threads * in_features * 2)
         starts = (ctypes.c_int64 * (n + 1))(0, *itertools.accumulate(counts))
-        scratch, threads = None, torch.get_num_threads()
-        if self.avx2 and fast_path_shape(bits, in_features, group):
-            padded_groups = -(-(in_features // group) // 8) * 8
-            scratch = self._scratch(S * in_features * 2 + 2 * S * padded_groups * 4 + threads * in_features * 2)
         self.lib.ms_qmm_grouped(bits, out_features, in_features, group, x.data_ptr(), y.data_ptr(), base.data_ptr(),
                                 stride, offsets[0], offsets[1], offsets[2], (ctypes.c_int64 * n)(*slots), starts, n,
                                 ROW_BLOCK, scratch, threads)
         return y
+
+    def fast(self, bits: int, in_features: int, group: int) -> bool:
+        """Whether `qmm_grouped` multiplies this shape here (AVX2 and a shape the integer path covers)."""
+        return self.avx2 and fast_path_shape(bits, in_features, group)
 
     def _scratch(self, nbytes: int) -> int:
         """A buffer of at least `nbytes` owned by this thread (calls on one thread never overlap), grown as needed."""

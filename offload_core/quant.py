@@ -5,7 +5,8 @@ store and the wire to workers hold: codes packed at their own width, float16 sca
 The compute form (`compute_layout`) is what a slot holds: on a CPU with moeshard's kernels the same bytes
 (3-bit codes widened to 4-bit chunks when the slot is filled), computed by one fused
 dequantize-and-multiply call for all the experts of a layer (`kernels.py`), never expanded to a dense matrix;
-elsewhere (CUDA, no C compiler) the storage form, dequantized on each call (the reference path).
+on a CUDA GPU (sm80+), torch's tinygemm int4 tiles (`cuda_int4.py`; 2-4-bit codes, groups of 32-256); elsewhere
+(no C compiler, other shapes) the storage form, dequantized on each call (the reference path).
 `PackedLinear` does the same for attention's q/k/v/o projections. Weights are quantized with HQQ's
 proximal optimiser (run group by group in C; hqq's own `Quantizer` where the kernels are unavailable).
 This module does no caching (see `quantized_cache.py`).
@@ -18,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cuda_int4
 from .config import QuantConfig, dtype_name
+from .cuda_int4 import TinyGemm
 from .experts import ExpertMath, ExpertTensor
 from .formats import PackedLayout
 from .kernels import CpuKernels, cpu_kernels, from_kernel_order, pack, packed_bytes, to_kernel_order, unpack
@@ -123,8 +126,8 @@ class HQQExpertFormat:
     compute dtype. Weights are quantized in [out, in] orientation (a transposed [in, out] weight, GPT-OSS's, as
     its transpose). Scales and zeros in float16 cost 32 / group bits per weight (2-bit g16: 4.0 bits).
 
-    `kernels` (moeshard's CPU kernels, or None) decides the compute form: with them, slots hold packed codes
-    and `forward_grouped` multiplies from them; without, each call dequantizes (`decode`).
+    `kernels` decides the compute form: with moeshard's CPU kernels, slots hold packed codes and `forward_grouped`
+    multiplies from them; with tinygemm (CUDA), slots hold its int4 tiles; without, each call dequantizes.
     """
 
     meta_dtype = torch.float16
@@ -140,7 +143,6 @@ class HQQExpertFormat:
         self.dtype = compute_dtype  # what decode() returns and forward() gives back
         # Where encode() runs the optimiser when the C one is not used: None = where the weights are.
         self.quant_device = torch.device(quant_device) if quant_device is not None else None
-        self.kernels = kernels
         self._quantizer_kernels = cpu_kernels() if quantizer in (None, QUANTIZER_C) else None
         self.quantizer = QUANTIZER_C if self._quantizer_kernels is not None else QUANTIZER_HQQ
         self.weights = tuple(QuantizedTensor(t.name, t.shape, t.transposed, bits, group_size)
@@ -148,7 +150,16 @@ class HQQExpertFormat:
         self.biases = tuple(t for t in self.tensors if t.is_bias)
         bias_specs = {t.name: (compute_dtype, t.shape) for t in self.biases}
         self.layout = PackedLayout({k: v for w in self.weights for k, v in w.storage_specs().items()} | bias_specs)
-        if kernels is not None:
+        if isinstance(kernels, TinyGemm) and not all(
+                kernels.supports(bits, w.out_features, w.in_features, group_size)
+                and kernels.verified(w.out_features, w.in_features, group_size) for w in self.weights):
+            kernels = None  # shapes tinygemm does not take: the reference path
+        self.kernels = kernels
+        if isinstance(kernels, TinyGemm):
+            specs = {k: v for w in self.weights for k, v in
+                     kernels.specs(w.name, w.out_features, w.in_features, group_size).items()}
+            self.compute_layout = PackedLayout(specs | bias_specs)
+        elif kernels is not None:
             self.compute_layout = PackedLayout({k: v for w in self.weights for k, v in w.compute_specs().items()}
                                                | bias_specs)
         else:
@@ -175,8 +186,9 @@ class HQQExpertFormat:
 
     @property
     def compute(self) -> str:
-        """How slots are computed: "packed" (fused kernels) or "dequantize" (the reference, per call)."""
-        return "packed" if self.kernels is not None else "dequantize"
+        """How slots are computed: "packed" (moeshard's CPU kernels), "tinygemm" (torch's int4 CUDA kernel) or
+        "dequantize" (the reference, per call)."""
+        return "dequantize" if self.kernels is None else getattr(self.kernels, "name", "packed")
 
     # -- storage form ------------------------------------------------------------------------
     def encode(self, weights: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
@@ -228,6 +240,13 @@ class HQQExpertFormat:
             dst.copy_(src)
             return
         s, d = self.layout.views(src), self.compute_layout.views(dst)
+        if isinstance(self.kernels, TinyGemm):
+            for t in self.weights:
+                self.kernels.fill(t.name, t.codes(s, self.bits), t.meta(s, "scale"), t.meta(s, "zero"),
+                                  t.out_features, t.in_features, self.group_size, d)
+            for t in self.biases:
+                d[t.name].copy_(s[t.name])
+            return
         for t in self.weights:
             d[f"{t.name}.scale"].copy_(s[f"{t.name}.scale"])
             d[f"{t.name}.zero"].copy_(s[f"{t.name}.zero"])
@@ -239,12 +258,17 @@ class HQQExpertFormat:
             d[t.name].copy_(s[t.name])
 
     def grouped(self, device: torch.device) -> bool:
-        return self.kernels is not None and device.type == "cpu"
+        return isinstance(self.kernels, CpuKernels) and device.type == "cpu"
 
     def forward(self, math_: ExpertMath, buf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [t, D] through one expert whose slot holds `buf`."""
         if self.grouped(buf.device):
             return self.forward_grouped(math_, buf.view(1, -1), [0], [x.shape[0]], x)
+        if isinstance(self.kernels, TinyGemm):
+            views = self.compute_layout.views(buf)
+            return math_.forward_with(lambda name, h: self.kernels.linear(name, views, h, self.group_size).float(),
+                                      lambda name: views[name].float() if name in views else None,
+                                      x.float()).to(self.dtype)
         w = self.decode(buf)
         return math_.forward_with(lambda name, h: F.linear(h, w[name].t() if _transposed(self, name) else w[name]),
                                   lambda name: w[name].float() if name in w else None, x.float()).to(self.dtype)
@@ -257,16 +281,22 @@ class HQQExpertFormat:
         offsets = {e.name: e.offset for e in layout.entries}
         by_name = {t.name: t for t in self.weights}
 
+        stacked = layout.stacked_views(slab)
+
         def linear(name: str, h: torch.Tensor) -> torch.Tensor:
             t = by_name[name]
-            return self.kernels.qmm_grouped(
-                self.compute_bits, t.out_features, t.in_features, self.group_size, h, slab, stride,
-                (offsets[f"{name}.q"], offsets[f"{name}.scale"], offsets[f"{name}.zero"]), index, counts)
+            if self.kernels.fast(self.compute_bits, t.in_features, self.group_size):
+                return self.kernels.qmm_grouped(
+                    self.compute_bits, t.out_features, t.in_features, self.group_size, h, slab, stride,
+                    (offsets[f"{name}.q"], offsets[f"{name}.scale"], offsets[f"{name}.zero"]), index, counts)
+            # shapes the kernel does not take (tiny models, groups across rows): dequantize each expert once
+            parts = h.split(counts)
+            return torch.cat([F.linear(part, t.dequantize({k: v[i] for k, v in stacked.items()}, self.compute_bits))
+                              for i, part in zip(index, parts)])
 
         rows = None
         if self.biases:
             rows = torch.repeat_interleave(torch.tensor(index), torch.tensor(counts))  # [S] slot of each row
-            stacked = layout.stacked_views(slab)
 
         def bias(name: str) -> torch.Tensor | None:
             return stacked[name][rows].float() if rows is not None and name in stacked else None
@@ -294,9 +324,22 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, weight.dtype
         self.bits, self.group = bits, group
         self.spec = QuantizedTensor("weight", tuple(weight.shape), False, bits, group)
-        self.kernels = kernels if weight.device.type == "cpu" else None
+        on_cpu = weight.device.type == "cpu"
+        if isinstance(kernels, TinyGemm) and (on_cpu or not (
+                kernels.supports(bits, self.out_features, self.in_features, group)
+                and kernels.verified(self.out_features, self.in_features, group))):
+            kernels = None
+        self.kernels = kernels if (on_cpu and isinstance(kernels, CpuKernels)) or isinstance(kernels, TinyGemm) \
+            else None
         codes, scale, zero = _quantize_flat(weight, bits, group, quantizer_kernels)
         self.compute_bits = 4 if bits == 3 else bits  # 3-bit codes packed in 4-bit chunks: same values
+        if isinstance(self.kernels, TinyGemm):
+            layout = PackedLayout(self.kernels.specs("weight", self.out_features, self.in_features, group))
+            self.register_buffer("packed", layout.empty(weight.device), persistent=False)
+            self.kernels.fill("weight", codes.to(weight.device), scale.half().to(weight.device),
+                              zero.half().to(weight.device), self.out_features, self.in_features, group,
+                              layout.views(self.packed))
+            self._tile_layout = layout
         codes = to_kernel_order(codes, self.in_features, group)
         self.register_buffer("codes", pack(codes, self.compute_bits).to(weight.device), persistent=False)
         pad = torch.zeros(META_PAD, dtype=torch.float16)
@@ -316,7 +359,10 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.kernels is not None and x2.device.type == "cpu":
+        if isinstance(self.kernels, TinyGemm):
+            y = self.kernels.linear("weight", self._tile_layout.views(self.packed), x2, self.group).float()
+        elif self.kernels is not None and x2.device.type == "cpu" and \
+                self.kernels.fast(self.compute_bits, self.in_features, self.group):
             base, offsets = self._packed()
             y = self.kernels.qmm_grouped(self.compute_bits, self.out_features, self.in_features, self.group, x2, base,
                                          0, offsets, _ONE_SLOT, [x2.shape[0]])
@@ -328,7 +374,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group={self.group}, compute={'packed' if self.kernels is not None else 'dequantize'}")
+                f"group={self.group}, compute={getattr(self.kernels, 'name', 'packed') if self.kernels else 'dequantize'}")
 
 
 def attention_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -365,10 +411,12 @@ def quantize_attention(model: nn.Module, cfg: QuantConfig, device: torch.device 
     return len(targets)
 
 
-def compute_kernels(cfg: QuantConfig, device: torch.device) -> CpuKernels | None:
-    """The kernels that compute packed weights on `device`: moeshard's CPU kernels on a CPU (unless the
-    reference path is asked for), none elsewhere."""
-    if device.type != "cpu" or cfg.kernel == "reference":
+def compute_kernels(cfg: QuantConfig, device: torch.device) -> CpuKernels | TinyGemm | None:
+    """The kernels that compute packed weights on `device` (unless the reference path is asked for): moeshard's
+    on a CPU, torch's tinygemm int4 on a CUDA GPU of compute capability 8.0 or newer; none elsewhere."""
+    if cfg.kernel == "reference":
         return None
-    return cpu_kernels()
+    if device.type == "cpu":
+        return cpu_kernels()
+    return TinyGemm(device) if cuda_int4.available(device) else None
 

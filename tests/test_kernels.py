@@ -104,7 +104,7 @@ def _packed_experts(kern, bits: int, group: int, n: int, k: int, experts: int, s
     return slab, (offsets["w.q"], offsets["w.scale"], offsets["w.zero"]), dense, spec
 
 
-# Shapes: the fast path (K a multiple of the chunk and of the group) and the float32 path (groups that span rows,
+# Shapes: the fast path (K a multiple of the chunk and of the group) and those it refuses (groups that span rows,
 # K that no chunk divides, groups of 8 or 24), as tiny test models and the demo model have them.
 # Blocks of 8 groups and the tails of 4, 2 and 1 (768 / 64 = 8 + 4, 224 / 16 = 8 + 4 + 2, 208 / 16 = 8 + 4 + 1).
 CASES = [(bits, group, n, k) for bits in (8, 4, 3, 2)
@@ -121,6 +121,10 @@ def test_qmm_equals_dequantize_then_multiply(kern, bits, group, n, k):
     gen = torch.Generator().manual_seed(k)
     slots, counts = [3, 0, 4, 1], [1, 5, 0, 9]  # any slot order, an expert with no rows, up to 9 tokens
     x = torch.randn(sum(counts), k, generator=gen)
+    if not kern.fast(spec.compute_bits, k, group):  # left to the format's dequantize path (tested below)
+        with pytest.raises(ValueError, match="dequantize it instead"):
+            kern.qmm_grouped(spec.compute_bits, n, k, group, x, slab, slab.stride(0), offsets, slots, counts)
+        return
     y = kern.qmm_grouped(spec.compute_bits, n, k, group, x, slab, slab.stride(0), offsets, slots, counts)
     assert y.shape == (sum(counts), n) and y.dtype == torch.float32
     start = 0
@@ -237,11 +241,58 @@ def test_expert_tensor_shapes_for_the_kernel():
     assert big.bits_per_param == pytest.approx(3 + 32 / 64, abs=0.01)  # 2 + 1 bit planes, float16 scale and zero
 
 
+def test_tinygemm_operands_encode_hqqs_weights():
+    """tinygemm computes w = (q - 8) * scale + zero' from codes two a byte (even input high): checked here on the
+    CPU by decoding its operands as it does (the kernel itself runs in the GPU tests)."""
+    from moeshard.offload_core.cuda_int4 import operands
+
+    n, k, group = 16, 128, 64
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (n * k,), dtype=torch.uint8, generator=gen)
+    scale = (torch.rand(n * k // group, generator=gen) * 0.01).half()
+    zero = (torch.rand(n * k // group, generator=gen) * 15).half()
+    pairs, sz = operands(codes, scale, zero, n, k)
+    q = torch.stack([pairs >> 4, pairs & 15], dim=-1).view(n, k).float()
+    s, z = sz[..., 0].t().repeat_interleave(group, 1), sz[..., 1].t().repeat_interleave(group, 1)  # [N, K]
+    reference = ((codes.view(-1, group).float() - zero.float()[:, None]) * scale.float()[:, None]).view(n, k)
+    torch.testing.assert_close((q - 8) * s + z, reference, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_reference_path_equals_the_cpu_kernels(kern):
-    linear = nn.Linear(256, 128, bias=False)
-    cpu = PackedLinear(linear, 4, 64, kern, kern)
-    gpu = PackedLinear(linear.cuda(), 4, 64, None, kern)
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_cuda_paths_equal_the_cpu_kernels(kern, bits):
+    from moeshard.offload_core.cuda_int4 import TinyGemm, available
+
+    group = 64 if bits != 2 else 32
+    linear = nn.Linear(256, 128, bias=True)
+    cpu = PackedLinear(linear, bits, group, kern, kern)
+    reference = PackedLinear(linear.cuda(), bits, group, None, kern)
     x = torch.randn(3, 256)
-    torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), atol=2e-4, rtol=2e-3)
+    torch.testing.assert_close(reference(x.cuda()).cpu(), cpu(x), atol=2e-4, rtol=2e-3)
+    if available(torch.device("cuda")):
+        fast = PackedLinear(linear.cuda(), bits, group, TinyGemm(torch.device("cuda")), kern)
+        assert isinstance(fast.kernels, TinyGemm), "tinygemm failed its own check on this GPU (see the log)"
+        torch.testing.assert_close(fast(x.cuda()).cpu(), cpu(x), atol=3e-2, rtol=2e-2)  # bfloat16 activations
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_experts_through_tinygemm_equal_the_reference(kern):
+    from moeshard.offload_core.cuda_int4 import TinyGemm, available
+
+    if not available(torch.device("cuda")):
+        pytest.skip("tinygemm needs compute capability 8.0")
+    module = _experts_module("mixtral")
+    math_ = ExpertMath(module)
+    tensors = math_.tensors(module)
+    fast = HQQExpertFormat(tensors, 4, 32, torch.float32, kernels=TinyGemm(torch.device("cuda")))
+    assert fast.compute == "tinygemm"
+    reference = HQQExpertFormat(tensors, 4, 32, torch.float32)
+    weights = {t.name: torch.randn(*t.shape) * 0.1 for t in tensors}
+    stored = reference.encode(weights, reference.layout.empty())
+    slot = torch.empty(fast.compute_layout.nbytes, dtype=torch.uint8, device="cuda")
+    fast.fill(stored.cuda(), slot)
+    x = torch.randn(5, tensors[0].shape[-1])
+    torch.testing.assert_close(fast.forward(math_, slot, x.cuda()).cpu(), reference.forward(math_, stored, x),
+                               atol=3e-2, rtol=3e-2)

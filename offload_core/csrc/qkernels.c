@@ -22,7 +22,8 @@
  * group: relative error below 2^-16 of the group's largest value, a hundred times finer than bfloat16) and
  * multiplies them with the codes in integers (vpmaddwd: 16 multiply-adds an instruction), applying the
  * weights' scale and zero once per group: y = sum_g s_g (sum q x' - z_g sum x'). Shapes it does not cover
- * (K % W, g % 16, groups that span rows) take the plain float32 path, as does a CPU without AVX2.
+ * (K % W, g % 16, groups that span rows) and CPUs without AVX2 are left to the caller (which dequantizes in
+ * torch: tiny test models and the demo's odd shapes).
  */
 #include <math.h>
 #include <stdint.h>
@@ -44,7 +45,7 @@
 
 #define MS_CHUNK 16  /* bytes per chunk of codes */
 
-int ms_version(void) { return 8; }
+int ms_version(void) { return 9; }
 int ms_has_avx2(void) { return MS_AVX2; }
 
 static inline float h2f(uint16_t h) {
@@ -169,29 +170,6 @@ void ms_widen3(const uint8_t *lo2, const uint8_t *hi1, int64_t numel, uint8_t *o
 /* ---------------------------------------------------------------------------------------------------------
  * The multiply. A tile is R weight rows times T token rows.
  * ------------------------------------------------------------------------------------------------------- */
-
-/* Any shape, float32 activations, w = (q - z) * s as the reference computes it. */
-static void rows_scalar(int bits, const uint8_t *codes, const uint16_t *scale, const uint16_t *zero, int64_t N,
-                        int64_t K, int64_t g, int64_t n0, int64_t n1, const float *x, int64_t T, float *y) {
-    const int o = ordered(K, g);
-    for (int64_t n = n0; n < n1; n++) {
-        for (int64_t t0 = 0; t0 < T; t0 += 4) {
-            const int64_t tb = T - t0 < 4 ? T - t0 : 4;
-            float acc[4][8] = {{0}};
-            for (int64_t k = 0; k < K; k++) {
-                const int64_t i = n * K + k, gi = i / g;
-                const int64_t at = o ? n * K + kernel_pos(k, K, g) : i;
-                const float w = ((float)code_at(codes, at, bits) - h2f(zero[gi])) * h2f(scale[gi]);
-                for (int64_t t = 0; t < tb; t++) acc[t][k & 7] = fmaf(w, x[(t0 + t) * K + k], acc[t][k & 7]);
-            }
-            for (int64_t t = 0; t < tb; t++) {
-                float sum = 0.f;
-                for (int l = 0; l < 8; l++) sum += acc[t][l];
-                y[(t0 + t) * N + n] = sum;
-            }
-        }
-    }
-}
 
 #if MS_AVX2
 static inline float hsum256(__m256 v) {
@@ -411,22 +389,20 @@ int ms_fast_path(int bits, int64_t K, int64_t g) {
  *   y [S, N] float32, written row for row.
  *   Expert i's codes, scales and zeros start at base + slot[i] * stride + {codes,scale,zero}_off (a layer's
  *   slab of slots, or one buffer with stride 0).
- *   scratch: S * K int16, 2 * S * Gp float32 (Gp = K / g rounded up to 8) and K int16 per OpenMP thread when
- *   ms_fast_path(bits, K, g); `threads` OpenMP threads at most (torch's count: scratch is sized by it).
- * Work is split over (expert, block of `row_block` output rows) across the OpenMP threads. */
-void ms_qmm_grouped(int bits, int64_t N, int64_t K, int64_t g, const float *x, float *y, const uint8_t *base,
-                    int64_t stride, int64_t codes_off, int64_t scale_off, int64_t zero_off, const int64_t *slot,
-                    const int64_t *row_start, int64_t n_experts, int64_t row_block, void *scratch, int threads) {
-    const int64_t blocks = (N + row_block - 1) / row_block, items = n_experts * blocks;
+ *   scratch: S * K int16, 2 * S * Gp float32 (Gp = K / g rounded up to 8) and K int16 per OpenMP thread;
+ *   `threads` OpenMP threads at most (torch's count: scratch is sized by it).
+ * Work is split over (expert, block of `row_block` output rows) across the threads. Returns 0, or -1 where
+ * ms_fast_path(bits, K, g) is false (the caller dequantizes those shapes itself). */
+int ms_qmm_grouped(int bits, int64_t N, int64_t K, int64_t g, const float *x, float *y, const uint8_t *base,
+                   int64_t stride, int64_t codes_off, int64_t scale_off, int64_t zero_off, const int64_t *slot,
+                   const int64_t *row_start, int64_t n_experts, int64_t row_block, void *scratch, int threads) {
 #if MS_AVX2
-    const int fast = ms_fast_path(bits, K, g);
+    if (!ms_fast_path(bits, K, g)) return -1;
+    const int64_t blocks = (N + row_block - 1) / row_block, items = n_experts * blocks;
     const int64_t S = row_start[n_experts], Gp = (K / g + 7) / 8 * 8;
     int16_t *xq = (int16_t *)scratch;
     float *xs = (float *)(xq + S * K), *xsum = xs + S * Gp;
-    if (fast) quantize_activations(x, S, K, g, xq, xs, xsum, (int16_t *)(xsum + S * Gp), threads);
-#else
-    (void)scratch;
-#endif
+    quantize_activations(x, S, K, g, xq, xs, xsum, (int16_t *)(xsum + S * Gp), threads);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (items > 1)
     for (int64_t it = 0; it < items; it++) {
         const int64_t e = it / blocks, b = it % blocks;
@@ -434,17 +410,16 @@ void ms_qmm_grouped(int bits, int64_t N, int64_t K, int64_t g, const float *x, f
         if (T <= 0) continue;
         const uint8_t *buf = base + slot[e] * stride;
         const int64_t n0 = b * row_block, n1 = n0 + row_block < N ? n0 + row_block : N;
-        const uint8_t *codes = buf + codes_off;
-        const uint16_t *scale = (const uint16_t *)(buf + scale_off), *zero = (const uint16_t *)(buf + zero_off);
-#if MS_AVX2
-        if (fast) {
-            rows_i16(bits, codes, scale, zero, N, K, g, n0, n1, xq + t0 * K, xs + t0 * Gp, xsum + t0 * Gp, T,
-                     y + t0 * N);
-            continue;
-        }
-#endif
-        rows_scalar(bits, codes, scale, zero, N, K, g, n0, n1, x + t0 * K, T, y + t0 * N);
+        rows_i16(bits, buf + codes_off, (const uint16_t *)(buf + scale_off), (const uint16_t *)(buf + zero_off), N,
+                 K, g, n0, n1, xq + t0 * K, xs + t0 * Gp, xsum + t0 * Gp, T, y + t0 * N);
     }
+    return 0;
+#else
+    (void)bits; (void)N; (void)K; (void)g; (void)x; (void)y; (void)base; (void)stride; (void)codes_off;
+    (void)scale_off; (void)zero_off; (void)slot; (void)row_start; (void)n_experts; (void)row_block; (void)scratch;
+    (void)threads;
+    return -1;
+#endif
 }
 
 /* ---------------------------------------------------------------------------------------------------------
