@@ -66,7 +66,8 @@ def project():
 
 
 def test_every_module_the_code_imports_is_a_declared_dependency(project):
-    deps = declared(project["dependencies"]) | declared(project["optional-dependencies"]["bench"])
+    extras = project["optional-dependencies"]
+    deps = declared(project["dependencies"]) | declared(extras["bench"]) | declared(extras["llamacpp"])
     missing = {m: where for m, where in top_level_imports(CODE).items() if not distributions_of(m) & deps}
     assert not missing, f"imported but not declared in pyproject.toml (module: first file): {missing}"
 
