@@ -47,3 +47,21 @@ def test_demo_writes_python_and_matches_transformers():
     text = tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True)
     assert "\n" in text and any(word in text for word in ("return", "if ", "self", "for ", "=", "("))
     model.close()
+
+
+@pytest.mark.parametrize("attn_bits, expert_bits", [(4, 4), (4, 3), (4, 2)])
+def test_packed_kernels_keep_the_reference_paths_greedy_tokens(tmp_path, attn_bits, expert_bits):
+    """bf16, the demo's own dtype, every slot resident and with 2 slots per layer: the kernels computing from
+    packed codes choose the tokens that dequantize-then-multiply chooses."""
+    from moeshard.offload_core import QuantConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO)
+    ids = tokenizer("def fibonacci(n):", return_tensors="pt")["input_ids"]
+    outputs = {}
+    for kernel in ("reference", "auto"):
+        quant = QuantConfig(attn_bits=attn_bits, expert_bits=expert_bits, kernel=kernel)
+        with load_model(DEMO, slots_per_layer=2, prefetch=1, store="ram", cache_dir=tmp_path, quant=quant) as om:
+            assert om.runtime.local.describe()["compute"] == ("dequantize" if kernel == "reference" else "packed")
+            outputs[kernel] = om.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
+                                          do_sample=False)
+    assert torch.equal(outputs["auto"], outputs["reference"])
