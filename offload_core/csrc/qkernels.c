@@ -48,30 +48,6 @@
 int ms_version(void) { return 9; }
 int ms_has_avx2(void) { return MS_AVX2; }
 
-static inline float h2f(uint16_t h) {
-#if MS_AVX2
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {  /* subnormal: normalise */
-            int e = -1;
-            do { e++; man <<= 1; } while (!(man & 0x400));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
-
 /* The code of flat index i in a tensor packed at `bits`. */
 static inline uint8_t code_at(const uint8_t *packed, int64_t i, int bits) {
     const int64_t w = 128 / bits, r = i % w;
