@@ -403,12 +403,17 @@ class Batcher:
 
     async def generate_many(self, prompts: list[list[int]], params: SamplingParams,
                             on_done: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
-        """Several prompts as one batch (offline jobs); `on_done(i, result)` as each finishes."""
+        """Several prompts as one batch (offline jobs): more than `max_batch` wait for a place (the queue must hold
+        them); `on_done(i, result)` in prompt order, each as soon as it and every earlier one have finished."""
+        finished: dict[int, GenerationResult] = {}
+        reported = 0
 
         async def one(i: int, ids: list[int]) -> GenerationResult:
-            result = await self.generate(ids, params)
-            if on_done is not None:
-                on_done(i, result)
+            nonlocal reported
+            result = finished[i] = await self.generate(ids, params)
+            while on_done is not None and reported in finished:
+                on_done(reported, finished[reported])
+                reported += 1
             return result
 
         return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts))))

@@ -168,7 +168,8 @@ def summary_line(stats: dict) -> str:
 def cmd_generate(args) -> int:
     params = sampling(args)
     prompts = read_prompts(args)
-    batch = batch_config(args) if len(prompts) > 1 else None
+    # every prompt past --max-batch waits in the queue for a place (none is refused)
+    batch = batch_config(args, max_queue=len(prompts)) if len(prompts) > 1 else None
     engine = load_engine(args)
     try:
         if batch is not None:
@@ -189,7 +190,8 @@ def cmd_generate(args) -> int:
 
 
 def _generate_batch(engine: Engine, prompts: list[str], params: SamplingParams, batch, as_json: bool) -> int:
-    """Several prompts decoded as one batch; each printed as it finishes (JSON: one line each, with its index)."""
+    """Several prompts decoded as one batch, `--max-batch` at a time; printed in prompt order, each as soon as it
+    and those before it have finished (JSON: one line each, with its index)."""
     import asyncio
 
     from .batching import Batcher

@@ -259,6 +259,29 @@ def test_generate_reads_the_prompt_from_stdin_and_a_file(tiny_tok_ckpt, capsys, 
     assert code == 2 and "give a prompt: --prompt TEXT, --prompt - (from stdin), or --prompt-file FILE" in one_line(err)
 
 
+def test_generate_with_more_prompts_than_the_batch_decodes_them_all_in_order(tiny_tok_ckpt, capsys, tmp_path):
+    """Issue 21.1: prompts past --max-batch wait for a place (they crashed with "at capacity"); output in prompt
+    order, and each prompt gets the tokens it gets alone (fp32)."""
+    import json
+
+    words = ["def add(a, b):", "class Point:", "import os", "for i in range(3):", "x = 1", "print(x)",
+             "return None", "if x:", "while True:", "y = [1, 2]"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(words) + "\n")
+
+    def run(*argv):
+        code, out, err = run_cli(capsys, "generate", "--model", str(tiny_tok_ckpt), "--max-new-tokens", "5",
+                                 "--json", "--quiet", "--dtype", "float32", *argv)
+        assert code == 0, err
+        return [json.loads(line) for line in out.strip().splitlines()]
+
+    batched = run("--prompt-file", str(prompts), "--max-batch", "8")
+    assert [r["index"] for r in batched] == list(range(10)) and all(len(r["token_ids"]) == 5 for r in batched)
+    one_at_a_time = run("--prompt", words[0], "--prompt", words[1], "--prompt", words[2], "--max-batch", "1")
+    assert [r["token_ids"] for r in one_at_a_time] == [r["token_ids"] for r in batched[:3]]
+    assert run("--prompt", words[9])[0]["token_ids"] == batched[9]["token_ids"]
+
+
 # -- 8. a worker too small for its share ----------------------------------------------------------
 
 def test_a_worker_whose_memory_is_too_small_is_one_line(tiny_tok_ckpt, capsys):
