@@ -184,6 +184,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                    help="address to listen on (default 127.0.0.1, this machine only; any other address needs "
                         "--api-key or --insecure-no-api-key)")
     p.add_argument("--port", type=_nonnegative_int, default=8000, help="port (default 8000)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model's name in /v1/models and in requests (default: the Hugging Face id given to "
+                        "--model, else the folder's name; moeshard-demo for the bundled model)")
     g = p.add_argument_group("HTTP access and limits")
     g.add_argument("--api-key", default=None, metavar="KEY",
                    help="clients must send 'Authorization: Bearer KEY' (default: $MOESHARD_API_KEY, better than the "

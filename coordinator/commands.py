@@ -92,12 +92,28 @@ def cluster_config(args, extra_workers: list[str] = ()) -> ClusterConfig | None:
     return ClusterConfig(spec, client, unavailable_policy(args))
 
 
+DEMO_NAME = "moeshard-demo"  # the bundled demo model's name to clients
+
+
+def served_name(args, path: Path) -> str:
+    """The model's name to API clients: --served-model-name, else the Hugging Face id given to --model, the
+    folder's name, or moeshard-demo for the bundled model."""
+    name = getattr(args, "served_model_name", None)
+    if name is not None:
+        if not name.strip() or len(name) > 256 or not name.isprintable():
+            raise UsageError(f"--served-model-name {name[:60]!r}: expected 1 to 256 printable characters")
+        return name
+    if args.model is None:
+        return DEMO_NAME
+    return path.name if Path(str(args.model)).expanduser().is_dir() else str(args.model)
+
+
 def load_engine(args, extra_workers: list[str] = ()) -> Engine:
     offload = offload_config(args)  # checked before anything loads
     cluster = cluster_config(args, extra_workers)
     path = model_folder(args)
     tokenizer_folder(path)
-    return Engine.load(path, offload, cluster, progress=not args.quiet)
+    return Engine.load(path, offload, cluster, progress=not args.quiet, name=served_name(args, path))
 
 
 def sampling(args) -> SamplingParams:

@@ -89,13 +89,14 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, offload: OffloadConfig = OffloadConfig(), cluster: ClusterConfig | None = None,
-             progress: bool = True) -> Engine:
+             progress: bool = True, name: str | None = None) -> Engine:
+        """`name` is the model's name to clients (default: the folder's)."""
         if cluster is not None:  # a worker whose expert format differs is refused before anything is quantized
             check_worker_formats(cluster, planned_expert_format(path, offload))
         om = load_model(path, offload, progress=progress)
         try:
             tokenizer = AutoTokenizer.from_pretrained(Path(path))
-            engine = cls(om, tokenizer, Path(path).name)
+            engine = cls(om, tokenizer, name or Path(path).name)
             if cluster is not None:
                 engine.cluster = join_workers(om, cluster, progress=progress)
         except BaseException:

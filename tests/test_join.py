@@ -192,8 +192,10 @@ def test_another_model_cannot_take_over_a_worker_unless_allowed(tiny_ckpt, tiny_
                 before = held_on_disk(cache, first.fingerprint)
                 with load_model(tiny_sharded_ckpt, prefetch=0) as second:
                     if not allow:
-                        with pytest.raises(ClusterError, match="refused to join.*fingerprint mismatch"):
+                        with pytest.raises(ClusterError, match="refused to join.*fingerprint mismatch") as refused:
                             join_workers(second, ClusterConfig(spec, FAST))
+                        # it received its experts: the advice is a restart or --allow-model-switch (issue 21.5)
+                        assert "--allow-model-switch" in str(refused.value) and "same checkpoint" not in str(refused.value)
                     else:
                         cluster = join_workers(second, ClusterConfig(spec, FAST))
                         assert not cluster.down and held_on_disk(cache, second.fingerprint)

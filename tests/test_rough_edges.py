@@ -291,3 +291,25 @@ def test_a_worker_whose_memory_is_too_small_is_one_line(tiny_tok_ckpt, capsys):
     line = one_line(err)
     assert code == 2 and f"worker {worker.address} refused to join" in line
     assert "for 2 device slots in each of 3 layers" in line and "budget of 0.03 MiB" in line and "--memory" in line
+
+
+def test_served_model_name_defaults_and_flag(tiny_tok_ckpt):
+    """Issue 21.8: the bundled model is served as moeshard-demo (was "model", its folder), a folder by its name,
+    a Hub id as given; --served-model-name overrides, checked."""
+    import argparse
+
+    from moeshard.coordinator.cli import build_parser
+    from moeshard.coordinator.commands import served_name
+    from moeshard.coordinator.errors import UsageError
+
+    def name(model, flag=None):
+        return served_name(argparse.Namespace(model=model, served_model_name=flag), tiny_tok_ckpt)
+
+    assert name(None) == "moeshard-demo"
+    assert name(str(tiny_tok_ckpt)) == tiny_tok_ckpt.name
+    assert name("Qwen/Qwen3-30B-A3B") == "Qwen/Qwen3-30B-A3B"
+    assert name(None, "my-model") == "my-model"
+    with pytest.raises(UsageError, match="served-model-name"):
+        name(None, " ")
+    args = build_parser()[0].parse_args(["serve", "--served-model-name", "qwen3-moe"])
+    assert args.served_model_name == "qwen3-moe"

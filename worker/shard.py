@@ -170,10 +170,15 @@ class ExpertShard:
     # -- validation ----------------------------------------------------------------------------
     def check_fingerprint(self, fingerprint: str) -> None:
         if fingerprint != self.fingerprint:
+            # A worker with its own copy must be started on the coordinator's model; one that received its experts
+            # serves whichever model reached it first, until it is restarted or allowed to switch.
+            fix = ("start both on the same checkpoint with the same dtype and quantization" if self.own_checkpoint
+                   else "restart this worker (it keeps what it received for each model), or start it with "
+                        "--allow-model-switch so that a coordinator of another model may take it over")
             raise FingerprintMismatch(
                 f"fingerprint mismatch: this worker serves {self.fingerprint} ({self.origin}, "
                 f"{self.expert_format}) but the coordinator sent {quote(fingerprint) if fingerprint else '(none)'}: "
-                "start both on the same checkpoint with the same dtype and quantization"
+                f"{fix}"
             )
 
     @property
