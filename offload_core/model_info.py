@@ -55,8 +55,15 @@ def _fit(memory: int, dense: int, expert: int, layers: int, experts: int) -> dic
             "fits": slots >= 1, "experts_bytes": expert * layers * experts}
 
 
+def human_bytes(n: float) -> str:
+    """A size with the unit that keeps it readable: 11.6 MiB, not 0.01 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 def format_info(r: dict) -> str:
-    gib = 2 ** 30
     lines = [
         f"{r['path']}",
         f"  family          {r['model_type']} ({r['experts_class']})" + ("" if r["verified"] else
@@ -66,14 +73,14 @@ def format_info(r: dict) -> str:
         f"  experts         {r['experts_per_layer']} per layer, top-{r['top_k']}, {r['experts']} in all",
         f"  shared experts  {'in ' + str(len(r['shared_experts_layers'])) + ' layers (resident on the coordinator)' if r['shared_experts_layers'] else 'none'}",
         f"  hidden size     {r['hidden_size']}, dtype {r['dtype']}" + (f", pre-quantized {r['prequantized']}" if r["prequantized"] else ""),
-        f"  dense weights   {r['dense_bytes'] / gib:.3f} GiB (attention, norms, routers, shared experts, embeddings)",
-        "  one expert      " + ", ".join(f"{bits}-bit {info['bytes'] / 2**20:.2f} MiB" if "bytes" in info
+        f"  dense weights   {human_bytes(r['dense_bytes'])} (attention, norms, routers, shared experts, embeddings)",
+        "  one expert      " + ", ".join(f"{bits}-bit {human_bytes(info['bytes'])}" if "bytes" in info
                                           else f"{bits}-bit n/a" for bits, info in r["bytes_per_expert"].items()),
-        "  all experts     " + ", ".join(f"{bits}-bit {info['bytes'] * r['experts'] / gib:.2f} GiB"
+        "  all experts     " + ", ".join(f"{bits}-bit {human_bytes(info['bytes'] * r['experts'])}"
                                           for bits, info in r["bytes_per_expert"].items() if "bytes" in info),
     ]
     if "fits" in r:
-        lines.append(f"  in {r['memory'] / gib:.2f} GiB (dense weights at 16 bits, the rest for expert slots):")
+        lines.append(f"  in {human_bytes(r['memory'])} (dense weights at 16 bits, the rest for expert slots):")
         for bits, fit in r["fits"].items():
             if not fit["fits"]:
                 lines.append(f"    {bits:>2}-bit experts: does not fit (the dense weights alone need more, or "

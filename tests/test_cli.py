@@ -105,3 +105,19 @@ def test_help_documents_every_flag():
     for flag in ("--model", "--prompt", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--device",
                  "--slots-per-layer", "--prefetch", "--json", "--quiet"):
         assert flag in proc.stdout
+
+
+def test_help_shows_every_default():
+    """Issue 21.7: each option that has a default says it in --help (--policy, --attn-bits and --expert-bits did
+    not), on every moe-coordinator command and on moe-worker."""
+    import argparse
+
+    from moeshard.coordinator.cli import build_parser
+    from moeshard.worker.cli import build_parser as worker_parser
+
+    parsers = dict(build_parser()[1].choices) | {"moe-worker": worker_parser()}
+    silent = [(name, action.option_strings[0]) for name, parser in parsers.items() for action in parser._actions
+              if action.option_strings and action.default not in (None, argparse.SUPPRESS)
+              and not isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction, argparse._VersionAction))
+              and action.help != argparse.SUPPRESS and "default" not in (action.help or "")]
+    assert not silent, f"options whose --help does not state their default: {silent}"

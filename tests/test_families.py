@@ -210,6 +210,7 @@ def test_info_reports_structure_sizes_and_fit(tmp_path, capsys):
     assert report["bytes_per_expert"]["2"]["bytes"] < report["bytes_per_expert"]["8"]["bytes"] < per_expert_fp32
     code, out, _ = run_cli(capsys, "info", "--model", str(path), "--memory", "64MiB")
     assert code == 0 and "every expert resident" in out and "shared experts" in out and "qwen2_moe" in out
+    assert "0.00 GiB" not in out and "in 64.00 MiB" in out  # small sizes in a unit that shows them (issue 21.7)
 
 
 @pytest.mark.slow  # two fresh processes (the Hub's cache location is read at import)
