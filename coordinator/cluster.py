@@ -202,8 +202,8 @@ class Cluster:
         self.monitor.notify(name)
 
     def mark_up(self, name: str) -> None:
-        if name in self.down:
-            logger.warning("worker %s is up and serves its experts", name)
+        if name in self.down:  # good news: INFO, not a warning
+            logger.info("worker %s is up and serves its experts", name)
         self.down.discard(name)
         self.states[name].enter("serving")
 
@@ -518,8 +518,11 @@ def _misconfigured(address: str, exc: Exception, cfg: ClusterConfig) -> ClusterE
         return None
     code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return ClusterError(f"worker {address} refused the token: start the coordinator with the worker's --token "
-                            "(or the same MOESHARD_TOKEN)")
+        if not cfg.client.token:
+            return ClusterError(f"worker {address} requires a token and this coordinator has none: start it with the "
+                                "worker's --token (or the same MOESHARD_TOKEN)")
+        return ClusterError(f"worker {address} refused this coordinator's token: it is not the worker's --token; "
+                            "give both the same (or the same MOESHARD_TOKEN)")
     if code == grpc.StatusCode.UNAVAILABLE and cfg.client.tls_ca is None and "Socket closed" in details:
         return ClusterError(f"worker {address} closed the connection: it may speak TLS (pass --tls-ca with the "
                             "certificate of its CA)")

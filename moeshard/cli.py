@@ -7,6 +7,7 @@ import sys
 
 from .benchmarks.cli import add_bench_command
 from .coordinator.cli import build_parser, run
+from .offload_core.settings import quiet_grpc_core
 
 
 def _bench(args) -> int:
@@ -16,6 +17,7 @@ def _bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_grpc_core()
     parser, commands = build_parser()
     add_bench_command(commands)
     args = parser.parse_args(argv)

@@ -280,7 +280,7 @@ def test_certificate_for_another_host_is_refused(tiny_ckpt, pki, local):
         client.close()
 
 
-@pytest.mark.parametrize("side", ["plaintext", "another CA", "wrong token"])
+@pytest.mark.parametrize("side", ["plaintext", "another CA", "wrong token", "no token"])
 def test_a_misconfigured_coordinator_is_told_what_to_fix(tls_worker, pki, tiny_ckpt, side):
     """Plaintext to a TLS worker, a CA that did not sign its certificate, a wrong token: one clear error at start,
     naming the fix, not a worker 'down' (or a timeout)."""
@@ -288,9 +288,28 @@ def test_a_misconfigured_coordinator_is_told_what_to_fix(tls_worker, pki, tiny_c
     from moeshard.coordinator.placement import ClusterSpec
 
     client = {"plaintext": ClientConfig(token=TOKEN), "another CA": ClientConfig(tls_ca=pki["other_ca"], token=TOKEN),
-              "wrong token": ClientConfig(tls_ca=pki["ca"], token="not-" + TOKEN)}[side]
+              "wrong token": ClientConfig(tls_ca=pki["ca"], token="not-" + TOKEN),
+              "no token": ClientConfig(tls_ca=pki["ca"], token=None)}[side]
     expected = {"plaintext": "probably speaks TLS: pass --tls-ca", "another CA": "not signed by --tls-ca",
-                "wrong token": "refused the token"}[side]
+                "wrong token": "refused this coordinator's token: it is not the worker's --token",
+                "no token": "requires a token and this coordinator has none"}[side]
     with load_model(tiny_ckpt, slots_per_layer=2, prefetch=0) as om:
         with pytest.raises(ClusterError, match=expected):
             join_workers(om, ClusterConfig(ClusterSpec((tls_worker.address,)), client))
+
+
+@pytest.mark.slow  # a coordinator process
+def test_a_failed_handshake_is_one_clear_line_without_grpcs_own(tls_worker, pki, tiny_tok_ckpt, tmp_path):
+    """Issue 21.7: gRPC's core printed its own 'Handshake failed' line before moeshard's error."""
+    import os
+    import subprocess
+    import sys
+
+    ca = tmp_path / "other.pem"
+    ca.write_bytes(pki["other_ca"])
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"} | {"MOESHARD_TOKEN": TOKEN}
+    done = subprocess.run([sys.executable, "-c", "import sys; from moeshard.cli import main; sys.exit(main())",
+                           "generate", "--prompt", "x", "--model", str(tiny_tok_ckpt), "--workers", tls_worker.address,
+                           "--tls-ca", str(ca), "--quiet"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "the TLS handshake failed" in done.stderr
+    assert "Handshake failed" not in done.stderr and "ssl_transport_security" not in done.stderr, done.stderr

@@ -159,7 +159,7 @@ def test_a_refused_token_says_so(tiny_tok_ckpt, capsys):
     with InProcessWorker(shard, server_cfg=ServerConfig(listen="127.0.0.1:0", token="right-token")) as worker:
         code, _, err = run_cli(capsys, "generate", "--prompt", "x", "--model", str(tiny_tok_ckpt), "--workers",
                                worker.address, "--token", "wrong-token", "--quiet")
-    assert code == 2 and f"worker {worker.address} refused the token" in one_line(err)
+    assert code == 2 and f"worker {worker.address} refused this coordinator's token" in one_line(err)
 
 
 def test_nothing_listening_is_reported_at_once(tiny_tok_ckpt, capsys):

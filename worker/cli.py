@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import __version__
 from ..offload_core.config import ALLOWED_BITS, KERNELS, OffloadConfig, QuantConfig
 from ..offload_core.config import parse_size as _parse_size
-from ..offload_core.settings import token_from_env
+from ..offload_core.settings import quiet_grpc_core, token_from_env
 
 logger = logging.getLogger("moeshard.worker")
 
@@ -155,6 +155,7 @@ async def _serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_grpc_core()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
