@@ -348,6 +348,7 @@ class Joiner:
         self.fingerprint = om.fingerprint
         self.description = model_description(om.checkpoint.config_dict, om.runtime.local.format)
         self.expert_bytes = om.runtime.local.format.layout.nbytes
+        self.slot_bytes = om.runtime.local.slot_bytes  # a worker on the same kind of device computes alike
         self._read_lock = threading.Lock()  # pushes to two workers at once read the source one at a time
 
     def check(self, name: str, info: WorkerInfo) -> None:
@@ -357,17 +358,20 @@ class Joiner:
                                f"({self.om.runtime.local.format.label}): start both on the same checkpoint, dtype and "
                                "quantization, or start the worker without --model to receive the experts")
 
+    def slots_for(self, info: WorkerInfo) -> int:
+        """The slots per layer a worker will compute with: this coordinator's, within the worker's cap."""
+        return min(self.om.config.slots_per_layer, info.max_slots_per_layer or self.om.config.slots_per_layer,
+                   self.om.layout.num_experts)
+
     def share(self, cluster: Cluster, name: str, owned: list[ExpertKey]) -> list[ExpertKey]:
         """What of `owned` fits the worker's memory now; the rest leave its placement (computed elsewhere)."""
         backend = cluster.workers[name]
         info = backend.client.info()
         self.check(name, info)
-        backend.slots_per_layer = info.slots_per_layer
-        if info.fingerprint == self.fingerprint and info.own_checkpoint:
-            fits = max(0, info.capacity_bytes // info.expert_bytes - info.num_layers * info.slots_per_layer)
-        else:  # it learns the model at Join: capacity in this model's expert bytes, slots at its own count
-            layers = len(self.om.layout.sparse_layers)
-            fits = max(0, info.capacity_bytes // self.expert_bytes - layers * info.slots_per_layer)
+        # It will compute with this coordinator's slots per layer, within its own cap: room for those first.
+        slots = self.slots_for(info)
+        layers = len(self.om.layout.sparse_layers)
+        fits = max(0, (info.capacity_bytes - layers * slots * self.slot_bytes) // self.expert_bytes)
         if len(owned) <= fits:
             return owned
         keep, drop = owned[:fits], set(owned[fits:])
@@ -380,11 +384,19 @@ class Joiner:
 
     def join(self, cluster: Cluster, name: str, owned: list[ExpertKey], progress: bool) -> int:
         """Join `name` with `owned`; push what it lacks. Returns the bytes pushed."""
-        client = cluster.workers[name].client
+        backend = cluster.workers[name]
+        client = backend.client
+        asked = self.om.config.slots_per_layer
         try:
-            missing, held = client.join(self.description, owned)
+            missing, held, slots = client.join(self.description, owned, asked)
         except grpc.RpcError as exc:
             raise ClusterError(f"worker {name} refused to join: {describe_error(exc)}") from exc
+        backend.slots_per_layer = slots or backend.slots_per_layer  # prefetch hints to it are capped at its slots
+        if slots and slots < asked:
+            logger.warning("worker %s computes with %d slots per layer, not the %d asked for (its --slots-per-layer "
+                           "or --memory): expect fewer cache hits there", name, slots, asked)
+        else:
+            logger.info("worker %s computes with %d slots per layer", name, slots)
         if not missing:
             logger.info("worker %s holds its %d experts already (%.1f MiB): nothing to send", name, len(owned),
                         held / 2**20)
@@ -489,7 +501,8 @@ def _assumed(infos: dict[str, WorkerInfo | None], om, expert_bytes: int) -> dict
     layers = len(om.layout.sparse_layers)
     total = layers * om.layout.num_experts * expert_bytes
     capacity = int(statistics.median(i.capacity_bytes for i in known)) if known else total
-    slots = known[0].slots_per_layer if known else 0
+    k = om.config.slots_per_layer  # workers compute with the coordinator's slots, within their own caps
+    slots = min(k, known[0].max_slots_per_layer or k) if known else k
     stand_in = WorkerInfo("", frozenset(), "?", capacity, expert_bytes, "?", layers, om.layout.num_experts,
                           om.layout.hidden_size, slots, "", 0)
     out = {}
@@ -497,9 +510,10 @@ def _assumed(infos: dict[str, WorkerInfo | None], om, expert_bytes: int) -> dict
         if info is None:
             out[name] = stand_in
         elif info.waiting or info.expert_bytes != expert_bytes:  # it learns the model at Join: size in ours
-            out[name] = replace(info, expert_bytes=expert_bytes, num_layers=layers)
+            out[name] = replace(info, expert_bytes=expert_bytes, num_layers=layers,
+                                slots_per_layer=min(k, info.max_slots_per_layer or k))
         else:
-            out[name] = info
+            out[name] = replace(info, slots_per_layer=min(k, info.max_slots_per_layer or k))
     return out
 
 

@@ -208,12 +208,14 @@ class WorkerClient:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    def join(self, description: dict, keys) -> tuple[list[ExpertKey], int]:
-        """Tell the worker the model and its share; returns (experts it lacks, bytes of the share it holds)."""
+    def join(self, description: dict, keys, slots_per_layer: int = 0) -> tuple[list[ExpertKey], int, int]:
+        """Tell the worker the model, its share and the slots per layer to compute with (0: its own); returns
+        (experts it lacks, bytes of the share it holds, the slots per layer it computes with)."""
         req = pb.JoinRequest(fingerprint=self.fingerprint, model=msgpack.packb(description, use_bin_type=True),
-                             experts=[pb.ExpertId(layer=k.layer, expert=k.expert) for k in sorted(keys)])
+                             experts=[pb.ExpertId(layer=k.layer, expert=k.expert) for k in sorted(keys)],
+                             slots_per_layer=slots_per_layer)
         reply = self.stub.Join(req, timeout=self.cfg.control_timeout_s, metadata=self.metadata)
-        return [ExpertKey(e.layer, e.expert) for e in reply.missing], reply.held_bytes
+        return [ExpertKey(e.layer, e.expert) for e in reply.missing], reply.held_bytes, reply.slots_per_layer
 
     def push(self, keys: list[ExpertKey], read_into: Callable[[ExpertKey, torch.Tensor], None], nbytes: int,
              progress: bool = False) -> tuple[int, int]:

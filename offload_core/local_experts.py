@@ -50,11 +50,23 @@ class LocalExperts:
         converts = fmt.compute_layout is not fmt.layout
         self.loader = Loader(self.store, device, fill=fmt.fill if converts else None)
         self.slot_bytes = fmt.compute_layout.nbytes
+        self._policy = policy
         self.slots = {layer: LayerSlots(layer, slots_per_layer, self.loader, self.slot_bytes,
                                         make_policy(policy, num_experts)) for layer in layers}
         # One call per projection for all the resident experts of a layer (dense: grouped matmul over strided
         # views of the slot slab; quantized on CPU: moeshard's kernels), where the device allows.
         self.grouped = fmt.grouped(device)
+
+    def set_slots(self, slots_per_layer: int) -> None:
+        """Compute with `slots_per_layer` slots per layer from now on (a worker told so by its coordinator): every
+        layer's slots start empty; the store keeps what it holds."""
+        if slots_per_layer < 1 or slots_per_layer > self.num_experts:
+            raise ValueError(f"slots per layer must be in 1..{self.num_experts}, got {slots_per_layer}")
+        if slots_per_layer == self.slots_per_layer:
+            return
+        self.slots_per_layer = slots_per_layer
+        self.slots = {layer: LayerSlots(layer, slots_per_layer, self.loader, self.slot_bytes,
+                                        make_policy(self._policy, self.num_experts)) for layer in self.slots}
 
     # -- the backend interface ----------------------------------------------------------------
     def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: Hint | None = None) -> _LocalPending:

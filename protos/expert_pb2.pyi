@@ -29,7 +29,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("fingerprint", "hosted", "device", "capacity_bytes", "expert_bytes", "version", "num_layers", "num_experts", "hidden_size", "slots_per_layer", "expert_format", "max_tokens", "own_checkpoint", "disk_bytes")
+    __slots__ = ("fingerprint", "hosted", "device", "capacity_bytes", "expert_bytes", "version", "num_layers", "num_experts", "hidden_size", "slots_per_layer", "expert_format", "max_tokens", "own_checkpoint", "disk_bytes", "max_slots_per_layer")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HOSTED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class InfoResponse(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OWN_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SLOTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     hosted: _containers.RepeatedCompositeFieldContainer[ExpertId]
     device: str
@@ -58,25 +59,30 @@ class InfoResponse(_message.Message):
     max_tokens: int
     own_checkpoint: bool
     disk_bytes: int
-    def __init__(self, fingerprint: _Optional[str] = ..., hosted: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., device: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., expert_bytes: _Optional[int] = ..., version: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., slots_per_layer: _Optional[int] = ..., expert_format: _Optional[str] = ..., max_tokens: _Optional[int] = ..., own_checkpoint: _Optional[bool] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
+    max_slots_per_layer: int
+    def __init__(self, fingerprint: _Optional[str] = ..., hosted: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., device: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., expert_bytes: _Optional[int] = ..., version: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., slots_per_layer: _Optional[int] = ..., expert_format: _Optional[str] = ..., max_tokens: _Optional[int] = ..., own_checkpoint: _Optional[bool] = ..., disk_bytes: _Optional[int] = ..., max_slots_per_layer: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("fingerprint", "model", "experts")
+    __slots__ = ("fingerprint", "model", "experts", "slots_per_layer")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     model: bytes
     experts: _containers.RepeatedCompositeFieldContainer[ExpertId]
-    def __init__(self, fingerprint: _Optional[str] = ..., model: _Optional[bytes] = ..., experts: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ...) -> None: ...
+    slots_per_layer: int
+    def __init__(self, fingerprint: _Optional[str] = ..., model: _Optional[bytes] = ..., experts: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., slots_per_layer: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("missing", "held_bytes")
+    __slots__ = ("missing", "held_bytes", "slots_per_layer")
     MISSING_FIELD_NUMBER: _ClassVar[int]
     HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     missing: _containers.RepeatedCompositeFieldContainer[ExpertId]
     held_bytes: int
-    def __init__(self, missing: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., held_bytes: _Optional[int] = ...) -> None: ...
+    slots_per_layer: int
+    def __init__(self, missing: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., held_bytes: _Optional[int] = ..., slots_per_layer: _Optional[int] = ...) -> None: ...
 
 class ExpertChunk(_message.Message):
     __slots__ = ("fingerprint", "expert", "offset", "data", "sha256")

@@ -90,6 +90,7 @@ class WorkerInfo:
     max_tokens: int  # most rows one RunExperts may carry
     own_checkpoint: bool = False  # started with --model: serves that model only, receives no experts
     disk_bytes: int = 0  # disk it may use for received experts (0: no limit given)
+    max_slots_per_layer: int = 0  # its --slots-per-layer, a cap on what a coordinator asks (0: none)
 
     @property
     def waiting(self) -> bool:

@@ -323,3 +323,38 @@ def test_received_experts_are_held_only_once_committed_and_a_restart_keeps_exact
     out = torch.empty(nbytes, dtype=torch.uint8)
     again.read_into(ExpertKey(0, 1), out)
     assert bytes(out.numpy()) == blobs[ExpertKey(0, 1)]
+
+
+def test_a_worker_started_with_defaults_computes_with_the_coordinators_slots(tmp_path):
+    """Issue 21.3: a worker's own default (2 slots per layer) used to decide its cache, whatever the coordinator
+    was told: a top-4-of-32 model with k = 16 hit 0.9 alone and far less through a worker. Now the worker
+    computes with the slots asked at Join; its --slots-per-layer is a cap."""
+    from moeshard.worker.shard import ShardConfig
+
+    from .families import make_family_checkpoint
+    from .workers import InProcessWorker
+
+    path = make_family_checkpoint(tmp_path / "many", "qwen3_moe", num_experts=32, num_experts_per_tok=4,
+                                  mlp_only_layers=[])
+    ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(0))
+
+    def hit_rate(worker_cfg: ShardConfig | None) -> tuple[float, int | None]:
+        with load_model(path, slots_per_layer=16, prefetch=0) as om:
+            slots = None
+            if worker_cfg is not None:
+                worker = InProcessWorker(worker_cfg).__enter__()
+                cluster = join_workers(om, ClusterConfig(ClusterSpec((worker.address,), local_share=0.0)))
+                slots = cluster.workers[worker.address].slots_per_layer
+            try:
+                with torch.no_grad():
+                    om.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+                return om.stats().total.hit_rate, slots
+            finally:
+                if worker_cfg is not None:
+                    worker.__exit__(None, None, None)
+
+    alone, _ = hit_rate(None)
+    followed, slots = hit_rate(ShardConfig(model=None))
+    assert slots == 16 and abs(followed - alone) <= 0.02, (alone, followed)
+    capped, slots = hit_rate(ShardConfig(model=None, max_slots_per_layer=4))
+    assert slots == 4 and capped < alone - 0.05, (alone, capped)  # the cap holds, and it shows

@@ -290,7 +290,7 @@ def test_a_worker_whose_memory_is_too_small_is_one_line(tiny_tok_ckpt, capsys):
                                worker.address, "--quiet")
     line = one_line(err)
     assert code == 2 and f"worker {worker.address} refused to join" in line
-    assert "for 2 device slots in each of 3 layers" in line and "budget of 0.03 MiB" in line and "--memory" in line
+    assert "for 1 device slots in each of 3 layers" in line and "budget of 0.03 MiB" in line and "--memory" in line
 
 
 def test_served_model_name_defaults_and_flag(tiny_tok_ckpt):

@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-model-switch", action="store_true",
                    help="let a coordinator of another model take this worker over (default: the first coordinator "
                         "to join keeps it until the worker restarts; received experts of other models stay on disk)")
-    p.add_argument("--slots-per-layer", type=_positive_int, default=2, metavar="K",
-                   help="experts kept on the device per layer, an LRU cache (default 2)")
+    p.add_argument("--slots-per-layer", type=_positive_int, default=None, metavar="K",
+                   help="the most experts kept on the device per layer (the LRU cache) a coordinator may ask for "
+                        "(default: as many as it asks, within --memory)")
     p.add_argument("--store", choices=["ram", "disk"], default="ram",
                    help="hosted experts in RAM (default) or read from disk on every miss")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -109,13 +110,14 @@ def configs(args):
                          "folder (config.json, *.safetensors), or no --model to receive the experts")
     server_cfg = ServerConfig(listen=args.listen, grace_s=args.grace, token=args.token or token_from_env(),
                               tls_cert=_read(args.tls_cert), tls_key=_read(args.tls_key))
-    offload = OffloadConfig(device=args.device or _default_device(), slots_per_layer=args.slots_per_layer,
+    offload = OffloadConfig(device=args.device or _default_device(), slots_per_layer=args.slots_per_layer or 2,
                             prefetch=0, store=args.store, dtype=args.dtype,
                             quant=QuantConfig(expert_bits=args.expert_bits or 16, expert_group=args.expert_group,
                                               kernel=args.quant_kernel),
                             cache_dir=args.cache_dir)
     shard_cfg = ShardConfig(model=args.model, offload=offload, memory_bytes=args.memory, disk_bytes=args.disk,
-                            max_tokens=args.max_tokens, allow_model_switch=args.allow_model_switch)
+                            max_tokens=args.max_tokens, allow_model_switch=args.allow_model_switch,
+                            max_slots_per_layer=args.slots_per_layer)
     return shard_cfg, server_cfg
 
 

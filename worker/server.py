@@ -217,16 +217,17 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                           capacity_bytes=self.cfg.memory_bytes or 0, expert_bytes=0,
                           version=VERSION, num_layers=0, num_experts=0, hidden_size=0,
                           slots_per_layer=self.cfg.offload.slots_per_layer, expert_format="",
-                          max_tokens=self.cfg.max_tokens, disk_bytes=self.cfg.disk_bytes or 0).to_pb()
+                          max_tokens=self.cfg.max_tokens, disk_bytes=self.cfg.disk_bytes or 0,
+                          max_slots_per_layer=self.cfg.max_slots_per_layer or 0).to_pb()
 
     @_rpc(needs_model=False)
     async def Join(self, request, context):
         self._check_ids("Join", len(request.experts), _MAX_JOIN)
-        missing, held = await self._call(self._join, request)
+        missing, held, slots = await self._call(self._join, request)
         return pb.JoinResponse(missing=[pb.ExpertId(layer=k.layer, expert=k.expert) for k in missing],
-                               held_bytes=held)
+                               held_bytes=held, slots_per_layer=slots)
 
-    def _join(self, request: pb.JoinRequest) -> tuple[list[ExpertKey], int]:
+    def _join(self, request: pb.JoinRequest) -> tuple[list[ExpertKey], int, int]:
         """On the compute thread: take the coordinator's model (built from its description when this worker has
         none), then the share: what must still be received."""
         fingerprint = request.fingerprint
@@ -250,7 +251,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             self.shard = ExpertShard.from_push(self.cfg, fingerprint, description)
             logger.info("joined by a coordinator of %s (fingerprint %s)", self.shard.origin, fingerprint)
         self._check_ids("Join", len(request.experts), self.shard.max_assign)
-        return self.shard.join([ExpertKey(e.layer, e.expert) for e in request.experts])
+        if request.slots_per_layer < 0:
+            raise ValueError(f"slots_per_layer {request.slots_per_layer}: expected >= 0 (0: the worker's own)")
+        return self.shard.join([ExpertKey(e.layer, e.expert) for e in request.experts], request.slots_per_layer)
 
     @_rpc
     async def PushExperts(self, request_iterator, context):

@@ -58,6 +58,9 @@ class ShardConfig:
     disk_bytes: int | None = None  # disk offered for received experts (every model's); None = no limit but the disk's
     max_tokens: int = 8192  # most rows one RunExperts may carry
     allow_model_switch: bool = False  # a coordinator of another model may take over a worker that received one
+    # --slots-per-layer: the most slots per layer a coordinator may ask for; None = as many as it asks (within
+    # memory). Until a coordinator joins, offload.slots_per_layer applies.
+    max_slots_per_layer: int | None = None
 
     def __post_init__(self):
         if self.memory_bytes is not None and self.memory_bytes <= 0:
@@ -66,6 +69,8 @@ class ShardConfig:
             raise ValueError(f"disk must be > 0 bytes, got {self.disk_bytes}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_slots_per_layer is not None and self.max_slots_per_layer < 1:
+            raise ValueError(f"slots per layer must be >= 1, got {self.max_slots_per_layer}")
 
     @property
     def store(self) -> str:
@@ -163,9 +168,10 @@ class ExpertShard:
         return WorkerInfo(fingerprint=self.fingerprint, hosted=self.hosted, device=str(self.device),
                           capacity_bytes=self.capacity_bytes, expert_bytes=self.expert_bytes, version=version,
                           num_layers=len(self.moe_layers), num_experts=self.layout.num_experts,
-                          hidden_size=self.layout.hidden_size, slots_per_layer=self.cfg.offload.slots_per_layer,
+                          hidden_size=self.layout.hidden_size, slots_per_layer=self.backend.slots_per_layer,
                           expert_format=self.expert_format, max_tokens=self.cfg.max_tokens,
-                          own_checkpoint=self.own_checkpoint, disk_bytes=self.cfg.disk_bytes or 0)
+                          own_checkpoint=self.own_checkpoint, disk_bytes=self.cfg.disk_bytes or 0,
+                          max_slots_per_layer=self.cfg.max_slots_per_layer or 0)
 
     # -- validation ----------------------------------------------------------------------------
     def check_fingerprint(self, fingerprint: str) -> None:
@@ -198,22 +204,37 @@ class ExpertShard:
         return ExpertKey(layer, expert)
 
     # -- operations ----------------------------------------------------------------------------
-    def _check_memory(self, count: int, what: str) -> None:
+    def _memory_needed(self, count: int, slots_per_layer: int) -> tuple[int, int]:
+        """(bytes of `count` hosted experts in RAM, bytes of the device slots) at `slots_per_layer`."""
         held = count * self.expert_bytes if self.cfg.store == "ram" else 0
-        slots = len(self.moe_layers) * self.cfg.offload.slots_per_layer * self.expert_bytes
+        return held, len(self.moe_layers) * slots_per_layer * self.backend.slot_bytes
+
+    def _check_memory(self, count: int, what: str, slots_per_layer: int | None = None) -> None:
+        k = slots_per_layer or self.backend.slots_per_layer
+        held, slots = self._memory_needed(count, k)
         if held + slots > self.capacity_bytes:
             mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
             raise OverCapacity(f"{what} {count} experts needs {mib(held + slots)} of memory ({mib(held)} of experts in "
-                               f"RAM + {mib(slots)} for {self.cfg.offload.slots_per_layer} device slots in each of "
+                               f"RAM + {mib(slots)} for {k} device slots in each of "
                                f"{len(self.moe_layers)} layers), more than this worker's budget of "
                                f"{mib(self.capacity_bytes)} (raise its --memory, lower its --slots-per-layer, or give "
                                "it fewer experts)")
 
-    def join(self, keys: list[ExpertKey]) -> tuple[list[ExpertKey], int]:
-        """A coordinator's share for this worker: checked against memory (and disk, for what must still be
-        received) before anything moves. Returns (experts to receive, bytes already held)."""
+    def slots_for(self, count: int, wanted: int) -> int:
+        """The slots per layer to compute `count` hosted experts with when a coordinator asks for `wanted`: as many,
+        within this worker's --slots-per-layer, the experts per layer, and its memory (at least 1)."""
+        k = min(wanted, self.cfg.max_slots_per_layer or wanted, self.layout.num_experts)
+        held, per_slot = self._memory_needed(count, 1)
+        room = (self.capacity_bytes - held) // max(per_slot, 1)
+        return max(1, min(k, room))
+
+    def join(self, keys: list[ExpertKey], slots_per_layer: int = 0) -> tuple[list[ExpertKey], int, int]:
+        """A coordinator's share for this worker, and the slots per layer it asks for (0: keep this worker's):
+        checked against memory (and disk, for what must still be received) before anything moves. Returns
+        (experts to receive, bytes already held, slots per layer computed with from now on)."""
         keys = frozenset(self.check_key(*k) for k in keys)
-        self._check_memory(len(keys), "hosting")
+        k = self.slots_for(len(keys), slots_per_layer) if slots_per_layer > 0 else self.backend.slots_per_layer
+        self._check_memory(len(keys), "hosting", k)
         missing = self.received.missing(keys) if self.received is not None else []
         if missing and self.cfg.disk_bytes is not None:
             used = dir_bytes(self.cfg.received_root)
@@ -226,7 +247,11 @@ class ExpertShard:
             raise OverCapacity(f"receiving {len(missing)} experts needs {len(missing) * self.expert_bytes / 2**20:.1f} "
                                f"MiB of disk, more than is free under {self.cfg.received_root}")
         self.share = keys
-        return missing, (len(keys) - len(missing)) * self.expert_bytes
+        if k != self.backend.slots_per_layer:
+            logger.info("computing with %d slots per layer (the coordinator asked for %d)", k, slots_per_layer)
+            with self._lock:
+                self.backend.set_slots(k)
+        return missing, (len(keys) - len(missing)) * self.expert_bytes, k
 
     def receive(self, key: ExpertKey, offset: int, data: bytes, sha256: str) -> bool:
         """One chunk of a pushed expert (of the announced share); True when the expert is complete and verified."""
