@@ -1,10 +1,9 @@
-"""The bench's llama.cpp system: the benchmark checkpoint written as GGUF and decoded by llama.cpp.
+"""The bench's "llama.cpp" system: the same benchmark weights run by llama.cpp, for a side-by-side comparison.
 
-`write_gguf` converts a Qwen3-MoE benchmark checkpoint (the `many-experts` and `qwen3-30b-a3b` kinds) with
-gguf's writer, tensor names and metadata as llama.cpp's own converter writes them for `qwen3moe`; `quantize`
-calls llama.cpp's quantizer (Q8_0, Q4_0, ...); `LlamaCppModel.decode` times greedy decoding as the torch
-systems are timed. Both libraries are an optional extra (`pip install 'moeshard[llamacpp]'`); nothing here is
-used outside the bench.
+`write_gguf` writes a benchmark checkpoint (Qwen3-MoE or Mixtral) as GGUF in its own dtype, `quantize` runs
+llama.cpp's own quantizer, and `LlamaCppModel.decode` times greedy decoding as the bench's torch loop does.
+It is not a general converter: no tokenizer (the bench feeds token ids), no rope scaling, no shared experts.
+Both libraries are an optional extra (`pip install 'moeshard[llamacpp]'`), imported only when used.
 """
 from __future__ import annotations
 
@@ -13,123 +12,272 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 logger = logging.getLogger(__name__)
 
-INSTALL = "pip install 'moeshard[llamacpp]' (llama-cpp-python compiles llama.cpp: a few minutes)"
+INSTALL = "pip install 'moeshard[llamacpp]'"
+# llama.cpp file types that `quantize` produces, by the name the bench's systems use (llama.cpp@Q4_0 ...)
 FTYPES = {"F32": "LLAMA_FTYPE_ALL_F32", "BF16": "LLAMA_FTYPE_MOSTLY_BF16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
           "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
           "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M"}
+# Stamped into every GGUF written here; a file with another version is rewritten rather than reused.
+WRITER_VERSION = 2
+_VERSION_KEY = "moeshard.gguf_writer_version"
+_ARCH = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}  # transformers model_type -> llama.cpp architecture
 
 
 def missing() -> str | None:
-    """Why the llama.cpp system cannot run here (None when it can)."""
-    try:
-        import gguf  # noqa: F401
-        import llama_cpp  # noqa: F401
-    except ImportError as exc:
-        return f"{exc.name} is not installed: {INSTALL}"
+    """Why the llama.cpp system cannot run here, in one line with the install command (None when it can)."""
+    for module in ("llama_cpp", "gguf"):
+        try:
+            __import__(module)
+        except ImportError as exc:  # an OSError (llama.cpp's library failing to load) is a real error: raised
+            return f"the llama.cpp system needs {module}, which is not installed ({exc}): {INSTALL}"
     return None
 
 
-def _numpy(tensor):
-    """A torch tensor as a numpy array gguf writes: float32 as is, bfloat16 as its 16-bit patterns."""
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        return tensor.contiguous().view(torch.uint16).numpy()
-    return tensor.float().contiguous().numpy()
+# ---------------------------------------------------------------------------------------------------------------
+# Writing the checkpoint as GGUF
 
 
-def write_gguf(ckpt: Path, out: Path) -> Path:
-    """The checkpoint as one GGUF file in its own dtype (norms and the router in float32); reused when `out` is
-    newer than the checkpoint. Only Qwen3-MoE (llama.cpp's `qwen3moe`) is written."""
+def _permute_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf's `LlamaModel.permute`: Hugging Face's q/k rows (rotate-half rope) reordered for
+    llama.cpp's `llama` architecture, whose rope rotates adjacent pairs (qwen3moe uses NEOX rope: no permute)."""
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
+
+
+def _plan(config: dict) -> list[tuple[str, list[str], str]]:
+    """(GGUF name, checkpoint names, how) in llama.cpp's order; how: "norm" (float32), "router" (float32, as
+    convert_hf_to_gguf keeps FFN_GATE_INP), "q"/"k" (permuted for the llama arch), "experts" (stacked), "plain"."""
+    family = config["model_type"]
+    layers, experts = config["num_hidden_layers"], _experts(config)
+    plan = [("token_embd.weight", ["model.embed_tokens.weight"], "plain"),
+            ("output_norm.weight", ["model.norm.weight"], "norm"),
+            ("output.weight", ["lm_head.weight"], "plain")]
+    for i in range(layers):
+        p, b = f"model.layers.{i}", f"blk.{i}"
+        plan += [(f"{b}.attn_norm.weight", [f"{p}.input_layernorm.weight"], "norm"),
+                 (f"{b}.attn_q.weight", [f"{p}.self_attn.q_proj.weight"], "q"),
+                 (f"{b}.attn_k.weight", [f"{p}.self_attn.k_proj.weight"], "k"),
+                 (f"{b}.attn_v.weight", [f"{p}.self_attn.v_proj.weight"], "plain"),
+                 (f"{b}.attn_output.weight", [f"{p}.self_attn.o_proj.weight"], "plain")]
+        if family == "qwen3_moe":
+            plan += [(f"{b}.attn_q_norm.weight", [f"{p}.self_attn.q_norm.weight"], "norm"),
+                     (f"{b}.attn_k_norm.weight", [f"{p}.self_attn.k_norm.weight"], "norm")]
+            moe, names = f"{p}.mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+        else:
+            moe, names = f"{p}.block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}
+        plan += [(f"{b}.ffn_norm.weight", [f"{p}.post_attention_layernorm.weight"], "norm"),
+                 (f"{b}.ffn_gate_inp.weight", [f"{moe}.gate.weight"], "router")]
+        for ours in ("gate", "up", "down"):  # [E, out, in]: llama.cpp's {in, out, E}
+            plan.append((f"{b}.ffn_{ours}_exps.weight",
+                         [f"{moe}.experts.{e}.{names[ours]}.weight" for e in range(experts)], "experts"))
+    return plan
+
+
+def _experts(config: dict) -> int:
+    return config.get("num_local_experts") or config["num_experts"]  # transformers 5 saves the former
+
+
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def _check_supported(config: dict) -> None:
+    family = config.get("model_type")
+    if family not in _ARCH:
+        raise ValueError(f"the llama.cpp system writes {' and '.join(_ARCH)} checkpoints, not {family!r}")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope scaling {rope.get('rope_type')!r} is not written to GGUF here")
+    if family == "qwen3_moe":
+        if not config.get("norm_topk_prob", False):
+            # llama.cpp's qwen3moe graph always renormalises the top-k weights (build_moe_ffn's norm_w = true)
+            raise ValueError("llama.cpp's qwen3moe normalises the top-k routing weights: norm_topk_prob=False "
+                             "checkpoints would decode differently")
+        if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+            raise ValueError("Qwen3-MoE checkpoints with dense layers (mlp_only_layers, decoder_sparse_step) are "
+                             "not written here")
+    if config.get("sliding_window") and config.get("use_sliding_window", True):
+        logger.warning("the checkpoint has a sliding window of %d; llama.cpp's %s attends to the whole context",
+                       config["sliding_window"], _ARCH[family])
+
+
+def _add_metadata(writer, config: dict, name: str, file_type: int) -> None:
     import gguf
-    import torch
-    from safetensors import safe_open
 
-    ckpt, out = Path(ckpt), Path(out)
-    files = sorted(ckpt.glob("*.safetensors"))
-    if out.is_file() and out.stat().st_mtime > max(f.stat().st_mtime for f in files):
-        return out
-    config = json.loads((ckpt / "config.json").read_text())
-    if config.get("model_type") != "qwen3_moe":
-        raise ValueError(f"the llama.cpp system writes Qwen3-MoE checkpoints, not {config.get('model_type')!r}: "
-                         "use --model-kind many-experts or qwen3-30b-a3b")
-    tensors = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                tensors[name] = st.get_tensor(name)
-    layers = config["num_hidden_layers"]
-    experts = config.get("num_experts") or config["num_local_experts"]  # transformers 5 saves the latter
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    bf16 = tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
-    raw = gguf.GGMLQuantizationType.BF16 if bf16 else None
-
-    tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), "qwen3moe")
-    writer.add_block_count(layers)
+    family = config["model_type"]
+    head_dim = _head_dim(config)
+    rope = config.get("rope_parameters") or {}
+    writer.add_name(name)
+    writer.add_uint32(_VERSION_KEY, WRITER_VERSION)
+    writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
+    # mixtral (llama arch): the experts' width; qwen3moe: the dense width llama.cpp ignores when the next is set
     writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta")
-                                    or 1e6))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_expert_count(experts)
+    writer.add_expert_count(_experts(config))
     writer.add_expert_used_count(config["num_experts_per_tok"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32)
-    # No tokenizer: the bench feeds token ids. A vocabulary of placeholder pieces lets llama.cpp load the model
-    # with its output width; none of them is ever tokenized.
-    vocab = config["vocab_size"]
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list([f"<t{i}>" for i in range(vocab)])
-    writer.add_token_scores([0.0] * vocab)
-    writer.add_token_types([gguf.TokenType.NORMAL] * vocab)
-    writer.add_bos_token_id(config.get("bos_token_id", 1))
-    writer.add_eos_token_id(config.get("eos_token_id", 2))
+    if family == "qwen3_moe":
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        writer.add_expert_weights_norm(True)  # documents what llama.cpp's qwen3moe graph does regardless
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # No tokenizer: the bench feeds token ids. llama.cpp's vocab loader (llama-vocab.cpp) takes
+    # tokenizer.ggml.model "none" as LLAMA_VOCAB_TYPE_NONE and adds `{arch}.vocab_size` dummy tokens, so the
+    # model loads with its real output width and llama_decode accepts ids below it; convert_hf_to_gguf writes
+    # the same for models without a text vocabulary (`_set_vocab_none`). No BOS/EOS ids: none are added.
+    writer.add_tokenizer_model("none")
+    writer.add_vocab_size(config["vocab_size"])
 
-    def add(name: str, tensor, keep_float32: bool = False) -> None:
-        if keep_float32 or raw is None:
-            writer.add_tensor(name, tensor.float().contiguous().numpy())
-        else:
-            writer.add_tensor(name, _numpy(tensor), raw_dtype=raw)
 
-    add("token_embd.weight", tensors["model.embed_tokens.weight"])
-    add("output_norm.weight", tensors["model.norm.weight"], keep_float32=True)
-    add("output.weight", tensors["lm_head.weight"])
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        add(f"blk.{i}.attn_norm.weight", tensors[f"{p}.input_layernorm.weight"], keep_float32=True)
-        add(f"blk.{i}.ffn_norm.weight", tensors[f"{p}.post_attention_layernorm.weight"], keep_float32=True)
-        for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"), ("attn_output", "o_proj")):
-            add(f"blk.{i}.{ours}.weight", tensors[f"{p}.self_attn.{theirs}.weight"])
-        add(f"blk.{i}.attn_q_norm.weight", tensors[f"{p}.self_attn.q_norm.weight"], keep_float32=True)
-        add(f"blk.{i}.attn_k_norm.weight", tensors[f"{p}.self_attn.k_norm.weight"], keep_float32=True)
-        add(f"blk.{i}.ffn_gate_inp.weight", tensors[f"{p}.mlp.gate.weight"], keep_float32=True)
-        for ours, theirs in (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")):
-            add(f"blk.{i}.{ours}.weight",  # [E, out, in]
-                torch.stack([tensors[f"{p}.mlp.experts.{e}.{theirs}.weight"] for e in range(experts)]))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+def _is_current(out: Path, sources: list[Path]) -> bool:
+    if not out.is_file() or out.stat().st_mtime <= max(f.stat().st_mtime for f in sources):
+        return False
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(out)).get_field(_VERSION_KEY)
+        return field is not None and int(field.contents()) == WRITER_VERSION
+    except (ValueError, OSError):  # a truncated or foreign file: written again
+        return False
+
+
+def write_gguf(ckpt: Path, out: Path) -> Path:
+    """Write the benchmark checkpoint `ckpt` as the GGUF file `out`, tensor names and metadata as llama.cpp's
+    convert_hf_to_gguf writes them (qwen3_moe -> `qwen3moe`, mixtral -> `llama` with experts), in the
+    checkpoint's dtype (bfloat16 -> BF16, float32 -> F32, float16 -> F16; norms and routers F32). Per-expert
+    tensors are stacked into `ffn_{gate,up,down}_exps`. Tensors are read and written one at a time (the largest
+    in memory is one stacked expert tensor). An `out` newer than the checkpoint, from this writer's version,
+    is reused. Returns `out`."""
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    ckpt, out = Path(ckpt), Path(out)
+    config = json.loads((ckpt / "config.json").read_text())
+    _check_supported(config)
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors files in {ckpt}")
+    if _is_current(out, files + [ckpt / "config.json"]):
+        logger.info("reusing %s", out)
+        return out
+
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {name: h for h in handles for name in h.keys()}
+    plan = _plan(config)
+    absent = [n for _, names, _ in plan for n in names if n not in where]
+    if absent:
+        raise ValueError(f"{ckpt} lacks {len(absent)} tensors llama.cpp needs, e.g. {absent[:3]}")
+    dtypes = {where[n].get_slice(n).get_dtype() for _, names, how in plan if how != "norm" for n in names}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in ("F32", "BF16", "F16"):
+        raise ValueError(f"expected one dtype of F32, BF16 or F16 in {ckpt}, found {sorted(dtypes)}")
+    stored = next(iter(dtypes))
+    # numpy holds bfloat16 as its bit patterns (uint16), written with GGML's BF16 type
+    np_dtype, raw = {"F32": (np.float32, None), "F16": (np.float16, None),
+                     "BF16": (np.uint16, gguf.GGMLQuantizationType.BF16)}[stored]
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                 "BF16": gguf.LlamaFileType.MOSTLY_BF16}[stored]
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    permute = config["model_type"] == "mixtral"
+
+    def numpy_of(tensor: torch.Tensor, f32: bool) -> np.ndarray:
+        tensor = tensor.contiguous()
+        if f32:
+            return tensor.float().numpy()
+        if stored == "BF16":
+            return tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return tensor.to(torch.float32 if stored == "F32" else torch.float16).numpy()
+
+    def shape_of(names: list[str], how: str) -> list[int]:
+        shape = list(where[names[0]].get_slice(names[0]).get_shape())
+        return [len(names), *shape] if how == "experts" else shape
+
+    def produce(names: list[str], how: str) -> np.ndarray:
+        f32 = how in ("norm", "router")
+        if how == "experts":  # filled expert by expert: one stacked tensor in memory, not E copies
+            stacked = np.empty(shape_of(names, how), dtype=np_dtype)
+            for e, name in enumerate(names):
+                stacked[e] = numpy_of(where[name].get_tensor(name), False)
+            return stacked
+        tensor = where[names[0]].get_tensor(names[0])
+        if permute and how in ("q", "k"):
+            tensor = _permute_rope(tensor, n_head if how == "q" else n_kv)
+        return numpy_of(tensor, f32)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), _ARCH[config["model_type"]])
+    try:
+        _add_metadata(writer, config, ckpt.name, file_type)
+        for gguf_name, names, how in plan:
+            shape = shape_of(names, how)
+            f32 = how in ("norm", "router")
+            itemsize = 4 if f32 else np.dtype(np_dtype).itemsize
+            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32 if f32 else np_dtype),
+                                   int(np.prod(shape)) * itemsize, raw_dtype=None if f32 else raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for i, (gguf_name, names, how) in enumerate(plan):
+            writer.write_tensor_data(produce(names, how))
+            if how == "experts" and gguf_name.endswith("down_exps.weight"):
+                logger.info("GGUF: wrote %s (%d of %d tensors)", gguf_name.split(".ffn")[0], i + 1, len(plan))
+    finally:
+        writer.close()
+        del handles, where
     tmp.replace(out)
     return out
 
 
-def quantize(src: Path, dst: Path, type_name: str, threads: int) -> float | None:
-    """llama.cpp's quantizer, `src` -> `dst` as `type_name` (a key of FTYPES): seconds taken, or None when `dst`
-    is already newer than `src`."""
+# ---------------------------------------------------------------------------------------------------------------
+# llama.cpp itself
+
+
+def _quiet_llama_cpp() -> None:
+    """llama-cpp-python prints every llama.cpp log line to stderr while its logger's level is unset (what
+    `Llama(verbose=False)` turns off): errors only, unless the user configured that logger."""
+    library_logger = logging.getLogger("llama-cpp-python")
+    if library_logger.level == logging.NOTSET:
+        library_logger.setLevel(logging.ERROR)
+
+
+_backend_ready = False
+
+
+def _backend():
     import llama_cpp
 
+    global _backend_ready
+    _quiet_llama_cpp()
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+    return llama_cpp
+
+
+def quantize(src: Path, dst: Path, type_name: str, threads: int) -> float | None:
+    """llama.cpp's own quantizer (`llama_model_quantize`, as its llama-quantize tool): `src` -> `dst` as
+    `type_name` (a key of FTYPES; llama.cpp's mixes, e.g. Q4_0 keeps the output layer at Q6_K). Returns the
+    seconds it took, or None when `dst` is already newer than `src` and was reused."""
     if type_name not in FTYPES:
         raise ValueError(f"llama.cpp type must be one of {list(FTYPES)}, got {type_name!r}")
+    llama_cpp = _backend()
     src, dst = Path(src), Path(dst)
     if dst.is_file() and dst.stat().st_mtime > src.stat().st_mtime:
         return None
@@ -138,47 +286,146 @@ def quantize(src: Path, dst: Path, type_name: str, threads: int) -> float | None
     params.nthread = threads
     tmp = dst.with_name(dst.name + ".tmp")
     start = time.perf_counter()
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama.cpp could not quantize {src.name} to {type_name}")
+    status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     took = time.perf_counter() - start
+    if status != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {type_name} (status {status})")
     tmp.replace(dst)
+    logger.info("llama.cpp quantized %s to %s in %.1f s", src.name, type_name, took)
     return took
 
 
 class LlamaCppModel:
-    """A GGUF model in llama.cpp on the CPU, decoded greedily one token per call of llama_decode."""
+    """A GGUF model in llama.cpp on the CPU, decoded greedily through llama-cpp-python's low-level API: one
+    `llama_decode` of a one-token batch per step. (Measured on a tiny model against the high-level `Llama.eval`,
+    which builds a batch in Python and trims the KV cache on every call: see `tests/test_llamacpp.py`.)"""
 
     def __init__(self, path: Path, threads: int, n_ctx: int = 512):
-        import llama_cpp
+        llama_cpp = _backend()
+        self._lib = llama_cpp
+        self.path, self.threads, self.n_ctx = Path(path), threads, n_ctx
+        self._model = self._ctx = None
+        if not self.path.is_file():
+            raise FileNotFoundError(self.path)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        # mmap (llama.cpp's default, what its users run), set explicitly rather than left to LOAD_MODE_AUTO,
+        # and no lazy reads: every weight is mapped at load. Mapped weights are the GGUF's page-cache pages, so
+        # after the first round they stay in RAM while the bench interleaves other systems (the page cache is
+        # shared, not a private copy); the bench's cold protocol does not evict this file. Weights llama.cpp
+        # repacks for its CPU kernels (e.g. Q4_0/Q8_0 on AVX2) are copied into its own buffers either way.
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+        params.lazy_mode = llama_cpp.LLAMA_LAZY_MODE_OFF
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load {self.path}")
+        cparams = llama_cpp.llama_context_default_params()
+        # one batch (and one ubatch) holds a whole prompt: prefill is a single llama_decode
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} for {self.path}")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        # One token's batch, built once: positions (batch.pos NULL) continue from the KV cache, logits for it.
+        self._one = (llama_cpp.llama_token * 1)()
+        self._one_batch = llama_cpp.llama_batch_get_one(self._one, 1)
 
-        # mmap is llama.cpp's default and what its users run; the bench's warm protocol allows the page cache.
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
-                                   n_threads_batch=threads, logits_all=False, verbose=False)
-        self.n_vocab = self.llm.n_vocab()
-        self._logits_ith = llama_cpp.llama_get_logits_ith
+    def _decode(self, batch) -> None:
+        status = self._lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
 
-    def _argmax_last(self) -> int:
+    def _last_logits(self) -> np.ndarray:
         import numpy as np
 
-        logits = np.ctypeslib.as_array(self._logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
-        return int(logits.argmax())
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+
+    def _prefill(self, tokens: list[int]) -> None:
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        if max(tokens) >= self.n_vocab or min(tokens) < 0:
+            raise ValueError(f"token ids must be in [0, {self.n_vocab})")
+        self._lib.llama_memory_clear(self._memory, True)  # each call starts from an empty KV cache
+        ids = (self._lib.llama_token * len(tokens))(*tokens)
+        self._decode(self._lib.llama_batch_get_one(ids, len(tokens)))  # logits of the last token only
 
     def decode(self, prompt: list[int], steps: int) -> dict:
-        """Prefill `prompt`, then `steps` greedy steps, each timed on its own (as the bench's torch decode)."""
-        self.llm.reset()
+        """Prefill `prompt` as one batch, then `steps` greedy decode steps, as the bench's torch `decode`:
+        {"prefill_s", "step_s": one time per step (llama_decode and reading the logits), "tokens": steps + 1}."""
+        if len(prompt) + steps > self.n_ctx:
+            raise ValueError(f"{len(prompt)} prompt tokens and {steps} steps exceed n_ctx={self.n_ctx}")
+        decode, ctx, one, batch = self._lib.llama_decode, self._ctx, self._one, self._one_batch
+        logits_ith, n_vocab = self._lib.llama_get_logits_ith, self.n_vocab
+        import numpy as np
+
+        as_array = np.ctypeslib.as_array
         start = time.perf_counter()
-        self.llm.eval(prompt)
-        token = self._argmax_last()
+        self._prefill(list(prompt))
+        token = int(self._last_logits().argmax())
         prefill_s = time.perf_counter() - start
         tokens, times = [token], []
         for _ in range(steps):
+            one[0] = token
             start = time.perf_counter()
-            self.llm.eval([token])
-            token = self._argmax_last()
+            status = decode(ctx, batch)
+            token = int(as_array(logits_ith(ctx, -1), shape=(n_vocab,)).argmax())
             times.append(time.perf_counter() - start)
+            if status != 0:
+                raise RuntimeError(f"llama_decode failed with status {status}")
             tokens.append(token)
         return {"prefill_s": prefill_s, "step_s": times, "tokens": tokens}
 
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """The next-token logits after `tokens` (from an empty KV cache), as float32: a copy."""
+        if len(tokens) > self.n_ctx:
+            raise ValueError(f"{len(tokens)} tokens exceed n_ctx={self.n_ctx}")
+        self._prefill(list(tokens))
+        return self._last_logits().copy()
+
     def close(self) -> None:
-        self.llm.close()
+        if self._ctx:
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> LlamaCppModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def eval_overhead(path: Path, threads: int, steps: int = 64) -> dict[str, float]:
+    """Median seconds of a one-token decode step on `path` through the two llama-cpp-python APIs: "low_level"
+    (LlamaCppModel's llama_decode of a prepared batch) and "llama_eval" (the high-level `Llama.eval`). On a
+    tiny model the difference is the per-step Python overhead."""
+    import statistics
+
+    import llama_cpp
+
+    with LlamaCppModel(path, threads, n_ctx=steps + 16) as model:
+        low = statistics.median(model.decode([1, 2, 3, 4], steps)["step_s"])
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=steps + 16, n_batch=steps + 16, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    try:
+        logits_ith: Callable = llama_cpp.llama_get_logits_ith
+        import numpy as np
+
+        llm.eval([1, 2, 3, 4])
+        token, times = int(np.ctypeslib.as_array(logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax()), []
+        for _ in range(steps):
+            start = time.perf_counter()
+            llm.eval([token])
+            token = int(np.ctypeslib.as_array(logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
+            times.append(time.perf_counter() - start)
+    finally:
+        llm.close()
+    return {"low_level": low, "llama_eval": statistics.median(times)}

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import torch
 
 from ..offload_core.config import OffloadConfig, QuantConfig, parse_size
+from ..offload_core.counters import RuntimeStats
 from ..offload_core.demo import demo_model_path
 from ..offload_core.hub import resolve_model
 from ..offload_core.settings import token_from_env
@@ -172,12 +174,12 @@ def _fmt(value, spec: str = ".2f") -> str:
 def summary_line(stats: dict) -> str:
     line = (f"{stats['new_tokens']} tokens in {stats['wall_s']:.2f} s | prefill {_fmt(stats['prefill_tok_s'], '.1f')} tok/s"
             f" | decode {_fmt(stats['decode_tok_s'], '.1f')} tok/s | expert cache hit rate {_fmt(stats['hit_rate'])}"
-            f" | prefetch recall {_fmt(stats['prefetch_recall'])}")
+            + (" (all places)" if stats.get("workers") else "")
+            + f" | prefetch recall {_fmt(stats['prefetch_recall'])}")
     for address, w in stats.get("workers", {}).items():
-        worker = w.get("worker", {})
         line += (f"\n  worker {address}: {w['requests']} requests, {w['tokens']} tokens, RPC p50 {_fmt(w['rpc_p50_ms'])} ms"
                  f" p99 {_fmt(w['rpc_p99_ms'])} ms, {(w['bytes_sent'] + w['bytes_received']) / 1e6:.2f} MB on the wire,"
-                 f" worker hits {worker.get('hits', 'n/a')} misses {worker.get('misses', 'n/a')}")
+                 f" its cache: {w.get('run_hits', 'n/a')} hits, {w.get('run_misses', 'n/a')} misses")
     return line
 
 
@@ -247,6 +249,27 @@ def _generate_batch(engine: Engine, prompts: list[str], params: SamplingParams, 
     return 0
 
 
+def cache_tables(engine: Engine, prefetch: int) -> str:
+    """The expert caches of this run, one table per place: the coordinator's (with the predictions it made for
+    every owner) and each worker's (the hits and misses its replies to this coordinator reported)."""
+    om = engine.om
+    top_k = om.layout.top_k
+    ceiling = min(prefetch, top_k) / top_k
+    legend = (f"Expert caches, this run. hit_rate = hits / (hits + misses). recall = share of the experts a layer "
+              f"needed that the layer before predicted: at most prefetch / top-k = {min(prefetch, top_k)}/{top_k} = "
+              f"{ceiling:.2f} here; precision = share of the predictions that were needed; '-' = nothing predicted "
+              "(the first MoE layer has no layer before it).")
+    lines = [textwrap.fill(legend, 110), "",
+             f"On the coordinator ({om.runtime.local.describe()['compute']} experts, {om.config.slots_per_layer} "
+             "slots per layer):", om.runtime.local_stats().table()]
+    if engine.cluster is not None:
+        for name, backend in engine.cluster.workers.items():
+            hosted = engine.cluster.describe()[name]["hosted"]
+            lines += ["", f"On worker {name} ({hosted} experts, {backend.slots_per_layer} slots per layer):",
+                      RuntimeStats(backend.layer_counters(), {}).table(("hits", "misses", "hit_rate"))]
+    return "\n".join(lines)
+
+
 def cmd_demo(args) -> int:
     offload_config(args)  # bad settings fail before workers start
     model = model_folder(args)
@@ -271,8 +294,7 @@ def _run_demo(args, engine: Engine) -> int:
         result = engine.generate(engine.encode_prompt(args.prompt), sampling(args),
                                  on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
         print("\n\n" + summary_line(result.stats) + "\n")
-        print("Expert cache on the coordinator, per layer (this run):")
-        print(engine.om.format_stats())
+        print(cache_tables(engine, args.prefetch))
         return 0
     finally:
         engine.close()

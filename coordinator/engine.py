@@ -113,6 +113,8 @@ class Engine:
             return {}
         out = self.cluster.describe()
         for name, backend in self.cluster.workers.items():
+            run = ExpertCounters.total(backend.layer_counters().values())  # this coordinator's calls only
+            out[name]["run_hits"], out[name]["run_misses"] = run.hits, run.misses
             try:
                 out[name]["worker"] = backend.worker_stats()
             except Exception as exc:  # stats are best effort: a worker that went away must not fail a reply

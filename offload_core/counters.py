@@ -81,18 +81,19 @@ class RuntimeStats:
         return {"layers": {layer: c.as_dict() for layer, c in sorted(self.layers.items())},
                 "total": self.total.as_dict(), "backends": self.backends}
 
-    def table(self) -> str:
-        """A fixed-width table: one row per layer and a total row."""
-        cols = ["hits", "misses", "hit_rate", "prefetch_issued", "prefetch_used", "prefetch_recall",
-                "prefetch_precision", "bytes_loaded", "wait_s", "compute_s"]
-        heads = ["layer", "hits", "misses", "hit%", "pf_issued", "pf_used", "recall", "precision", "MB_loaded",
-                 "wait_s", "compute_s"]
+    def table(self, columns: tuple[str, ...] | None = None) -> str:
+        """A fixed-width table: one row per layer and a total row; `columns` picks some (default all)."""
+        heads = {"hits": "hits", "misses": "misses", "hit_rate": "hit_rate", "prefetch_issued": "pf_issued",
+                 "prefetch_used": "pf_used", "prefetch_recall": "recall", "prefetch_precision": "precision",
+                 "bytes_loaded": "MB_loaded", "wait_s": "wait_s", "compute_s": "compute_s"}
+        cols = list(columns or heads)
         rows = []
         for name, c in [*((str(k), v) for k, v in sorted(self.layers.items())), ("total", self.total)]:
             d = c.as_dict()
             rows.append([name, *(f"{d[k] / 1e6:.2f}" if k == "bytes_loaded" else _fmt(d[k]) for k in cols)])
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
-        lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
+        titles = ["layer", *(heads[k] for k in cols)]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(titles)]
+        lines = ["  ".join(h.rjust(w) for h, w in zip(titles, widths))]
         lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
         return "\n".join(lines)
 

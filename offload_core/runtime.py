@@ -132,6 +132,15 @@ class ExpertRuntime:
         self._predicted.clear()
 
     # -- reporting ----------------------------------------------------------------------------
+    def local_stats(self) -> RuntimeStats:
+        """This process's slots and the predictions it made (for every owner), per layer: workers' own caches are
+        counted in `stats()` and per worker by the remote plane."""
+        layers: dict[int, ExpertCounters] = defaultdict(ExpertCounters)
+        for per_layer in (self.local.counters(), self._prediction):
+            for layer, counters in list(per_layer.items()):
+                layers[layer] = layers[layer] + counters
+        return RuntimeStats(dict(layers), {LOCAL: self.local.describe()})
+
     def stats(self) -> RuntimeStats:
         """Counters per layer (local slots, workers' own slots, prediction) and per backend."""
         layers: dict[int, ExpertCounters] = defaultdict(ExpertCounters)

@@ -49,6 +49,7 @@ def test_demo_writes_python_and_matches_transformers():
     model.close()
 
 
+@pytest.mark.slow  # quantizes the demo model three times
 @pytest.mark.parametrize("attn_bits, expert_bits", [(4, 4), (4, 3), (4, 2)])
 def test_packed_kernels_keep_the_reference_paths_greedy_tokens(tmp_path, attn_bits, expert_bits):
     """bf16, the demo's own dtype, every slot resident and with 2 slots per layer: the kernels computing from

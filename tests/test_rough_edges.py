@@ -313,3 +313,20 @@ def test_served_model_name_defaults_and_flag(tiny_tok_ckpt):
         name(None, " ")
     args = build_parser()[0].parse_args(["serve", "--served-model-name", "qwen3-moe"])
     assert args.served_model_name == "qwen3-moe"
+
+
+@pytest.mark.slow  # two worker processes
+def test_demo_reports_each_place_of_this_run_with_the_recall_ceiling(capsys):
+    """Issue 21.6: one table per place (the coordinator's counted its workers' hits; the per-worker line showed
+    lifetime counters), hit rates as fractions under that name, the recall's ceiling and '-' explained."""
+    import re
+
+    code, out, err = run_cli(capsys, "demo", "--max-new-tokens", "24", "--quiet")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "at most prefetch / top-k = 1/2 = 0.50 here" in text and "'-' = nothing predicted" in text
+    assert out.count("On the coordinator") == 1 and out.count("On worker ") == 2 and "hit%" not in out
+    for address, hits, misses in re.findall(r"worker (\S+): .*its cache: (\d+) hits, (\d+) misses", out):
+        table = out.split(f"On worker {address}")[1].split("\n\n")[0]
+        total = next(line for line in table.splitlines() if line.startswith("total")).split()
+        assert (total[1], total[2]) == (hits, misses)  # the same run's counts in both places
