@@ -31,6 +31,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import Con
 from transformers.generation.continuous_batching.requests import RequestStatus
 
 from .engine import Engine, GenerationResult, SamplingParams
+from .invariant_attention import register
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class BatchConfig:
     step_tokens: int = 256  # tokens one step computes at most: prompts are prefilled in chunks of this size
     kv_tokens: int | None = None  # paged KV cache size in tokens; None: max_batch x min(context, 4096)
     page_size: int = 32  # tokens per KV cache page
+    batch_invariant: bool = True  # attention per sequence: greedy tokens do not depend on the batch (any dtype)
 
     def __post_init__(self):
         for name in ("max_batch", "step_tokens", "page_size"):
@@ -151,6 +153,7 @@ class _Request:
     done: asyncio.Future
     submitted: float
     on_first_token: Callable[[], None] | None = None
+    interrupt: threading.Event | None = None  # set by the caller: stop at the next step, keep what was decoded
     token_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
     finish: str | None = None
@@ -183,6 +186,7 @@ class Batcher:
         self._step_shape = (0, 0)
         self._hooks = []
         self._durations: deque[float] = deque(maxlen=64)  # recent request durations, for Retry-After
+        self._attention: str | None = None  # the model's own attention while the per-sequence one is in use
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.num_blocks = max(1, math.ceil(self.cfg.cache_tokens(engine.context_length) / self.cfg.page_size))
@@ -199,6 +203,21 @@ class Batcher:
                            self.model.register_forward_hook(self._after_step)]
         if self.manager is None:
             self._start_manager()
+
+    def _use_invariant_attention(self) -> None:
+        """Each sequence attends over its own keys (see invariant_attention): greedy tokens do not depend on the
+        batch. Kept while this batcher runs; the model's own attention is restored at close."""
+        if not self.cfg.batch_invariant or self._attention is not None:
+            return
+        current = self.model.config._attn_implementation
+        name = register(current)
+        if name == current:  # already in place: nothing of ours to restore
+            return
+        if name is None:
+            logger.warning("attention %r has no per-sequence variant: greedy tokens may depend on the batch", current)
+            return
+        self._attention = current
+        self.model.set_attn_implementation(name)
 
     def _start_manager(self) -> None:
         eos = sorted(self.eos_ids) or None
@@ -217,6 +236,11 @@ class Batcher:
         manager = self.model.init_continuous_batching(generation_config=generation,
                                                       continuous_batching_config=batching)
         _install(manager, _ChooseToken())
+        if self.cfg.batch_invariant:
+            # The batch processor decides when it is created whether to build attention masks (for the model's own
+            # sdpa or paged eager only), and the loop reuses one that exists: create it before the switch.
+            manager.batch_processor = manager._create_batch_processor()  # in the mode the loop runs in
+            self._use_invariant_attention()  # after the manager checked the model's own (it accepts sdpa and eager)
         manager.start()
         self.manager = manager
 
@@ -247,6 +271,9 @@ class Batcher:
         if self.manager is not None:  # requests still in it fail ("generation loop finished"): nothing waits for them
             self.manager.stop(block=True, timeout=60, hard_stop=True)
             self.manager = None
+        if self._attention is not None:
+            self.model.set_attn_implementation(self._attention)
+            self._attention = None
 
     # -- figures -------------------------------------------------------------------------------
     def _before_step(self, module, args, kwargs):
@@ -297,11 +324,12 @@ class Batcher:
     # -- requests ------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        on_text: Callable[[str], None] | None = None,
-                       on_first_token: Callable[[], None] | None = None) -> GenerationResult:
+                       on_first_token: Callable[[], None] | None = None,
+                       interrupt: threading.Event | None = None) -> GenerationResult:
         """Decode one request in the shared batch: `on_text` gets its text as it is decoded, `on_first_token` is
         called when its first token exists. Cancelling the awaiting task takes the request out of the batch at
-        the next step. Raises `Overloaded` when the batch and queue are full, `GenerationFailed`
-        when a step it was in failed."""
+        the next step; setting `interrupt` does too, and returns what was decoded (finish "stop"). Raises
+        `Overloaded` when the batch and queue are full, `GenerationFailed` when a step it was in failed."""
         if not prompt_ids:
             raise ValueError("the prompt is empty: expected at least one token")
         context = self.engine.context_length
@@ -313,7 +341,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         rid = f"r-{uuid.uuid4().hex}"
         req = _Request(rid, list(prompt_ids), params, _TextOut(self.engine.tokenizer, on_text), loop.create_future(),
-                       time.perf_counter(), on_first_token)
+                       time.perf_counter(), on_first_token, interrupt)
         self.live[rid] = req
         try:
             self._submit(req)
@@ -322,7 +350,7 @@ class Batcher:
         finally:
             # however it ends (finished, failed, stopped or the caller cancelled): out of the batch, forgotten
             self.live.pop(rid, None)
-            if req.finish is None or req.finish == "stop-string":
+            if req.finish in (None, "stop-string", "interrupted"):
                 self._cancel(rid)
             self._durations.append(time.perf_counter() - req.submitted)
 
@@ -359,6 +387,9 @@ class Batcher:
             if req.params.stop and self._stopped(req):
                 req.finish = "stop-string"
                 break
+            if req.interrupt is not None and req.interrupt.is_set():
+                req.finish = "interrupted"
+                break
         if req.finish is None and output.is_finished():
             if output.status == RequestStatus.FAILED:
                 req.done.set_exception(GenerationFailed(f"generation failed: {output.error}"))
@@ -385,7 +416,7 @@ class Batcher:
         stats = {"prompt_tokens": len(req.prompt_ids), "new_tokens": len(req.token_ids),
                  "wall_s": (times[-1] if times else time.perf_counter()) - req.submitted, "ttft_s": first,
                  "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None}
-        return GenerationResult(text, list(req.token_ids), len(req.prompt_ids), finish, stats)
+        return GenerationResult(text, list(req.token_ids), len(req.prompt_ids), finish, stats, list(times))
 
     def _cancel(self, rid: str) -> None:
         manager = self.manager

@@ -120,6 +120,10 @@ def add_batching_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-tokens", type=_positive_int, default=None, metavar="N",
                    help="size of the paged KV cache in tokens, shared by the batch (default: --max-batch x the "
                         "model's context, at most 4096 per sequence)")
+    g.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="attention computed per sequence, so that a greedy request gets the tokens it gets alone in "
+                        "any dtype (bf16 too); measured cost: none on Qwen3-30B-A3B's layer shape, 6%% of batched "
+                        "throughput on the 5 M-parameter demo model (default on)")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:

@@ -1,8 +1,9 @@
 """The generation engine: one offloaded model, its tokenizer, and timed, streamed generation.
 
-It owns no network and no CLI: the CLI and the HTTP server call `Engine.generate`. Generation is
-transformers' own `generate()`; moeshard only times it and streams the text. One generation runs at a
-time per engine (a lock), so concurrent callers never share a KV cache.
+It owns no network and no CLI. Every generation goes through one path, the continuous batching of
+`batching.py` (transformers' manager behind one adapter, stop strings and token limits applied in one place):
+`serve` and `generate --prompt-file` run a batch of many; `Engine.generate` (one prompt: the CLI, chat, the
+demo) runs a batch of one on its own batcher. One `Engine.generate` runs at a time per engine (a lock).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..offload_core.config import OffloadConfig
 from ..offload_core.counters import ExpertCounters
@@ -48,34 +49,7 @@ class GenerationResult:
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     stats: dict = field(default_factory=dict)
-
-
-class _TimedStreamer(TextStreamer):
-    """transformers' TextStreamer, sending finished text to a callback and timing each token."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.on_text = on_text
-        self.token_times: list[float] = []
-
-    def put(self, value):
-        if not self.next_tokens_are_prompt:
-            self.token_times.append(time.perf_counter())
-        super().put(value)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False):
-        if self.on_text is not None and text:
-            self.on_text(text)
-
-
-class _Cancelled(StoppingCriteria):
-    """Stops generation when the caller gives up (e.g. an HTTP client disconnected)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+    token_times: list[float] = field(default_factory=list)  # perf_counter() when each new token was decoded
 
 
 class Engine:
@@ -86,6 +60,7 @@ class Engine:
         self.om, self.tokenizer, self.name, self.cluster = om, tokenizer, name, cluster
         self.model = om.model  # transformers' model
         self._lock = threading.Lock()
+        self._batcher = None  # a batch of one for `generate`, started on first use
 
     @classmethod
     def load(cls, path: str | Path, offload: OffloadConfig = OffloadConfig(), cluster: ClusterConfig | None = None,
@@ -105,6 +80,9 @@ class Engine:
         return engine
 
     def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
         self.om.close()
 
     def worker_stats(self) -> dict:
@@ -142,6 +120,12 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None,
                  cancel: threading.Event | None = None) -> GenerationResult:
+        """One prompt, as a batch of one through the same continuous batching as `serve`: `on_text` gets the text
+        as it is decoded; setting `cancel` stops at the next token and returns what was made so far."""
+        import asyncio
+
+        from .batching import Batcher, BatchConfig
+
         if not prompt_ids:
             raise ValueError("the prompt is empty: expected at least one token")
         if self.context_length and len(prompt_ids) + params.max_new_tokens > self.context_length:
@@ -150,43 +134,18 @@ class Engine:
                 f"context length of {self.context_length} tokens"
             )
         with self._lock:
-            return self._generate(prompt_ids, params, on_text, cancel)
-
-    def _generate(self, prompt_ids, params, on_text, cancel) -> GenerationResult:
-        runtime = self.om.runtime
-        before = runtime.stats().total
-        streamer = _TimedStreamer(self.tokenizer, on_text)
-        kwargs = dict(max_new_tokens=params.max_new_tokens, streamer=streamer,
-                      pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                      else self.model.generation_config.eos_token_id)
-        if params.temperature > 0:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        if cancel is not None:
-            kwargs.update(stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        input_ids = torch.tensor([prompt_ids], device=self.device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            output = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        end = time.perf_counter()
-        runtime.reset_prediction()
-        new_ids = output[0, len(prompt_ids):].tolist()
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        finish = "stop" if len(new_ids) < params.max_new_tokens or (new_ids and new_ids[-1] in eos_ids) else "length"
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        if params.stop:
-            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-        stats = _generation_stats(streamer.token_times, start, end, len(prompt_ids), before, runtime.stats())
-        stats["workers"] = self.worker_stats()
-        return GenerationResult(text, new_ids, len(prompt_ids), finish, stats)
+            if self._batcher is None:
+                self._batcher = Batcher(self, BatchConfig(max_batch=1, max_queue=0))
+                self._batcher.start()
+            runtime = self.om.runtime
+            before = runtime.stats().total
+            start = time.perf_counter()
+            result = asyncio.run(self._batcher.generate(prompt_ids, params, on_text, interrupt=cancel))
+            end = time.perf_counter()
+            runtime.reset_prediction()
+            result.stats = _generation_stats(result.token_times, start, end, len(prompt_ids), before, runtime.stats())
+            result.stats["workers"] = self.worker_stats()
+            return result
 
 
 def _generation_stats(times: list[float], start: float, end: float, prompt_tokens: int, before: ExpertCounters,

@@ -39,8 +39,25 @@ def batcher(engine):
         b.close()
 
 
+def transformers_alone(engine: Engine, ids: list[int], params: SamplingParams) -> tuple[list[int], str]:
+    """The oracle: transformers' own `generate` on the same model, greedy, alone: (new tokens, text cut at the
+    first stop string, as a client gets it)."""
+    kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  pad_token_id=engine.model.generation_config.eos_token_id)
+    if params.stop:
+        kwargs.update(stop_strings=list(params.stop), tokenizer=engine.tokenizer)
+    with torch.inference_mode():
+        out = engine.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    **kwargs)
+    engine.om.runtime.reset_prediction()
+    new = out[0, len(ids):].tolist()
+    text = engine.tokenizer.decode(new, skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+    return new, text[:cut] if cut >= 0 else text
+
+
 def alone(engine: Engine, ids: list[int], params: SamplingParams) -> list[int]:
-    return engine.generate(ids, params).token_ids
+    return transformers_alone(engine, ids, params)[0]
 
 
 def greedy(n: int, stop=()) -> SamplingParams:
@@ -115,8 +132,8 @@ def test_stop_strings_and_cancellation_in_a_batch(engine, batcher):
         return results
 
     stop_result, plain = asyncio.run(run())
-    reference = engine.generate(ids[0], stopped)
-    assert stop_result.token_ids == reference.token_ids and stop_result.text == reference.text
+    reference_ids, reference_text = transformers_alone(engine, ids[0], stopped)
+    assert stop_result.token_ids == reference_ids and stop_result.text == reference_text
     assert stop_result.finish_reason == "stop" and "\n" not in stop_result.text
     assert plain.token_ids == alone(engine, ids[1], greedy(20))
     assert b.active == 0 and not b.live
@@ -223,3 +240,55 @@ def test_sigkill_of_a_worker_mid_batch_changes_no_request(engine, tmp_path):
             assert [r.token_ids for r in results] == expected
         finally:
             clustered.close()
+
+
+BATCH_WORDS = ["def add(a, b):", "class Point:", "import os", "for i in range(10):", "def main():", "while True:",
+               "x = [i * i for i in", "if __name__ == '__main__':"]
+
+
+def _batched_and_alone(engine: Engine, prompts: list[list[int]], n: int, invariant: bool = True):
+    def run(group: list[list[int]], max_batch: int) -> list[list[int]]:
+        b = Batcher(engine, BatchConfig(max_batch=max_batch, max_queue=16, step_tokens=256, batch_invariant=invariant))
+        b.start()
+        try:
+            return [r.token_ids for r in asyncio.run(b.generate_many(group, greedy(n)))]
+        finally:
+            b.close()
+
+    return run(prompts, 8), [run([p], 1)[0] for p in prompts]
+
+
+@pytest.mark.slow  # 8 prompts batched, then each alone, in two dtypes
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_greedy_tokens_do_not_depend_on_the_batch_on_the_demo_model(dtype):
+    """Issue 21.2: in bf16 one of 8 prompts changed from token 31 on when batched (attention over the whole step's
+    keys groups its sums by the batch); with attention per sequence, every prompt gets its tokens alone."""
+    engine = Engine.load(demo_model_path(), OffloadConfig(dtype=dtype, slots_per_layer=8, prefetch=0), progress=False)
+    try:
+        prompts = [engine.encode_prompt(w) for w in BATCH_WORDS]
+        batched, alone_ = _batched_and_alone(engine, prompts, 48)
+        assert batched == alone_
+        assert engine.model.config._attn_implementation == "sdpa"  # the model's own attention is back
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # sdpa; eager with attention sinks and a window
+def test_greedy_tokens_do_not_depend_on_the_batch_for_other_families(tmp_path, family):
+    from transformers import AutoTokenizer
+
+    from moeshard.offload_core import load_model
+
+    from .families import make_family_checkpoint
+
+    path = make_family_checkpoint(tmp_path / family, family)
+    om = load_model(path, slots_per_layer=2, prefetch=1, dtype="bfloat16")
+    engine = Engine(om, AutoTokenizer.from_pretrained(demo_model_path()), family)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(3, 128, (int(n),), generator=gen).tolist() for n in torch.randint(3, 12, (8,))]
+        batched, alone_ = _batched_and_alone(engine, prompts, 24)
+        assert batched == alone_
+    finally:
+        engine.close()
