@@ -31,7 +31,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import Con
 from transformers.generation.continuous_batching.requests import RequestStatus
 
 from .engine import Engine, GenerationResult, SamplingParams
-from .invariant_attention import register
+from .invariant_attention import base_for_batching, is_per_sequence, register
 
 logger = logging.getLogger(__name__)
 
@@ -204,22 +204,22 @@ class Batcher:
         if self.manager is None:
             self._start_manager()
 
-    def _use_invariant_attention(self) -> None:
+    def _use_invariant_attention(self, original: str) -> None:
         """Each sequence attends over its own keys (see invariant_attention): greedy tokens do not depend on the
-        batch. Kept while this batcher runs; the model's own attention is restored at close."""
-        if not self.cfg.batch_invariant or self._attention is not None:
-            return
-        current = self.model.config._attn_implementation
-        name = register(current)
-        if name == current:  # already in place: nothing of ours to restore
-            return
+        batch. Kept while this batcher runs; `original`, the model's own, is restored at close."""
+        name = register(self.model.config._attn_implementation)
         if name is None:
-            logger.warning("attention %r has no per-sequence variant: greedy tokens may depend on the batch", current)
+            logger.warning("attention %r has no per-sequence variant: greedy tokens may depend on the batch",
+                           self.model.config._attn_implementation)
             return
-        self._attention = current
+        self._attention = original
         self.model.set_attn_implementation(name)
 
     def _start_manager(self) -> None:
+        current = self.model.config._attn_implementation
+        ours = is_per_sequence(current)  # another batcher on this model (or this one, restarting) switched it
+        if ours:  # transformers checks the model's attention when it builds a manager: show it the base
+            self.model.set_attn_implementation(base_for_batching(current))
         eos = sorted(self.eos_ids) or None
         # The base config only makes transformers build its per-request temperature and top-p processors; every
         # request passes its own values.
@@ -236,11 +236,14 @@ class Batcher:
         manager = self.model.init_continuous_batching(generation_config=generation,
                                                       continuous_batching_config=batching)
         _install(manager, _ChooseToken())
-        if self.cfg.batch_invariant:
+        if self.cfg.batch_invariant or ours:
             # The batch processor decides when it is created whether to build attention masks (for the model's own
             # sdpa or paged eager only), and the loop reuses one that exists: create it before the switch.
             manager.batch_processor = manager._create_batch_processor()  # in the mode the loop runs in
-            self._use_invariant_attention()  # after the manager checked the model's own (it accepts sdpa and eager)
+            if ours:
+                self.model.set_attn_implementation(current)
+            elif self._attention is None:
+                self._use_invariant_attention(current)
         manager.start()
         self.manager = manager
 

@@ -59,3 +59,14 @@ def register(base: str) -> str | None:
         AttentionInterface.register(name, _per_sequence(attention))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
     return name
+
+
+def is_per_sequence(implementation: str) -> bool:
+    return implementation.startswith(PREFIX)
+
+
+def base_for_batching(implementation: str) -> str:
+    """The implementation transformers' continuous batching accepts in place of ours (it checks the model's when a
+    manager is built): sdpa, or its paged eager."""
+    base = implementation.removeprefix(PREFIX)
+    return "paged|eager" if base == "eager" else base

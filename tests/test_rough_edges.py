@@ -162,15 +162,21 @@ def test_a_refused_token_says_so(tiny_tok_ckpt, capsys):
     assert code == 2 and f"worker {worker.address} refused this coordinator's token" in one_line(err)
 
 
-def test_nothing_listening_is_reported_at_once(tiny_tok_ckpt, capsys):
+def test_nothing_listening_is_reported_at_once(tiny_tok_ckpt, capsys, caplog):
+    import logging
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     start = time.perf_counter()
-    code, out, err = run_cli(capsys, "generate", "--prompt", "x", "--model", str(tiny_tok_ckpt), "--workers",
-                             f"127.0.0.1:{port}", "--max-new-tokens", "2", "--json", "--quiet")
+    with caplog.at_level(logging.WARNING, logger="moeshard.coordinator.cluster"):
+        code, out, err = run_cli(capsys, "generate", "--prompt", "x", "--model", str(tiny_tok_ckpt), "--workers",
+                                 f"127.0.0.1:{port}", "--max-new-tokens", "2", "--json", "--quiet")
     assert time.perf_counter() - start < 20  # the old 40 s wait was a timeout; a refusal is known at once
     assert code == 0 and out  # a worker down at start: its experts are computed here meanwhile
+    # issue 21.4: one warning at start, as for a worker lost mid-run, saying where its experts go
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and str(port) in r.getMessage()]
+    assert len(lines) == 1 and "is not answering" in lines[0] and "replicas or the coordinator" in lines[0], lines
 
 
 # -- 9, 10. perplexity length, --model expectations ---------------------------------------------------
