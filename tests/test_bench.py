@@ -48,14 +48,29 @@ def test_bench_many_experts_small(tmp_path):
     out = tmp_path / "many.json"
     code = main(["bench", "--model-kind", "many-experts", "--hidden", "64", "--intermediate", "32", "--layers", "2",
                  "--tokens", "3", "--prompt-tokens", "6", "--warmup", "1", "--repeats", "1",
-                 "--systems", "resident,lru+prefetch,hf-grouped_mm,accelerate-offload", "--workdir",
-                 str(tmp_path / "work"), "--json", str(out)])
+                 "--systems", "resident,resident@4,resident@4/4,resident@2/4,lru+prefetch,lru+prefetch@4,"
+                 "hf-grouped_mm,accelerate-offload,llama.cpp@Q4_0", "--workdir", str(tmp_path / "work"),
+                 "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     assert report["model"]["family"] == "qwen3_moe" and report["model"]["num_local_experts"] == 64
     assert report["budget"]["slots_per_layer"] == 16  # a quarter of the experts
-    assert all(r["tokens_match_reference"] for r in report["runs"])
-    assert {"resident_vs_fastest_transformers", "lru+prefetch_vs_accelerate"} <= set(report["targets"])
+    by = {r["name"]: r for r in report["runs"]}
+    # unquantized systems give transformers' tokens; quantized ones compute other weights: agreement only
+    assert all(by[n]["tokens_match_reference"] for n in ("resident", "lru+prefetch", "hf-grouped_mm"))
+    assert by["resident@4/4"]["tokens_match_reference"] is None and 0 <= by["resident@4/4"]["greedy_agreement"] <= 1
+    assert (by["resident@4/4"]["expert_bits"], by["resident@4/4"]["attn_bits"]) == (4, 4)
+    # the same bytes buy a 4-bit offloaded system more slots than 16 fp32 experts (8x smaller: all 64)
+    assert by["lru+prefetch"]["slots_per_layer"] == 16 and by["lru+prefetch@4"]["slots_per_layer"] == 64
+    assert by["resident@4"]["memory_floor_s_per_token"] < by["resident"]["memory_floor_s_per_token"]
+    assert by["resident@2/4"]["quantize_s_per_layer"] > 0  # its cache was built by this run
+    assert {"resident_vs_fastest_transformers", "lru+prefetch_vs_accelerate", "resident_e4_vs_bf16",
+            "resident_e4a4_vs_bf16", "resident_e2a4_vs_e4a4", "lru+prefetch_e4_vs_bf16_same_bytes"} <= set(
+        report["targets"])
+    if "llama.cpp@Q4_0" in report["skipped"]:  # the optional extra is not installed: listed, not an error
+        assert "pip install 'moeshard[llamacpp]'" in report["skipped"]["llama.cpp@Q4_0"]
+    else:
+        assert by["llama.cpp@Q4_0"]["decode_tok_s"] > 0 and "resident_e4_vs_llama.cpp_q4_0" in report["targets"]
 
 
 @pytest.mark.slow  # two servers, each decoding 1 and 3 streams

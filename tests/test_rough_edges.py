@@ -327,7 +327,7 @@ def test_demo_reports_each_place_of_this_run_with_the_recall_ceiling(capsys):
     lifetime counters), hit rates as fractions under that name, the recall's ceiling and '-' explained."""
     import re
 
-    code, out, err = run_cli(capsys, "demo", "--max-new-tokens", "24", "--quiet")
+    code, out, err = run_cli(capsys, "demo", "--max-new-tokens", "12", "--quiet")
     assert code == 0, err
     text = " ".join(out.split())
     assert "at most prefetch / top-k = 1/2 = 0.50 here" in text and "'-' = nothing predicted" in text
