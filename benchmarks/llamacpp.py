@@ -33,12 +33,16 @@ _ARCH = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}  # transformers model_type
 
 def missing() -> str | None:
     """Why the llama.cpp system cannot run here, in one line with the install command (None when it can)."""
+    absent = []
     for module in ("llama_cpp", "gguf"):
         try:
             __import__(module)
-        except ImportError as exc:  # an OSError (llama.cpp's library failing to load) is a real error: raised
-            return f"the llama.cpp system needs {module}, which is not installed ({exc}): {INSTALL}"
-    return None
+        except ImportError:  # an OSError (llama.cpp's library failing to load) is a real error: raised
+            absent.append(module)
+    if not absent:
+        return None
+    return (f"the llama.cpp system needs {' and '.join(absent)}, which {'is' if len(absent) == 1 else 'are'} not "
+            f"installed: {INSTALL}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

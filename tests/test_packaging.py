@@ -65,10 +65,15 @@ def project():
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
+# Modules of optional extras that may be absent here (CI installs only the dev extra): their distributions
+NOT_INSTALLED_HERE = {"llama_cpp": {"llama-cpp-python"}}
+
+
 def test_every_module_the_code_imports_is_a_declared_dependency(project):
     extras = project["optional-dependencies"]
     deps = declared(project["dependencies"]) | declared(extras["bench"]) | declared(extras["llamacpp"])
-    missing = {m: where for m, where in top_level_imports(CODE).items() if not distributions_of(m) & deps}
+    missing = {m: where for m, where in top_level_imports(CODE).items()
+               if not (distributions_of(m) or NOT_INSTALLED_HERE.get(m, set())) & deps}
     assert not missing, f"imported but not declared in pyproject.toml (module: first file): {missing}"
 
 
