@@ -263,8 +263,9 @@ def cache_tables(engine: Engine, prefetch: int) -> str:
              f"On the coordinator ({om.runtime.local.describe()['compute']} experts, {om.config.slots_per_layer} "
              "slots per layer):", om.runtime.local_stats().table()]
     if engine.cluster is not None:
+        described = engine.cluster.describe()
         for name, backend in engine.cluster.workers.items():
-            hosted = engine.cluster.describe()[name]["hosted"]
+            hosted = described[name]["hosted"]
             lines += ["", f"On worker {name} ({hosted} experts, {backend.slots_per_layer} slots per layer):",
                       RuntimeStats(backend.layer_counters(), {}).table(("hits", "misses", "hit_rate"))]
     return "\n".join(lines)

@@ -77,6 +77,7 @@ class DenseFormat:
     """Experts kept in a floating-point dtype (no quantization): bit-exact with transformers."""
 
     quantized = False
+    compute = "dense"  # how slots are computed (see HQQExpertFormat.compute)
 
     def __init__(self, tensors: tuple[ExpertTensor, ...], dtype: torch.dtype):
         self.tensors, self.dtype = tuple(tensors), dtype
@@ -89,8 +90,6 @@ class DenseFormat:
     @property
     def label(self) -> str:
         return f"dense {dtype_name(self.dtype)}"
-
-    compute = "dense"
 
     def encode(self, weights: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         return self.layout.pack(weights, out)

@@ -29,7 +29,7 @@ from .settings import cache_root_from_env, compiler_from_env
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "qkernels.c"
-_ABI = 9  # ms_version() of the source this module speaks to
+_ABI = 10  # ms_version() of the source this module speaks to
 CHUNK = 16  # bytes per chunk of packed codes (see the C file's header)
 
 # S = token rows of a call, K = input features, N = output features, G = groups of a tensor

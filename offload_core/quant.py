@@ -165,6 +165,11 @@ class HQQExpertFormat:
         else:
             self.compute_layout = self.layout
         self.compute_bits = self.weights[0].compute_bits if kernels is not None and self.weights else bits
+        # Per-layer call constants: each weight by name, and where its codes, scales and zeros sit in a slot.
+        self._by_name = {t.name: t for t in self.weights}
+        where = {e.name: e.offset for e in self.compute_layout.entries}
+        self._offsets = {t.name: (where.get(f"{t.name}.q"), where.get(f"{t.name}.scale"), where.get(f"{t.name}.zero"))
+                         for t in self.weights}
 
     @property
     def num_params(self) -> int:
@@ -269,44 +274,39 @@ class HQQExpertFormat:
             return math_.forward_with(lambda name, h: self.kernels.linear(name, views, h, self.group_size).float(),
                                       lambda name: views[name].float() if name in views else None,
                                       x.float()).to(self.dtype)
-        w = self.decode(buf)
-        return math_.forward_with(lambda name, h: F.linear(h, w[name].t() if _transposed(self, name) else w[name]),
-                                  lambda name: w[name].float() if name in w else None, x.float()).to(self.dtype)
+        views = self.layout.views(buf)  # the reference: dequantize, then multiply in float32
+        w = {t.name: t.dequantize(views, self.bits) for t in self.weights}  # [out, in]
+        return math_.forward_with(lambda name, h: F.linear(h, w[name]),
+                                  lambda name: views[name].float() if name in views else None,
+                                  x.float()).to(self.dtype)
 
     def forward_grouped(self, math_: ExpertMath, slab: torch.Tensor, index: list[int], counts: list[int],
                         x: torch.Tensor) -> torch.Tensor:
         """Rows `x` [S, D] grouped by expert, `counts[i]` of them for the expert in slot `index[i]` of `slab`
         [k, nbytes]: one kernel call per projection for all of them. Returns [S, D] in the compute dtype."""
-        layout, stride = self.compute_layout, slab.stride(0)
-        offsets = {e.name: e.offset for e in layout.entries}
-        by_name = {t.name: t for t in self.weights}
+        stride = slab.stride(0)
+        stacked: dict[str, torch.Tensor] = {}  # strided views of the slots, made only when needed
 
-        stacked = layout.stacked_views(slab)
+        def views() -> dict[str, torch.Tensor]:
+            if not stacked:
+                stacked.update(self.compute_layout.stacked_views(slab))
+            return stacked
 
         def linear(name: str, h: torch.Tensor) -> torch.Tensor:
-            t = by_name[name]
+            t = self._by_name[name]
             if self.kernels.fast(self.compute_bits, t.in_features, self.group_size):
-                return self.kernels.qmm_grouped(
-                    self.compute_bits, t.out_features, t.in_features, self.group_size, h, slab, stride,
-                    (offsets[f"{name}.q"], offsets[f"{name}.scale"], offsets[f"{name}.zero"]), index, counts)
+                return self.kernels.qmm_grouped(self.compute_bits, t.out_features, t.in_features, self.group_size, h,
+                                                slab, stride, self._offsets[name], index, counts)
             # shapes the kernel does not take (tiny models, groups across rows): dequantize each expert once
-            parts = h.split(counts)
-            return torch.cat([F.linear(part, t.dequantize({k: v[i] for k, v in stacked.items()}, self.compute_bits))
-                              for i, part in zip(index, parts)])
+            return torch.cat([F.linear(part, t.dequantize({k: v[i] for k, v in views().items()}, self.compute_bits))
+                              for i, part in zip(index, h.split(counts))])
 
-        rows = None
-        if self.biases:
-            rows = torch.repeat_interleave(torch.tensor(index), torch.tensor(counts))  # [S] slot of each row
+        rows = torch.repeat_interleave(torch.tensor(index), torch.tensor(counts)) if self.biases else None  # [S]
 
         def bias(name: str) -> torch.Tensor | None:
-            return stacked[name][rows].float() if rows is not None and name in stacked else None
+            return views()[name][rows].float() if rows is not None and name in views() else None
 
         return math_.forward_with(linear, bias, x.float()).to(self.dtype)
-
-
-def _transposed(fmt: HQQExpertFormat, name: str) -> bool:
-    # decode() gives weights in the checkpoint's orientation; F.linear wants [out, in]
-    return any(t.name == name and t.transposed for t in fmt.weights)
 
 
 # -- attention ----------------------------------------------------------------------------------------------
@@ -325,47 +325,44 @@ class PackedLinear(nn.Module):
         self.bits, self.group = bits, group
         self.spec = QuantizedTensor("weight", tuple(weight.shape), False, bits, group)
         on_cpu = weight.device.type == "cpu"
+        if isinstance(kernels, CpuKernels) and not on_cpu:
+            kernels = None
         if isinstance(kernels, TinyGemm) and (on_cpu or not (
                 kernels.supports(bits, self.out_features, self.in_features, group)
                 and kernels.verified(self.out_features, self.in_features, group))):
             kernels = None
-        self.kernels = kernels if (on_cpu and isinstance(kernels, CpuKernels)) or isinstance(kernels, TinyGemm) \
-            else None
+        self.kernels = kernels
         codes, scale, zero = _quantize_flat(weight, bits, group, quantizer_kernels)
-        self.compute_bits = 4 if bits == 3 else bits  # 3-bit codes packed in 4-bit chunks: same values
-        if isinstance(self.kernels, TinyGemm):
-            layout = PackedLayout(self.kernels.specs("weight", self.out_features, self.in_features, group))
-            self.register_buffer("packed", layout.empty(weight.device), persistent=False)
-            self.kernels.fill("weight", codes.to(weight.device), scale.half().to(weight.device),
-                              zero.half().to(weight.device), self.out_features, self.in_features, group,
-                              layout.views(self.packed))
-            self._tile_layout = layout
-        codes = to_kernel_order(codes, self.in_features, group)
-        self.register_buffer("codes", pack(codes, self.compute_bits).to(weight.device), persistent=False)
-        pad = torch.zeros(META_PAD, dtype=torch.float16)
-        self.register_buffer("scale", torch.cat([scale.half(), pad]).to(weight.device), persistent=False)
-        self.register_buffer("zero", torch.cat([zero.half(), pad]).to(weight.device), persistent=False)
+        self.compute_bits = self.spec.compute_bits  # 3-bit codes packed in 4-bit chunks: the same values
+        # codes, scales and zeros in one buffer, laid out as a slot of an expert's tensor is
+        self._layout = PackedLayout(self.spec.compute_specs())
+        self.register_buffer("packed", torch.zeros(self._layout.nbytes, dtype=torch.uint8), persistent=False)
+        views = self._layout.views(self.packed)
+        views["weight.q"].copy_(pack(to_kernel_order(codes, self.in_features, group), self.compute_bits))
+        self.spec.meta(views, "scale").copy_(scale)
+        self.spec.meta(views, "zero").copy_(zero)
+        self._offsets = tuple(e.offset for e in self._layout.entries)  # codes, scale, zero
+        self._fast = isinstance(kernels, CpuKernels) and kernels.fast(self.compute_bits, self.in_features, group)
+        self.compute = "tinygemm" if isinstance(kernels, TinyGemm) else "packed" if self._fast else "dequantize"
+        if isinstance(kernels, TinyGemm):
+            self._tile_layout = PackedLayout(kernels.specs("weight", self.out_features, self.in_features, group))
+            self.register_buffer("tiles", self._tile_layout.empty(weight.device), persistent=False)
+            kernels.fill("weight", codes.to(weight.device), scale.half().to(weight.device), zero.half().to(weight.device),
+                         self.out_features, self.in_features, group, self._tile_layout.views(self.tiles))
+        self.packed = self.packed.to(weight.device)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-
-    def _packed(self) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        # codes, scale and zero addressed from the codes' buffer, as the kernel addresses a slot's tensors
-        base = self.codes
-        return base, (0, self.scale.data_ptr() - base.data_ptr(), self.zero.data_ptr() - base.data_ptr())
 
     def dequantized(self) -> torch.Tensor:
         """The weight [out, in] in float32: what this module multiplies by."""
-        views = {"weight.q": self.codes, "weight.scale": self.scale, "weight.zero": self.zero}
-        return self.spec.dequantize(views, self.compute_bits)
+        return self.spec.dequantize(self._layout.views(self.packed), self.compute_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if isinstance(self.kernels, TinyGemm):
-            y = self.kernels.linear("weight", self._tile_layout.views(self.packed), x2, self.group).float()
-        elif self.kernels is not None and x2.device.type == "cpu" and \
-                self.kernels.fast(self.compute_bits, self.in_features, self.group):
-            base, offsets = self._packed()
-            y = self.kernels.qmm_grouped(self.compute_bits, self.out_features, self.in_features, self.group, x2, base,
-                                         0, offsets, _ONE_SLOT, [x2.shape[0]])
+            y = self.kernels.linear("weight", self._tile_layout.views(self.tiles), x2, self.group).float()
+        elif self._fast and x2.device.type == "cpu":
+            y = self.kernels.qmm_grouped(self.compute_bits, self.out_features, self.in_features, self.group, x2,
+                                         self.packed, 0, self._offsets, _ONE_SLOT, [x2.shape[0]])
         else:
             y = F.linear(x2.float(), self.dequantized())
         if self.bias is not None:
@@ -374,7 +371,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group={self.group}, compute={getattr(self.kernels, 'name', 'packed') if self.kernels else 'dequantize'}")
+                f"group={self.group}, compute={self.compute}")
 
 
 def attention_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:

@@ -135,27 +135,29 @@ class ExpertRuntime:
     def local_stats(self) -> RuntimeStats:
         """This process's slots and the predictions it made (for every owner), per layer: workers' own caches are
         counted in `stats()` and per worker by the remote plane."""
-        layers: dict[int, ExpertCounters] = defaultdict(ExpertCounters)
-        for per_layer in (self.local.counters(), self._prediction):
-            for layer, counters in list(per_layer.items()):
-                layers[layer] = layers[layer] + counters
-        return RuntimeStats(dict(layers), {LOCAL: self.local.describe()})
+        return RuntimeStats(_merged([self.local.counters(), self._prediction]), {LOCAL: self.local.describe()})
 
     def stats(self) -> RuntimeStats:
         """Counters per layer (local slots, workers' own slots, prediction) and per backend."""
-        layers: dict[int, ExpertCounters] = defaultdict(ExpertCounters)
         sources = [self.local.counters(), self._prediction]
         if self.remote is not None:
             sources.append(self.remote.counters())
-        for per_layer in sources:
-            for layer, counters in list(per_layer.items()):
-                layers[layer] = layers[layer] + counters
+        layers = _merged(sources)
         backends = {LOCAL: self.local.describe()}
         if self.remote is not None:
             backends.update(self.remote.describe())
-        return RuntimeStats(dict(layers), backends)
+        return RuntimeStats(layers, backends)
 
     def close(self) -> None:
         if self.remote is not None:
             self.remote.close()
         self.local.close()
+
+
+def _merged(sources: list[dict[int, ExpertCounters]]) -> dict[int, ExpertCounters]:
+    """Per-layer counters of several sources added together."""
+    layers: dict[int, ExpertCounters] = defaultdict(ExpertCounters)
+    for per_layer in sources:
+        for layer, counters in list(per_layer.items()):
+            layers[layer] = layers[layer] + counters
+    return dict(layers)

@@ -45,7 +45,7 @@
 
 #define MS_CHUNK 16  /* bytes per chunk of codes */
 
-int ms_version(void) { return 9; }
+int ms_version(void) { return 10; }
 int ms_has_avx2(void) { return MS_AVX2; }
 
 /* The code of flat index i in a tensor packed at `bits`. */
@@ -148,12 +148,17 @@ void ms_widen3(const uint8_t *lo2, const uint8_t *hi1, int64_t numel, uint8_t *o
  * ------------------------------------------------------------------------------------------------------- */
 
 #if MS_AVX2
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+/* The 8 lanes of a vector reduced to one float by `op` (add, min, max): hsum256, hmin256, hmax256. */
+#define MS_HREDUCE(name, op)                                                                                 \
+    static inline float name(__m256 v) {                                                                     \
+        __m128 s = _mm_##op##_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));                    \
+        s = _mm_##op##_ps(s, _mm_movehl_ps(s, s));                                                           \
+        return _mm_cvtss_f32(_mm_##op##_ss(s, _mm_movehdup_ps(s)));                                          \
+    }
+MS_HREDUCE(hsum256, add)
+MS_HREDUCE(hmin256, min)
+MS_HREDUCE(hmax256, max)
+#undef MS_HREDUCE
 
 /* A mask of the lanes below n (0 < n < 8). */
 static inline __m256 lanes_below(int64_t n) {
@@ -434,19 +439,6 @@ static inline __m256 pow_pos(__m256 x, float p) {
     return _mm256_mul_ps(q, _mm256_castsi256_ps(ex));
 }
 
-static inline float hmin256(__m256 v) {
-    __m128 s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_min_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_min_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float hmax256(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 #endif
 
 static inline float pow_pos_scalar(float x, float p) { return powf(x, p); }
