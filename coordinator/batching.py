@@ -159,6 +159,22 @@ class _Request:
     finish: str | None = None
 
 
+class Place:
+    """A place in a `Batcher`'s batch or queue, from `Batcher.hold`: taken by `generate`, or released (both once)."""
+
+    def __init__(self, batcher: Batcher):
+        self.batcher, self.open = batcher, True
+
+    def take(self) -> bool:
+        if not self.open:
+            return False
+        self.open = False
+        self.batcher._held -= 1
+        return True
+
+    release = take
+
+
 @dataclass
 class StepStats:
     steps: int = 0
@@ -187,6 +203,7 @@ class Batcher:
         self._hooks = []
         self._durations: deque[float] = deque(maxlen=64)  # recent request durations, for Retry-After
         self._attention: str | None = None  # the model's own attention while the per-sequence one is in use
+        self._held = 0  # places held by `hold` for requests not yet in `live`
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.num_blocks = max(1, math.ceil(self.cfg.cache_tokens(engine.context_length) / self.cfg.page_size))
@@ -314,7 +331,15 @@ class Batcher:
 
     @property
     def full(self) -> bool:
-        return len(self.live) >= self.cfg.max_batch + self.cfg.max_queue
+        return len(self.live) + self._held >= self.cfg.max_batch + self.cfg.max_queue
+
+    def hold(self) -> Place:
+        """A place in the batch or its queue, held from now until `generate` takes it or it is released: a server
+        answers 200 only once its request holds one (on the event loop). Raises `Overloaded` when none is left."""
+        if self.full:
+            raise Overloaded(self.full_message(), self.retry_after_s())
+        self._held += 1
+        return Place(self)
 
     def full_message(self) -> str:
         return (f"the server is at capacity ({self.cfg.max_batch} sequences in the batch and {self.cfg.max_queue} "
@@ -328,18 +353,20 @@ class Batcher:
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        on_text: Callable[[str], None] | None = None,
                        on_first_token: Callable[[], None] | None = None,
-                       interrupt: threading.Event | None = None) -> GenerationResult:
+                       interrupt: threading.Event | None = None, place: Place | None = None) -> GenerationResult:
         """Decode one request in the shared batch: `on_text` gets its text as it is decoded, `on_first_token` is
         called when its first token exists. Cancelling the awaiting task takes the request out of the batch at
         the next step; setting `interrupt` does too, and returns what was decoded (finish "stop"). Raises
-        `Overloaded` when the batch and queue are full, `GenerationFailed` when a step it was in failed."""
+        `Overloaded` when the batch and queue are full (unless `place`, from `hold`, is given), `GenerationFailed`
+        when a step it was in failed."""
+        held = place is not None and place.take()
         if not prompt_ids:
             raise ValueError("the prompt is empty: expected at least one token")
         context = self.engine.context_length
         if context and len(prompt_ids) + params.max_new_tokens > context:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                              f"the model's context length of {context} tokens")
-        if self.full:
+        if not held and self.full:
             raise Overloaded(self.full_message(), self.retry_after_s())
         loop = asyncio.get_running_loop()
         rid = f"r-{uuid.uuid4().hex}"

@@ -212,8 +212,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                    help="a connection that has not sent a whole request head within this is closed (default 10)")
     g.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="a request body not received within this after its head gets 408 (default 60)")
-    g.add_argument("--max-connections", type=_positive_int, default=64, metavar="N",
-                   help="connections past this get 503 and are closed before anything is read (default 64)")
+    g.add_argument("--max-connections", type=_positive_int, default=256, metavar="N",
+                   help="open connections at most; one more closes the oldest that has not sent its request yet, or "
+                        "gets 503 when all are in requests (8 more are kept for /health) (default 256)")
+    g.add_argument("--max-connections-per-client", type=_positive_int, default=128, metavar="N",
+                   help="the same, per client address (default 128)")
     add_batching_args(p)
     g = p.add_argument_group("requests")
     g.add_argument("--max-queue", type=_nonnegative_int, default=64, metavar="N",

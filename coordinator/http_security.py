@@ -9,6 +9,7 @@ the API's own routes are logged as "<other path>", headers and bodies never.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hmac
 import json
@@ -29,6 +30,11 @@ from ..offload_core.settings import API_KEY_ENV, api_key_from_env
 
 logger = logging.getLogger(__name__)
 
+MAX_HEADERS = 100  # a request with more headers gets 431
+MAX_HEADER_BYTES = 32 << 10  # ... or with more bytes of header names and values in all
+DRAIN_BYTES = 16 << 20  # read and dropped after a too-large body's 413 is decided, so the client sees it ...
+DRAIN_S = 5.0  # ... for at most this long
+DRAIN_IDLE_S = 0.5  # ... and while the client keeps sending
 PROMPT_CHARS_PER_TOKEN = 16  # the default prompt limit per token of context: far above any tokenizer's average
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -46,7 +52,8 @@ class ServeConfig:
     max_prompt_chars: int | None = None  # longer prompts get 400 before tokenizing; None: 16 per token of context
     header_timeout_s: float = 10.0  # a connection that owes a request head longer than this is closed
     body_timeout_s: float = 60.0  # a request body not fully received this long after its head gets 408
-    max_connections: int = 64  # connections past this are answered 503 and closed before anything is read
+    max_connections: int = 256  # past this, a new connection sheds the oldest that owes its request head, or gets 503
+    max_connections_per_client: int = 128  # the same, per client address
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -70,7 +77,8 @@ class ServeConfig:
                 raise ValueError(f"--tls-cert {str(self.tls_cert)!r} / --tls-key {str(self.tls_key)!r}: cannot load "
                                  f"them as a PEM certificate chain and its unencrypted private key ({exc})") from None
         for name, flag in (("max_body_bytes", "--max-body-bytes"), ("max_prompt_chars", "--max-prompt-chars"),
-                           ("max_connections", "--max-connections")):
+                           ("max_connections", "--max-connections"),
+                           ("max_connections_per_client", "--max-connections-per-client")):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} ({flag}) must be >= 1, got {value}")
@@ -92,7 +100,8 @@ def serve_config(args) -> ServeConfig:
                        insecure_no_api_key=args.insecure_no_api_key, public_metrics=args.public_metrics,
                        tls_cert=args.tls_cert, tls_key=args.tls_key, max_body_bytes=args.max_body_bytes,
                        max_prompt_chars=args.max_prompt_chars, header_timeout_s=args.header_timeout,
-                       body_timeout_s=args.body_timeout, max_connections=args.max_connections)
+                       body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+                       max_connections_per_client=args.max_connections_per_client)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -177,21 +186,35 @@ class HttpGuard:
                         (time.perf_counter() - start) * 1e3)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
-        authorized = self.key is None or hmac.compare_digest(_bearer_token(scope["headers"]), self.key)
+        if scope.get("state", {}).get(RESERVE) and scope["path"] != "/health":
+            await self._refuse(send, "busy", what, 503, "too many connections: try again later (this connection "
+                               "holds one of those kept for /health)", "server_error", "server_busy")
+            return
+        headers = scope["headers"]
+        if len(headers) > MAX_HEADERS or sum(len(n) + len(v) for n, v in headers) > MAX_HEADER_BYTES:
+            await self._refuse(send, "headers_too_large", what, 431, f"too many or too large headers: at most "
+                               f"{MAX_HEADERS} headers of {MAX_HEADER_BYTES} bytes in all", "invalid_request_error",
+                               "headers_too_large")
+            return
+        if _content_length(headers) is not None and any(n == b"transfer-encoding" for n, _ in headers):
+            await self._refuse(send, "ambiguous_length", what, 400, "a request may carry Content-Length or "
+                               "Transfer-Encoding, not both", "invalid_request_error", "invalid_request")
+            return
+        authorized = self.key is None or hmac.compare_digest(_bearer_token(headers), self.key)
         scope.setdefault("state", {})["authorized"] = authorized  # /health tells more to a caller with the key
         if not authorized and scope["path"] not in self.open_paths:
             await self._refuse(send, "unauthorized", what, 401, "missing or wrong API key: send the header "
                                f"'Authorization: Bearer <key>' with the server's key (--api-key or {API_KEY_ENV})",
                                "invalid_request_error", "invalid_api_key", ((b"www-authenticate", b"Bearer"),))
             return
-        declared = _content_length(scope["headers"])
+        declared = _content_length(headers)
         if declared is not None and declared > self.cfg.max_body_bytes:
-            await self._too_large(send, what, f"{declared} bytes")
+            await self._too_large(send, receive, what, f"{declared} bytes")
             return
         try:
             body = await asyncio.wait_for(self._read_body(receive), self.cfg.body_timeout_s)
         except _BodyTooLarge:
-            await self._too_large(send, what, "more bytes")
+            await self._too_large(send, receive, what, "more bytes")
             return
         except asyncio.TimeoutError:
             await self._refuse(send, "body_timeout", what, 408, f"the request body did not arrive within "
@@ -216,7 +239,11 @@ class HttpGuard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _too_large(self, send: Send, what: str, size: str) -> None:
+    async def _too_large(self, send: Send, receive: Receive, what: str, size: str) -> None:
+        """413, after reading (and dropping) up to `DRAIN_BYTES` more of the body for at most `DRAIN_S`: a client that
+        writes its whole body before reading (Python's http.client, urllib) then reads the 413 instead of a reset."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_drain(receive, DRAIN_BYTES), DRAIN_S)
         await self._refuse(send, "body_too_large", what, 413, f"the request body ({size}) is larger than this "
                            f"server's limit of {self.cfg.max_body_bytes} bytes (--max-body-bytes)",
                            "invalid_request_error", "request_too_large")
@@ -237,6 +264,20 @@ def log_unexpected(log: logging.Logger, what: str, exc: Exception) -> None:
     truncated and quoted (control characters escaped), and chained exceptions are left out."""
     stand_in = UnexpectedError(f"{type(exc).__name__}: {str(exc)[:200]!r}")
     log.error("unexpected error %s", what, exc_info=(UnexpectedError, stand_in, exc.__traceback__))
+
+
+async def _drain(receive: Receive, limit: int) -> None:
+    """Reads the request's body until it ends, the client leaves, `limit` bytes have been dropped or nothing has
+    come for `DRAIN_IDLE_S`."""
+    dropped = 0
+    while dropped <= limit:
+        try:
+            message = await asyncio.wait_for(receive(), DRAIN_IDLE_S)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+        dropped += len(message.get("body", b""))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -276,48 +317,107 @@ def _client(scope: Scope) -> str:
 _BUSY = error_body("too many connections: try again later", "server_error", None, "server_busy")
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: "
                  + str(len(_BUSY)).encode() + b"\r\nconnection: close\r\n\r\n" + _BUSY)
+RESERVE = "moeshard.reserve"  # in a request's scope["state"]: its connection holds one of the slots kept for /health
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol without its access log, and with two bounds it lacks. A deadline for the request
-    head: uvicorn's keep-alive timer only runs between requests and restarts on every byte, so a client sending
-    a head byte by byte held a connection forever. And a cap on connections: past `max_connections`, a new one
-    gets 503 and is closed before anything is read. uvicorn builds one per connection: `limits` arrives through
-    `functools.partial`."""
+    """uvicorn's h11 protocol without its access log, and with the bounds on connections it lacks, so that idle or
+    slow sockets cannot keep anyone else out:
+
+    - a deadline for the request head (uvicorn's keep-alive timer only runs between requests and restarts on every
+      byte, so a head sent byte by byte held a connection for ever), and a shorter one for a new connection's first
+      byte;
+    - `max_connections` in all and `max_connections_per_client` per client address. A connection past either cap
+      sheds the oldest connection that has owed a request head for `SHED_AFTER_S` (of its own address, or of the
+      address holding the most) instead of being refused: a socket that has not sent its request costs nothing to
+      drop, and a client that sends its request at once is never the one shed;
+    - when no connection can be shed (all are in requests), `HEALTH_RESERVE` more are accepted for /health alone:
+      any other request on them gets 503 (`HttpGuard` reads the mark), so /health answers whatever the load.
+
+    uvicorn builds one per connection: `limits` arrives through `functools.partial`."""
+
+    HEALTH_RESERVE = 8
+    FIRST_BYTE_S = 2.0  # a new connection that has sent nothing this long is closed (at most header_timeout_s)
+    SHED_AFTER_S = 0.5  # a connection that has owed its request head this long may be shed for a new one
 
     def __init__(self, *args, limits: ServeConfig, refusals: Counter, **kwargs):
         super().__init__(*args, **kwargs)
         self.access_log = False  # uvicorn's access line holds the path as the client wrote it; HttpGuard logs instead
         self.limits, self.refusals = limits, refusals
         self.head_deadline: asyncio.TimerHandle | None = None
+        self.opened = self.idle_since = 0.0
+        self.awaiting_first_byte = True
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections:
-            self.refusals.labels("busy").inc()
-            logger.warning("refused a connection: %d open, the limit is %d (--max-connections)",
-                           len(self.connections) - 1, self.limits.max_connections)
-            transport.write(BUSY_RESPONSE)
-            transport.close()
+        self.opened = self.idle_since = self.loop.time()
+        mine = [c for c in self.connections if c is not self and _host(c) == _host(self)]
+        if len(mine) >= self.limits.max_connections_per_client and not self._shed(mine):
+            self._refuse(f"{len(mine)} open from one client, the limit is {self.limits.max_connections_per_client} "
+                         "(--max-connections-per-client)")
             return
+        others = [c for c in self.connections if c is not self]
+        if len(others) >= self.limits.max_connections and not self._shed(_busiest_first(others)):
+            if len(others) >= self.limits.max_connections + self.HEALTH_RESERVE:
+                self._refuse(f"{len(others)} open, the limit is {self.limits.max_connections} (--max-connections) "
+                             f"and the {self.HEALTH_RESERVE} kept for /health are taken")
+                return
+            self.app_state = {**self.app_state, RESERVE: True}  # copied into each request's scope["state"]
         self.watch_head()
+
+    def _shed(self, candidates: list) -> bool:
+        """Closes the oldest of `candidates` that has owed a request head for `SHED_AFTER_S`; False when none has."""
+        idle = [c for c in candidates if isinstance(c, GuardedH11Protocol) and c.sheddable()]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.opened)
+        self.refusals.labels("shed").inc()
+        logger.debug("closed a connection that owed its request head, to make room for a new one")
+        victim.stop_watch()
+        victim.transport.close()
+        victim.connections.discard(victim)  # counted out now: its connection_lost comes on a later loop turn
+        return True
+
+    def _refuse(self, why: str) -> None:
+        self.refusals.labels("busy").inc()
+        logger.warning("refused a connection: %s", why)
+        self.connections.discard(self)
+        self.transport.write(BUSY_RESPONSE)
+        self.transport.close()
+
+    def sheddable(self) -> bool:
+        """Between requests for `SHED_AFTER_S` at least: no head has arrived (h11's IDLE: a new connection or a
+        kept-alive one), no reply is being sent. (A client that has just connected is about to send its head.)"""
+        return (self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
+                and not self.transport.is_closing() and self.loop.time() - self.idle_since >= self.SHED_AFTER_S)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.idle_since = self.loop.time()  # kept alive, it owes the next request's head from now
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        self.watch_head()
+        first, self.awaiting_first_byte = self.awaiting_first_byte, False
+        self.watch_head(first_bytes=first)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_watch()
         super().connection_lost(exc)
 
-    def watch_head(self) -> None:
+    def watch_head(self, first_bytes: bool = False) -> None:
         """The deadline runs while the client owes a request head (h11's IDLE: a new connection, or the first
-        bytes of the next request on a kept-alive one) and stops once a whole head has arrived."""
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            if self.head_deadline is None:
-                self.head_deadline = self.loop.call_later(self.limits.header_timeout_s, self.head_timed_out)
-        else:
+        bytes of the next request on a kept-alive one) and stops once a whole head has arrived. A new connection
+        has `FIRST_BYTE_S` for its first byte and `header_timeout_s` from its opening for the whole head."""
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
             self.stop_watch()
+        elif first_bytes:  # a new connection's first bytes came: the rest of the head's own deadline
+            self.stop_watch()
+            self.head_deadline = self.loop.call_at(self.opened + self.limits.header_timeout_s, self.head_timed_out)
+        elif self.head_deadline is None:  # a new connection, or the next request on a kept-alive one has begun
+            delay = self.limits.header_timeout_s
+            if self.awaiting_first_byte:
+                delay = min(self.FIRST_BYTE_S, delay)
+            self.head_deadline = self.loop.call_later(delay, self.head_timed_out)
 
     def stop_watch(self) -> None:
         if self.head_deadline is not None:
@@ -328,6 +428,25 @@ class GuardedH11Protocol(H11Protocol):
         self.head_deadline = None
         if not self.transport.is_closing():
             self.refusals.labels("header_timeout").inc()
-            logger.debug("closed a connection that sent no whole request head within %g s",
-                         self.limits.header_timeout_s)
+            logger.debug("closed a connection that sent no whole request head in time")
             self.transport.close()
+
+
+def _host(protocol) -> str | None:
+    client = getattr(protocol, "client", None)
+    return client[0] if client else None
+
+
+def _busiest_first(connections: list) -> list:
+    """The connections of the client address that holds the most among those with one to shed."""
+    idle: dict[str | None, int] = {}
+    for c in connections:
+        if isinstance(c, GuardedH11Protocol) and c.sheddable():
+            idle[_host(c)] = 0
+    for c in connections:
+        if _host(c) in idle:
+            idle[_host(c)] += 1
+    if not idle:
+        return []
+    host = max(idle, key=idle.get)
+    return [c for c in connections if _host(c) == host]

@@ -26,12 +26,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from .batching import BatchConfig, Batcher, Overloaded
+from .batching import BatchConfig, Batcher, Overloaded, Place
 from .engine import Engine, GenerationResult, SamplingParams
 from .http_security import (PROMPT_CHARS_PER_TOKEN, GuardedH11Protocol, HttpGuard, ServeConfig, error_body,
                             log_unexpected)
@@ -39,6 +40,10 @@ from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
+# Lists are bounded before a request is validated (validating 110,000 messages took 0.5 s of the event loop):
+LIST_LIMITS = {"messages": 4096, "stop": 4, "prompt": 1 << 17, "logit_bias": 300, "tools": 128}
+MAX_CONTENT_PARTS = 256  # text parts in one message's content
+LARGE_BODY = 256 << 10  # bodies past this are parsed and validated on a thread, one at a time
 GREEDY_BELOW = 1e-5  # smaller temperatures decode greedily (their limit): dividing logits by 5e-324 gives inf/NaN
 MAX_STOP_CHARS = 256  # per stop string: transformers' stop-string tables grow with vocabulary size x length
 
@@ -99,7 +104,9 @@ _NoBias = _only("null or {}", None, {})
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # an unknown parameter is refused, never silently ignored
+    # an unknown parameter is refused, never silently ignored; types are JSON's own ("12" is not a number, "yes"
+    # not a boolean; an integer is a number)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Request):
@@ -186,6 +193,30 @@ class _StopFilter:
         return out
 
 
+def _parse_body(body: bytes, model: type[BaseModel]) -> BaseModel:
+    """A request body as `model`: JSON, its lists' lengths checked before anything is validated. (The standard
+    parser, so that a lone surrogate or a NaN reaches validation, which names the field.)"""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"request body: expected a JSON object, got {type(data).__name__}")
+    for name, limit in LIST_LIMITS.items():
+        value = data.get(name)
+        if isinstance(value, (list, dict)) and len(value) > limit:
+            raise APIError(400, f"{name}: {len(value)} items, more than this server takes ({limit})", param=name)
+    for i, message in enumerate(data.get("messages") or ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and len(content) > MAX_CONTENT_PARTS:
+            raise APIError(400, f"messages.{i}.content: {len(content)} parts, more than this server takes "
+                                f"({MAX_CONTENT_PARTS})", param=f"messages.{i}.content")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
 def _sse(chunk: dict) -> str:
     return f"data: {json.dumps(chunk)}\n\n"
 
@@ -201,6 +232,7 @@ class OpenAIService:
         self.created = int(time.time())
         self.max_prompt_chars = cfg.prompt_char_limit(engine.context_length)
         self.max_tokens = max_tokens  # the most a request may ask for (--max-tokens); None: the context
+        self._large_bodies = asyncio.Semaphore(1)  # large bodies are parsed on a thread, one at a time
 
     def _on_step(self, sequences: int, tokens: int, seconds: float) -> None:  # on the batching thread
         self.metrics.batch_size.observe(sequences)
@@ -209,6 +241,15 @@ class OpenAIService:
         self.metrics.queue_depth.observe(self.batcher.queued)
 
     # -- helpers ------------------------------------------------------------------------------
+    async def parse(self, request: Request, model: type[BaseModel]):
+        """The request's body as `model`. A large one is parsed on a thread, one at a time, so the event loop (and
+        /health) waits for at most one parse."""
+        body = await request.body()
+        if len(body) <= LARGE_BODY:
+            return _parse_body(body, model)
+        async with self._large_bodies:
+            return await asyncio.to_thread(_parse_body, body, model)
+
     def check_model(self, name: str) -> None:
         if name != self.engine.name:
             raise APIError(404, f"the model {name[:100]!r} does not exist: this server serves {self.engine.name!r}",
@@ -221,9 +262,9 @@ class OpenAIService:
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options: only allowed with stream: true", param="stream_options")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        if len(stop) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
-            raise APIError(400, f"stop: expected up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters",
-                           param="stop")
+        if len(stop) > LIST_LIMITS["stop"] or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+            raise APIError(400, f"stop: expected up to {LIST_LIMITS['stop']} non-empty strings of at most "
+                                f"{MAX_STOP_CHARS} characters", param="stop")
         temperature = req.temperature if req.temperature >= GREEDY_BELOW else 0.0
         return SamplingParams(max_new_tokens=max_tokens or 16, temperature=temperature, top_p=req.top_p,
                               seed=req.seed, stop=stop)
@@ -263,25 +304,24 @@ class OpenAIService:
             if stats.get("decode_tok_s") is not None:
                 self.metrics.stream_tok_s.observe(stats["decode_tok_s"])
 
-    def admit(self, endpoint: str) -> None:
-        """Before a reply starts: 429 with Retry-After while the batch and its queue are full."""
-        if self.batcher.full:
-            self.metrics.requests.labels(endpoint, "rejected").inc()
-            self.metrics.rejections.labels("overloaded").inc()
-            raise APIError(429, self.batcher.full_message(), "server_overloaded", code="server_overloaded",
-                           headers={"Retry-After": str(self.batcher.retry_after_s())})
-
-    async def generate(self, prompt_ids, params, endpoint: str, on_text=None, on_first_token=None) -> GenerationResult:
-        """One request through the batch, counted by outcome. Cancelling the calling task (its client went away)
-        takes it out of the batch at the next step."""
-        start = time.perf_counter()
+    def admit(self, endpoint: str) -> Place:
+        """Before a reply starts: a place in the batch or its queue, held for this request; 429 with Retry-After
+        while none is left. A stream is answered 200 only once it holds its place."""
         try:
-            result = await self.batcher.generate(prompt_ids, params, on_text, on_first_token)
+            return self.batcher.hold()
         except Overloaded as exc:
             self.metrics.requests.labels(endpoint, "rejected").inc()
             self.metrics.rejections.labels("overloaded").inc()
             raise APIError(429, str(exc), "server_overloaded", code="server_overloaded",
                            headers={"Retry-After": str(exc.retry_after_s)}) from None
+
+    async def generate(self, prompt_ids, params, endpoint: str, place: Place, on_text=None,
+                       on_first_token=None) -> GenerationResult:
+        """One request through the batch in its held `place`, counted by outcome. Cancelling the calling task (its
+        client went away) takes it out of the batch at the next step."""
+        start = time.perf_counter()
+        try:
+            result = await self.batcher.generate(prompt_ids, params, on_text, on_first_token, place=place)
         except asyncio.CancelledError:
             self.finished(endpoint, "cancelled")
             raise
@@ -292,14 +332,15 @@ class OpenAIService:
         self.finished(endpoint, "ok", result)
         return result
 
-    async def run(self, request: Request, prompt_ids, params, endpoint: str) -> GenerationResult:
+    async def run(self, request: Request, prompt_ids, params, endpoint: str, place: Place) -> GenerationResult:
         """A non-streaming request: generated while its connection is watched; if the client disconnects first,
         its generation is cancelled (and nothing is sent)."""
-        task = asyncio.ensure_future(self.generate(prompt_ids, params, endpoint))
+        task = asyncio.ensure_future(self.generate(prompt_ids, params, endpoint, place))
         watcher = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            place.release()  # if the task never started
             watcher.cancel()
             if not task.done():  # the client left (or this handler was cancelled): the request leaves the batch
                 task.cancel()
@@ -309,8 +350,8 @@ class OpenAIService:
             raise APIError(499, "the client closed the connection before the reply", "client_closed")
         return task.result()
 
-    def stream(self, prompt_ids, params, endpoint: str, *, base: dict, make_chunk, final_chunk, include_usage: bool,
-               prefix: str = "", first_chunk=None) -> StreamingResponse:
+    def stream(self, prompt_ids, params, endpoint: str, place: Place, *, base: dict, make_chunk, final_chunk,
+               include_usage: bool, prefix: str = "", first_chunk=None) -> StreamingResponse:
         """Server-sent events: `prefix` (an echoed prompt), `first_chunk` (chat: the assistant's role, as soon as the
         first token exists), the text as it comes, the final chunk, then the usage: alone in a chunk with no
         choices when `include_usage` (OpenAI's form), else on the final chunk."""
@@ -319,11 +360,10 @@ class OpenAIService:
 
         async def produce():
             try:
-                result = await self.generate(prompt_ids, params, endpoint, lambda text: queue.put_nowait(("text", text)),
+                result = await self.generate(prompt_ids, params, endpoint, place,
+                                             lambda text: queue.put_nowait(("text", text)),
                                              lambda: queue.put_nowait(("first",)))
                 queue.put_nowait(("done", result))
-            except APIError as exc:  # 429: the batch filled up between the request's checks and its start
-                queue.put_nowait(("error", exc.message, exc.type))
             except Exception as exc:  # reported to the client in-stream; the server keeps serving
                 log_unexpected(logger, f"streaming {endpoint}", exc)
                 queue.put_nowait(("error", str(exc), "server_error"))
@@ -362,8 +402,10 @@ class OpenAIService:
                     task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+                place.release()  # if the task never started
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        # the background task runs even when the client left before the stream began
+        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(place.release))
 
     # -- endpoints ----------------------------------------------------------------------------
     async def models(self):
@@ -388,7 +430,8 @@ class OpenAIService:
     async def metrics_endpoint(self):
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def completions(self, req: CompletionRequest, request: Request):
+    async def completions(self, request: Request):
+        req = await self.parse(request, CompletionRequest)
         self.check_model(req.model)
         if isinstance(req.prompt, list):
             if len(req.prompt) != 1:
@@ -400,22 +443,23 @@ class OpenAIService:
         params = self.params_for(req, req.max_tokens)
         prompt_ids = await asyncio.to_thread(self.engine.encode_prompt, prompt)
         self.check_context(prompt_ids, params, "prompt")
-        self.admit("completions")
+        place = self.admit("completions")
         echo = prompt if req.echo else ""
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": now, "model": self.engine.name}
         if req.stream:
-            return self.stream(prompt_ids, params, "completions", base=base, prefix=echo,
+            return self.stream(prompt_ids, params, "completions", place, base=base, prefix=echo,
                                include_usage=req.include_usage,
                                make_chunk=lambda text: {**base, "choices": [{"text": text, "index": 0, "logprobs": None,
                                                                              "finish_reason": None}]},
                                final_chunk=lambda r: {**base, "choices": [{"text": "", "index": 0, "logprobs": None,
                                                                            "finish_reason": r.finish_reason}]})
-        result = await self.run(request, prompt_ids, params, "completions")
+        result = await self.run(request, prompt_ids, params, "completions", place)
         return {**base, "choices": [{"text": echo + result.text, "index": 0, "logprobs": None,
                                      "finish_reason": result.finish_reason}], "usage": self.usage(result)}
 
-    async def chat_completions(self, req: ChatCompletionRequest, request: Request):
+    async def chat_completions(self, request: Request):
+        req = await self.parse(request, ChatCompletionRequest)
         self.check_model(req.model)
         params = self.params_for(req, req.max_completion_tokens or req.max_tokens)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
@@ -425,7 +469,7 @@ class OpenAIService:
         except TemplateError as exc:  # e.g. roles that do not alternate as the template requires
             raise APIError(400, f"messages: the model's chat template refused them: {exc}", param="messages") from None
         self.check_context(prompt_ids, params, "messages")
-        self.admit("chat")
+        place = self.admit("chat")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": self.engine.name}
         if req.stream:
@@ -436,11 +480,11 @@ class OpenAIService:
                 return {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                              "finish_reason": None}]}
 
-            return self.stream(prompt_ids, params, "chat", base=base, make_chunk=chunk, include_usage=req.include_usage,
-                               first_chunk=role,
+            return self.stream(prompt_ids, params, "chat", place, base=base, make_chunk=chunk,
+                               include_usage=req.include_usage, first_chunk=role,
                                final_chunk=lambda r: {**base, "choices": [{"index": 0, "delta": {},
                                                                            "finish_reason": r.finish_reason}]})
-        result = await self.run(request, prompt_ids, params, "chat")
+        result = await self.run(request, prompt_ids, params, "chat", place)
         return {**base, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": result.finish_reason}], "usage": self.usage(result)}

@@ -176,6 +176,29 @@ def test_full_batch_and_queue_refuse_with_retry_after(engine, batcher):
     assert len(first.token_ids) == 40 and len(second.token_ids) == 4
 
 
+def test_a_held_place_is_kept_for_its_request(engine, batcher):
+    """A server answers 200 only once its request holds a place: the place counts as taken until `generate` uses it
+    (never "at capacity" after admission), and a released place is free again."""
+    b = batcher(max_batch=1, max_queue=0)
+    ids = engine.encode_prompt(PROMPTS[0])
+
+    async def run():
+        place = b.hold()
+        assert b.full
+        with pytest.raises(Overloaded):
+            b.hold()
+        with pytest.raises(Overloaded):
+            await b.generate(ids, greedy(2))
+        result = await b.generate(ids, greedy(3), place=place)
+        other = b.hold()
+        other.release()
+        other.release()  # once only
+        return result, b.full
+
+    result, full_after = asyncio.run(run())
+    assert len(result.token_ids) == 3 and not full_after
+
+
 @pytest.mark.slow
 def test_a_failed_step_fails_its_requests_and_the_loop_restarts(engine, batcher):
     b = batcher(max_batch=4)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+
 import ipaddress
+from http.client import HTTPConnection
 import json
 import logging
 import select
@@ -20,12 +22,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import psutil
 import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel
 
 from moeshard.cli import main
 from moeshard.coordinator import commands
@@ -561,24 +565,187 @@ def test_connections_that_never_finish_their_headers_are_closed(keyed):
             sock.close()
 
 
+def slow_body(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A connection in a request: its head sent, its body owed (it holds its slot until --body-timeout)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    sock.sendall(request_head("/v1/completions", {"content-length": "100"}) + b'{"model": ')
+    return sock
+
+
 @pytest.mark.slow
-def test_connections_past_the_limit_get_503_and_service_resumes(engine):
-    cfg = ServeConfig(port=0, max_connections=3, header_timeout_s=1.0)
+def test_idle_and_slow_sockets_cannot_keep_others_out(engine):
+    """Round 3, 1: 70 sockets that never finish their head, re-opened as they are closed, against 16 slots: every
+    /health probe and every completion is served, because a new connection sheds the oldest idle one."""
+    cfg = ServeConfig(port=0, max_connections=16, max_connections_per_client=16)
     with running(engine, cfg) as (base, port):
-        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        stop, opened = threading.Event(), [0]
+
+        def attacker():
+            socks: list[socket.socket] = []
+            while not stop.is_set():
+                socks = [s for s in socks if s.fileno() >= 0 and not _closed(s)]
+                while len(socks) < 70 and not stop.is_set():
+                    try:
+                        sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+                    except OSError:
+                        break
+                    if opened[0] % 2:
+                        sock.sendall(b"GET /health HTTP/1.1\r\nx-slow: ")  # a head that never ends
+                    socks.append(sock)
+                    opened[0] += 1
+                for sock in socks:
+                    with contextlib.suppress(OSError):
+                        sock.send(b"a") if opened[0] % 2 else None
+                time.sleep(0.05)
+            for sock in socks:
+                sock.close()
+
+        thread = threading.Thread(target=attacker, daemon=True)
+        thread.start()
         try:
-            time.sleep(0.1)  # let the server accept them
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            time.sleep(1.0)
+            statuses, latencies = [], []
+            for i in range(20):
+                start = time.monotonic()
+                statuses.append(http("GET", f"{base}/health", timeout=10)[0])
+                latencies.append(time.monotonic() - start)
+                if i % 5 == 0:
+                    statuses.append(http("POST", f"{base}/v1/completions", {"model": engine.name, "prompt": "x",
+                                                                             "max_tokens": 2}, timeout=30)[0])
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+        assert opened[0] > 70  # the attacker kept re-opening what was shed
+        assert statuses == [200] * len(statuses), statuses
+        assert max(latencies) < 2.0, latencies
+
+
+def _closed(sock: socket.socket) -> bool:
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(65536, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_when_every_slot_is_in_a_request_health_still_answers(engine):
+    cfg = ServeConfig(port=0, max_connections=3)
+    with running(engine, cfg) as (base, port):
+        busy = [slow_body(port) for _ in range(3)]
+        try:
+            time.sleep(0.7)  # older than SHED_AFTER_S, but in requests: nothing to shed
+            assert http("GET", f"{base}/health", timeout=5)[0] == 200  # a slot kept for /health
+            status, _, text = http("GET", f"{base}/v1/models", timeout=5)
+            assert status == 503 and openai_error(text)["code"] == "server_busy"
+        finally:
+            for sock in busy:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while http("GET", f"{base}/v1/models", timeout=5)[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_one_client_address_cannot_take_every_slot(engine):
+    cfg = ServeConfig(port=0, max_connections=50, max_connections_per_client=3)
+    with running(engine, cfg) as (base, port):
+        busy = [slow_body(port, "127.0.0.2") for _ in range(3)]
+        try:
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as extra:
                 reply, closed = read_reply(extra, timeout=5)
             status, error = status_and_error(reply)
             assert status == 503 and error["code"] == "server_busy" and closed
-            deadline = time.monotonic() + 10  # the idle ones are closed after header_timeout_s
-            while http("GET", f"{base}/health", timeout=5)[0] != 200:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            assert http("GET", f"{base}/v1/models", timeout=5)[0] == 200  # another address is served
         finally:
-            for sock in idle:
+            for sock in busy:
                 sock.close()
+
+
+def test_a_body_over_the_limit_written_whole_first_reads_its_413(keyed):
+    """Round 3, 3: http.client writes the whole body before it reads: it gets the 413, not a reset."""
+    _, port = keyed
+    conn = HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/v1/completions", body=b"x" * (6 << 20), headers={**auth(), "content-type": "application/json"})
+        reply = conn.getresponse()
+        assert reply.status == 413 and openai_error(reply.read().decode())["code"] == "request_too_large"
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("head, status", [
+    (request_head("/v1/models", {"content-length": "5", "transfer-encoding": "chunked"}, "GET"), 400),
+    (request_head("/v1/models", {f"x-h{i}": "v" for i in range(10_000)}, "GET"), 431),
+    (request_head("/v1/models", {"x-long": "v" * 100_000}, "GET"), 431),
+])
+def test_ambiguous_or_oversized_heads_are_refused(open_server, head, status):
+    _, port = open_server
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head)
+        reply, _ = read_reply(sock, timeout=5)
+    assert reply.startswith(f"HTTP/1.1 {status}".encode()), reply[:200]
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", "12"), ("stream", "yes"), ("temperature", "0.5"),
+                                          ("max_tokens", 12.0), ("seed", True)])
+def test_types_are_json_s_own_not_coerced(open_server, engine, field, value):
+    base, _ = open_server
+    status, _, text = http("POST", f"{base}/v1/completions", {"model": engine.name, "prompt": "x", field: value})
+    assert status == 400 and openai_error(text)["param"] == field, text
+
+
+@pytest.mark.parametrize("endpoint, body, param", [
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}] * 110_000}, "messages"),
+    ("completions", {"prompt": "x", "stop": ["s"] * 700_000}, "stop"),
+    ("completions", {"prompt": "x", "logit_bias": {str(i): 1 for i in range(1000)}}, "logit_bias"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 1000}]},
+     "messages.0.content"),
+])
+def test_long_lists_are_refused_before_validation(open_server, engine, endpoint, body, param, monkeypatch):
+    base, _ = open_server
+    validated = []
+    monkeypatch.setattr(BaseModel, "model_validate", classmethod(lambda cls, *a, **k: validated.append(cls)))
+    status, _, text = http("POST", f"{base}/v1/{endpoint}", {"model": engine.name, **body})
+    assert status == 400 and openai_error(text)["param"] == param, text[:300]
+    assert not validated
+
+
+@pytest.mark.slow
+def test_health_stays_prompt_while_large_bodies_are_parsed(open_server, engine):
+    """Round 3, 2: 8 chat bodies of 3.7 MB at once (tiny messages, refused by count) and 8 of long prompts: /health
+    answers throughout (measured: at most one parse, about 50 ms here, between probes; before: 2.6-4 s)."""
+    base, _ = open_server
+    many = json.dumps({"model": engine.name, "messages": [{"role": "user", "content": "x"}] * 110_000}).encode()
+    long_prompt = json.dumps({"model": engine.name, "prompt": "y" * (3 << 20), "max_tokens": 1}).encode()
+    stop, latencies = threading.Event(), []
+
+    def probe():
+        while not stop.is_set():
+            start = time.monotonic()
+            assert http("GET", f"{base}/health", timeout=10)[0] == 200
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.01)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    time.sleep(0.2)
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda b: http("POST", f"{base}/v1/chat/completions" if b is many else
+                                                 f"{base}/v1/completions", b, timeout=60)[0], [many, long_prompt] * 8))
+    stop.set()
+    prober.join(timeout=10)
+    assert statuses == [400] * 16
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    print(f"/health during 16 large bodies: {len(latencies)} probes, median {latencies[len(latencies) // 2] * 1e3:.0f} "
+          f"ms, p99 {p99 * 1e3:.0f} ms, max {latencies[-1] * 1e3:.0f} ms")
+    assert p99 < 0.5, latencies[-5:]
 
 
 # -- TLS, and the rules `serve` starts by -----------------------------------------------------------
