@@ -37,13 +37,10 @@ from .engine import Engine, GenerationResult, SamplingParams
 from .http_security import (PROMPT_CHARS_PER_TOKEN, GuardedH11Protocol, HttpGuard, ServeConfig, error_body,
                             log_unexpected)
 from .metrics import ServerMetrics
+from .request_body import LIST_LIMITS, BodyError, BodyParser
 
 logger = logging.getLogger(__name__)
 
-# Lists are bounded before a request is validated (validating 110,000 messages took 0.5 s of the event loop):
-LIST_LIMITS = {"messages": 4096, "stop": 4, "prompt": 1 << 17, "logit_bias": 300, "tools": 128}
-MAX_CONTENT_PARTS = 256  # text parts in one message's content
-LARGE_BODY = 256 << 10  # bodies past this are parsed and validated on a thread, one at a time
 GREEDY_BELOW = 1e-5  # smaller temperatures decode greedily (their limit): dividing logits by 5e-324 gives inf/NaN
 MAX_STOP_CHARS = 256  # per stop string: transformers' stop-string tables grow with vocabulary size x length
 
@@ -193,30 +190,6 @@ class _StopFilter:
         return out
 
 
-def _parse_body(body: bytes, model: type[BaseModel]) -> BaseModel:
-    """A request body as `model`: JSON, its lists' lengths checked before anything is validated. (The standard
-    parser, so that a lone surrogate or a NaN reaches validation, which names the field.)"""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, f"request body: expected a JSON object, got {type(data).__name__}")
-    for name, limit in LIST_LIMITS.items():
-        value = data.get(name)
-        if isinstance(value, (list, dict)) and len(value) > limit:
-            raise APIError(400, f"{name}: {len(value)} items, more than this server takes ({limit})", param=name)
-    for i, message in enumerate(data.get("messages") or ()):
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list) and len(content) > MAX_CONTENT_PARTS:
-            raise APIError(400, f"messages.{i}.content: {len(content)} parts, more than this server takes "
-                                f"({MAX_CONTENT_PARTS})", param=f"messages.{i}.content")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-
-
 def _sse(chunk: dict) -> str:
     return f"data: {json.dumps(chunk)}\n\n"
 
@@ -232,7 +205,7 @@ class OpenAIService:
         self.created = int(time.time())
         self.max_prompt_chars = cfg.prompt_char_limit(engine.context_length)
         self.max_tokens = max_tokens  # the most a request may ask for (--max-tokens); None: the context
-        self._large_bodies = asyncio.Semaphore(1)  # large bodies are parsed on a thread, one at a time
+        self.bodies = BodyParser()
 
     def _on_step(self, sequences: int, tokens: int, seconds: float) -> None:  # on the batching thread
         self.metrics.batch_size.observe(sequences)
@@ -242,13 +215,16 @@ class OpenAIService:
 
     # -- helpers ------------------------------------------------------------------------------
     async def parse(self, request: Request, model: type[BaseModel]):
-        """The request's body as `model`. A large one is parsed on a thread, one at a time, so the event loop (and
-        /health) waits for at most one parse."""
-        body = await request.body()
-        if len(body) <= LARGE_BODY:
-            return _parse_body(body, model)
-        async with self._large_bodies:
-            return await asyncio.to_thread(_parse_body, body, model)
+        """The request's body as `model`: parsed and its lists counted (`request_body`, a large body in another
+        process), then validated."""
+        try:
+            data = await self.bodies.load(await request.body())
+        except BodyError as exc:
+            raise APIError(400, exc.message, param=exc.param) from None
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
     def check_model(self, name: str) -> None:
         if name != self.engine.name:
@@ -545,6 +521,7 @@ def create_app(engine: Engine, cfg: ServeConfig = ServeConfig(), batch: BatchCon
         try:
             yield
         finally:
+            service.bodies.close()
             await asyncio.to_thread(service.batcher.close)
 
     app = FastAPI(title="moeshard", version=__version__, lifespan=lifespan)
