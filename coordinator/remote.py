@@ -397,3 +397,15 @@ class RemoteExperts:
 def _log_failed_hint(future) -> None:
     if future.exception() is not None:
         logger.debug("prefetch hint failed: %s", future.exception())
+
+
+def describe_error(exc: Exception | None) -> str:
+    """A failed call in a few words: the gRPC status and its details, "no answer" for a deadline, else the
+    exception's type and message."""
+    if exc is None:
+        return "no detail"
+    if isinstance(exc, grpc.FutureTimeoutError):
+        return "no answer"
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

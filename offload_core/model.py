@@ -24,6 +24,7 @@ from .families import FamilyLayout, build_meta_model, check_quantization, load_c
 from .local_experts import expert_fingerprint, open_local_experts
 from .moe_layer import IMPLEMENTATION, MoELayer, next_layer_predictor, register_experts_implementation
 from .runtime import ExpertRuntime
+from .stores import ExpertSource
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,20 @@ class OffloadedModel:
 
     def format_stats(self) -> str:
         return self.stats().table()
+
+    @property
+    def expert_format(self):
+        """How this model's experts are packed (and computed)."""
+        return self.runtime.local.format
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one expert slot on the device, in the form experts are computed in."""
+        return self.runtime.local.slot_bytes
+
+    def expert_source(self) -> ExpertSource:
+        """Where this model's packed experts are read from (what a worker without them is sent)."""
+        return self.runtime.local.store.source
 
     def size_bytes(self) -> int:
         """Bytes of the model as moeshard stores it: the materialised dense weights (HQQ-packed attention

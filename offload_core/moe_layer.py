@@ -74,10 +74,10 @@ class MoELayer:
         residual, self._residual = self._residual, None  # [B, S, D] before this layer's MoE (prefetch only)
         hint = self._predict_next(residual)  # early guess: its loads overlap this layer's experts
         pending = self.runtime.submit(self.layer, groups, hint)  # loads and remote requests start now
-        outputs = pending.result()
+        computed = pending.result()
+        outputs, dropped = computed.outputs, computed.dropped  # dropped: only if the plane drops unavailable experts
 
         weights = top_k_weights.reshape(-1)[order]  # [T*K] in expert order
-        dropped = [e for e in experts if e not in outputs]  # only when the plane drops unavailable experts
         if dropped:
             outputs, weights = self._drop(experts, counts, outputs, weights, order, top_k_weights, dropped, hidden)
         out = torch.cat([outputs[e] for e in experts])  # [T*K, D] in expert order

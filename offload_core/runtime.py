@@ -1,16 +1,18 @@
-"""The expert side of one model: its local backend, an optional remote plane, prediction bookkeeping, stats.
+"""The expert side of one model: the plane that computes its experts, prediction bookkeeping, stats.
 
-`ExpertRuntime` is what every `MoELayer` of a model talks to. Built whole around its `LocalExperts`; a
-remote plane (the coordinator's workers) joins through `join()`. Per layer it sends the plane the groups
-of the experts it owns (first, so those requests are in flight while local experts compute), runs the
-rest locally, and splits prefetch hints the same way, each owner taking as many as its own slots hold.
-It does no routing and no arithmetic, and knows nothing about workers, networks or their failures: the
-plane re-routes around its own failures (see `coordinator/cluster.py`).
+`ExpertRuntime` is what every `MoELayer` of a model talks to. It holds exactly one `ExpertPlane`: a
+`LocalPlane` (every expert computed by this process's `LocalExperts`) until workers join, then the cluster's
+plane (`coordinator/router.py`), which computes what the coordinator keeps with the same `LocalExperts`. Per
+layer call it hands the plane the groups and the next layer's early prefetch guess once (`submit`), and the
+refined guess once (`prefetch`); the plane decides who computes each expert, once, and returns a
+`LayerOutputs`. The runtime does no routing and no arithmetic, and knows nothing about workers, networks or
+their failures.
 """
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 import torch
@@ -23,99 +25,98 @@ logger = logging.getLogger(__name__)
 LOCAL = "local"  # the coordinator's own backend, as stats name it
 
 
+@dataclass(frozen=True)
+class LayerOutputs:
+    """One layer call's expert outputs ([t, D] per expert), and the experts the plane dropped: no live owner and
+    the policy for those is to drop them (the MoE layer then re-weights the token's other experts)."""
+
+    outputs: dict[int, torch.Tensor]
+    dropped: frozenset[int] = frozenset()
+
+
 class Pending(Protocol):
-    def result(self) -> dict[int, torch.Tensor]: ...
+    def result(self) -> LayerOutputs: ...
 
 
-class RemotePlane(Protocol):
-    """Experts that live elsewhere. Its pending results may omit experts only when its policy for an expert
-    without a live owner is to drop it (the MoE layer then re-weights the others)."""
-
-    def partition(self, layer: int, experts: Iterable[int]) -> tuple[list[int], list[int]]:
-        """(remote, local): experts it computes, and experts the coordinator computes itself; an expert with no
-        live owner is in `local` (fallback), in neither (dropped), or raises (no fallback)."""
+class ExpertPlane(Protocol):
+    """Where a model's experts are computed."""
 
     def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: Hint | None) -> tuple[Pending, list[int]]:
-        """Send the groups (and the hint's experts to their owners); returns the pending result and the hinted
-        experts, each owner's share capped at its slots."""
+        """Start computing `groups` ({expert: [t, D] rows}) and loading the hint's experts (the next layer's early
+        guess, ranked); returns the pending outputs and the hinted experts it counts as predicted."""
 
-    def prefetch(self, layer: int, experts: list[int], already: Iterable[int] = ()) -> list[int]:
-        """Hint `experts` (those not `already` hinted) to their owners; returns the experts it counts as hinted."""
+    def prefetch(self, layer: int, ranked: list[int], already: Iterable[int] = ()) -> list[int]:
+        """Load `ranked` (those not `already` hinted) where they will be computed; returns the experts it counts as
+        predicted. A hint, never an error."""
 
-    def counters(self) -> dict[int, ExpertCounters]: ...
+    def counters(self) -> dict[int, ExpertCounters]:
+        """Cache counters per layer of every backend it computes with."""
 
-    def describe(self) -> dict[str, dict]: ...
+    def backends(self) -> dict[str, dict]:
+        """Per backend (LOCAL, and each worker by name): what it is and how it is doing."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release what the plane holds beyond the `LocalExperts` (which its runtime closes)."""
 
 
-class _Merged:
-    def __init__(self, local: Pending | None, remote: Pending | None):
-        self.local, self.remote = local, remote
+class _Outputs:
+    def __init__(self, pending):
+        self.pending = pending
 
-    def result(self) -> dict[int, torch.Tensor]:
-        outputs: dict[int, torch.Tensor] = {}
-        if self.local is not None:  # computed while the remote requests are in flight
-            outputs.update(self.local.result())
-        if self.remote is not None:
-            outputs.update(self.remote.result())
-        return outputs
+    def result(self) -> LayerOutputs:
+        return LayerOutputs(self.pending.result())
+
+
+class LocalPlane:
+    """Every expert computed here: a model's plane before any worker joins."""
+
+    def __init__(self, local: LocalExperts):
+        self.local = local
+
+    def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: Hint | None) -> tuple[Pending, list[int]]:
+        pending = _Outputs(self.local.submit(layer, groups))  # demand loads first
+        return pending, (self.local.prefetch(*hint) if hint is not None else [])
+
+    def prefetch(self, layer: int, ranked: list[int], already: Iterable[int] = ()) -> list[int]:
+        return self.local.prefetch(layer, ranked, skip=already)
+
+    def counters(self) -> dict[int, ExpertCounters]:
+        return self.local.counters()
+
+    def backends(self) -> dict[str, dict]:
+        return {LOCAL: self.local.describe()}
+
+    def close(self) -> None:
+        pass
 
 
 class ExpertRuntime:
     def __init__(self, local: LocalExperts):
         self.local = local
-        self.remote: RemotePlane | None = None
+        self.plane: ExpertPlane = LocalPlane(local)
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for its next call
         self._prediction: dict[int, ExpertCounters] = defaultdict(ExpertCounters)
 
-    def join(self, remote: RemotePlane) -> None:
-        """Let `remote` compute the experts it owns from now on."""
-        if self.remote is not None:
-            raise RuntimeError("a remote plane has already joined this runtime")
-        self.remote = remote
+    def join(self, plane: ExpertPlane) -> None:
+        """Compute with `plane` from now on (a cluster's, which computes the experts it keeps with `self.local`)."""
+        if not isinstance(self.plane, LocalPlane):
+            raise RuntimeError("a cluster has already joined this runtime")
+        self.plane = plane
 
     # -- one layer call -----------------------------------------------------------------------
     def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: Hint | None = None) -> Pending:
-        """Start every owner's work for `groups` (remote first) and hint the next layer's likely experts."""
+        """Start the plane's work for `groups` and hint the next layer's likely experts."""
         self._score_prediction(layer, groups.keys())
-        if self.remote is None:
-            pending = self.local.submit(layer, groups)
-            if hint is not None:
-                self._predicted[hint[0]] = set(self.local.prefetch(*hint))
-            return pending
-        remote_ids, local_ids = self.remote.partition(layer, groups)
-        local_hint, remote_hint = self._split(hint)
-        remote_pending, hinted = None, []
-        if remote_ids or remote_hint:
-            remote_pending, hinted = self.remote.submit(layer, {e: groups[e] for e in remote_ids}, remote_hint)
-        local_pending = self.local.submit(layer, {e: groups[e] for e in local_ids}) if local_ids else None
-        if local_hint is not None:
-            hinted = [*self.local.prefetch(*local_hint), *hinted]
+        pending, hinted = self.plane.submit(layer, groups, hint)
         if hint is not None:
             self._predicted[hint[0]] = set(hinted)
-        return _Merged(local_pending, remote_pending)
+        return pending
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """The prediction for `layer` is now `experts` (ranked, refined): load those not hinted already by the
         earlier guess for that layer. A hint, never an error."""
         already = self._predicted.get(layer, set())
-        local_hint, remote_hint = self._split((layer, experts)) if self.remote is not None else ((layer, experts), None)
-        predicted = []
-        if local_hint is not None:
-            predicted += self.local.prefetch(layer, local_hint[1], skip=already)
-        if remote_hint is not None:
-            predicted += self.remote.prefetch(layer, remote_hint[1], already)
-        self._predicted[layer] = set(predicted)
-
-    def _split(self, hint: Hint | None) -> tuple[Hint | None, Hint | None]:
-        if hint is None:
-            return None, None
-        layer, experts = hint
-        remote, local = self.remote.partition(layer, experts)
-        order = {e: i for i, e in enumerate(experts)}  # keep the prediction's ranking within each share
-        local, remote = sorted(local, key=order.get), sorted(remote, key=order.get)
-        return ((layer, local) if local else None), ((layer, remote) if remote else None)
+        self._predicted[layer] = set(self.plane.prefetch(layer, experts, already))
 
     def _score_prediction(self, layer: int, needed) -> None:
         predicted = self._predicted.pop(layer, None)
@@ -134,23 +135,15 @@ class ExpertRuntime:
     # -- reporting ----------------------------------------------------------------------------
     def local_stats(self) -> RuntimeStats:
         """This process's slots and the predictions it made (for every owner), per layer: workers' own caches are
-        counted in `stats()` and per worker by the remote plane."""
+        counted in `stats()` and per worker by the plane."""
         return RuntimeStats(_merged([self.local.counters(), self._prediction]), {LOCAL: self.local.describe()})
 
     def stats(self) -> RuntimeStats:
-        """Counters per layer (local slots, workers' own slots, prediction) and per backend."""
-        sources = [self.local.counters(), self._prediction]
-        if self.remote is not None:
-            sources.append(self.remote.counters())
-        layers = _merged(sources)
-        backends = {LOCAL: self.local.describe()}
-        if self.remote is not None:
-            backends.update(self.remote.describe())
-        return RuntimeStats(layers, backends)
+        """Counters per layer (every backend's slots, and prediction) and per backend."""
+        return RuntimeStats(_merged([self.plane.counters(), self._prediction]), self.plane.backends())
 
     def close(self) -> None:
-        if self.remote is not None:
-            self.remote.close()
+        self.plane.close()
         self.local.close()
 
 

@@ -128,3 +128,9 @@ class WorkerStats:
     @classmethod
     def from_pb(cls, msg: pb.StatsResponse) -> WorkerStats:
         return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
+
+
+def model_description(config_dict: dict, fmt) -> dict:
+    """What a worker without the checkpoint needs to compute a model's experts, as a coordinator's Join carries
+    it: its config.json and the packed expert format (and its size, a check that both sides pack alike)."""
+    return {"config": config_dict, "format": fmt.describe(), "expert_bytes": fmt.layout.nbytes}
