@@ -9,20 +9,27 @@ A `Cluster` is made of four parts, split by the data each owns:
 - `membership.Membership`: joins workers (identity checks, pushes of the experts they lack, placement
   shrunk to what fits) at start and when the monitor finds one back.
 
-`join_workers` (in `membership`) builds one and joins it to the model's runtime, as its plane.
+`join_workers` connects a model's workers, builds its cluster and joins it to the model's runtime, as its plane.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+import grpc
+from tqdm.auto import tqdm
 
 from ..offload_core.experts import ExpertKey
 from ..offload_core.local_experts import LocalExperts
-from .membership import Membership, check_worker_formats, join_workers
+from ..protos.wire import WorkerInfo
+from .membership import Membership, assumed_infos, check_worker_formats, misconfigured
 from .monitor import WorkerMonitor
-from .placement import ClusterError, ClusterSpec
-from .remote import ClientConfig, RemoteExperts, describe_error
+from .placement import ClusterError, ClusterSpec, plan_placement
+from .remote import ClientConfig, RemoteExperts, WorkerClient, describe_error
 from .roster import Roster, WorkerState
 from .router import HERE, ExpertUnavailable, Router, Unavailable, WorkerRefused
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["HERE", "Cluster", "ClusterConfig", "ClusterError", "ExpertUnavailable", "Unavailable", "WorkerRefused",
            "WorkerState", "check_worker_formats", "describe_error", "join_workers"]
@@ -86,3 +93,57 @@ class Cluster:
     def close(self) -> None:
         self.monitor.close()
         self.router.close()
+
+
+def join_workers(om, cfg: ClusterConfig, progress: bool = False) -> Cluster:
+    """Connect every worker of `cfg.spec`, check it serves (or may receive) the same model,
+    place experts, give each worker its share and join the cluster to `om`'s runtime. A worker that does not
+    answer within `cfg.connect_timeout_s` starts down: its experts are computed elsewhere until the monitor
+    brings it up."""
+    keys = [ExpertKey(layer, e) for layer in om.layout.sparse_layers for e in range(om.layout.num_experts)]
+    membership = Membership(om)
+    infos: dict[str, WorkerInfo | None] = {}
+    clients: dict[str, WorkerClient] = {}
+    reasons: dict[str, Exception] = {}
+    try:
+        for address in cfg.spec.workers:
+            client = clients[address] = WorkerClient(address, om.fingerprint, cfg.client)
+            try:
+                client.wait_ready(cfg.connect_timeout_s)
+                info = client.info()
+            except (grpc.FutureTimeoutError, grpc.RpcError, ConnectionError) as exc:
+                refusal = misconfigured(address, exc, cfg.client)
+                if refusal is not None:
+                    raise refusal from exc
+                infos[address], reasons[address] = None, exc
+                continue
+            membership.check(address, info)
+            infos[address] = info
+        assumed = assumed_infos(infos, membership)
+        placement = cfg.spec.placement
+        if placement is None:
+            placement = plan_placement(keys, assumed, cfg.spec.local_share, cfg.spec.replicas)
+        workers = {address: RemoteExperts(client, om.layout.hidden_size, assumed[address].slots_per_layer)
+                   for address, client in clients.items()}
+        cluster = Cluster(workers, placement, om.runtime.local, cfg.unavailable, cfg.probe_max_s, membership)
+    except BaseException:
+        for client in clients.values():
+            client.close()
+        raise
+    try:
+        for address in tqdm(clients, desc="joining workers", unit="worker", disable=not progress or len(clients) < 2):
+            if infos[address] is None:
+                cluster.roster.mark_down(address, describe_error(reasons[address]), count=False)
+                continue
+            try:
+                membership.bring_up(address, progress=progress)
+                cluster.roster.mark_up(address)
+                logger.info("worker %s (%s) hosts %d experts", address, infos[address].device,
+                            len(cluster.roster.hosted(address)))
+            except grpc.RpcError as exc:  # it answered a moment ago: treat it like a worker that failed now
+                cluster.roster.mark_down(address, describe_error(exc))
+    except BaseException:
+        cluster.close()
+        raise
+    om.runtime.join(cluster)
+    return cluster

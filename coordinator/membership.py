@@ -1,11 +1,9 @@
 """Who is in the cluster and with what: connecting workers, checking they serve (or may receive) the model,
 placing experts, and giving each worker its share (the experts it lacks pushed before it is assigned).
 
-`join_workers` builds a model's `Cluster` and joins it to the model's runtime. `Membership` holds what a
-worker's share is made of (the model's description, its packed experts and their source) and brings a worker
+`Membership` holds what a worker's share is made of (the model's description, its packed experts and their source) and brings a worker
 up, at start and whenever the monitor finds a down one answering again; it writes the roster only through its
-methods. A worker that does not answer at start is simply down from the start: its experts are computed
-elsewhere until the monitor brings it up.
+methods. (`cluster.join_workers` connects a model's workers and builds its cluster with one.)
 """
 from __future__ import annotations
 
@@ -16,11 +14,10 @@ import time
 from dataclasses import replace
 
 import grpc
-from tqdm.auto import tqdm
 
 from ..offload_core.experts import ExpertKey
 from ..protos.wire import WorkerInfo, model_description
-from .placement import ClusterError, plan_placement
+from .placement import ClusterError
 from .remote import ClientConfig, HandshakeFailed, RemoteExperts, WorkerClient, describe_error
 from .roster import Roster
 
@@ -139,63 +136,7 @@ def check_worker_formats(cfg, planned_format: str) -> None:
                 "--expert-group, or start the worker without --model to receive the coordinator's experts")
 
 
-def join_workers(om, cfg, progress: bool = False):
-    """Connect every worker of `cfg.spec` (a `ClusterConfig`), check it serves (or may receive) the same model,
-    place experts, give each worker its share and join the cluster to `om`'s runtime. A worker that does not
-    answer within `cfg.connect_timeout_s` starts down: its experts are computed elsewhere until the monitor
-    brings it up."""
-    from .cluster import Cluster
-
-    keys = [ExpertKey(layer, e) for layer in om.layout.sparse_layers for e in range(om.layout.num_experts)]
-    membership = Membership(om)
-    infos: dict[str, WorkerInfo | None] = {}
-    clients: dict[str, WorkerClient] = {}
-    reasons: dict[str, Exception] = {}
-    try:
-        for address in cfg.spec.workers:
-            client = clients[address] = WorkerClient(address, om.fingerprint, cfg.client)
-            try:
-                client.wait_ready(cfg.connect_timeout_s)
-                info = client.info()
-            except (grpc.FutureTimeoutError, grpc.RpcError, ConnectionError) as exc:
-                refusal = _misconfigured(address, exc, cfg.client)
-                if refusal is not None:
-                    raise refusal from exc
-                infos[address], reasons[address] = None, exc
-                continue
-            membership.check(address, info)
-            infos[address] = info
-        assumed = _assumed(infos, membership)
-        placement = cfg.spec.placement
-        if placement is None:
-            placement = plan_placement(keys, assumed, cfg.spec.local_share, cfg.spec.replicas)
-        workers = {address: RemoteExperts(client, om.layout.hidden_size, assumed[address].slots_per_layer)
-                   for address, client in clients.items()}
-        cluster = Cluster(workers, placement, om.runtime.local, cfg.unavailable, cfg.probe_max_s, membership)
-    except BaseException:
-        for client in clients.values():
-            client.close()
-        raise
-    try:
-        for address in tqdm(clients, desc="joining workers", unit="worker", disable=not progress or len(clients) < 2):
-            if infos[address] is None:
-                cluster.roster.mark_down(address, describe_error(reasons[address]), count=False)
-                continue
-            try:
-                membership.bring_up(address, progress=progress)
-                cluster.roster.mark_up(address)
-                logger.info("worker %s (%s) hosts %d experts", address, infos[address].device,
-                            len(cluster.roster.hosted(address)))
-            except grpc.RpcError as exc:  # it answered a moment ago: treat it like a worker that failed now
-                cluster.roster.mark_down(address, describe_error(exc))
-    except BaseException:
-        cluster.close()
-        raise
-    om.runtime.join(cluster)
-    return cluster
-
-
-def _assumed(infos: dict[str, WorkerInfo | None], membership: Membership) -> dict[str, WorkerInfo]:
+def assumed_infos(infos: dict[str, WorkerInfo | None], membership: Membership) -> dict[str, WorkerInfo]:
     """Every worker's info for planning: a worker that did not answer is planned like the median one that did (or,
     with none, given an equal share), so that the plan holds when it comes up."""
     known = [i for i in infos.values() if i is not None]
@@ -218,7 +159,7 @@ def _assumed(infos: dict[str, WorkerInfo | None], membership: Membership) -> dic
     return out
 
 
-def _misconfigured(address: str, exc: Exception, client: ClientConfig) -> ClusterError | None:
+def misconfigured(address: str, exc: Exception, client: ClientConfig) -> ClusterError | None:
     """A worker that answered, but not as this coordinator was told to talk to it: a clear error now, not a
     worker 'down' forever."""
     if isinstance(exc, HandshakeFailed):

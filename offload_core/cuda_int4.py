@@ -79,7 +79,7 @@ class TinyGemm:
     def verified(self, out_features: int, in_features: int, group: int) -> bool:
         """Whether tinygemm on this GPU gives the reference's products for this shape (random codes, one
         check per shape and process); on a mismatch the reference path is used, with a warning."""
-        from .formats import PackedLayout
+        from .layout import PackedLayout
 
         gen = torch.Generator().manual_seed(0)
         codes = torch.randint(0, 16, (out_features * in_features,), generator=gen, dtype=torch.uint8)

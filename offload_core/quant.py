@@ -23,7 +23,7 @@ from . import cuda_int4
 from .config import QuantConfig, dtype_name
 from .cuda_int4 import TinyGemm
 from .experts import ExpertMath, ExpertTensor
-from .formats import PackedLayout
+from .layout import PackedLayout
 from .kernels import CpuKernels, cpu_kernels, from_kernel_order, pack, packed_bytes, to_kernel_order, unpack
 
 logger = logging.getLogger(__name__)
