@@ -264,12 +264,19 @@ def precheck(args) -> None:
         args.listen_socket = listen_socket(args.serve_config.host, args.serve_config.port)
 
 
+def in_flags(exc: Exception) -> str:
+    """An error as the command line says it: a setting the engine names (`SettingError.setting`) is the flag that
+    sets it."""
+    setting = getattr(exc, "setting", None)
+    return f"--{setting.replace('_', '-')}: {exc}" if setting else str(exc)
+
+
 def run(args, extra: dict[str, Callable] | None = None) -> int:
     """Run the parsed command; bad input of every kind is one line on stderr and exit 2."""
     try:
         precheck(args)
     except (UsageError, ValueError) as exc:
-        print(f"moe-coordinator: error: {exc}", file=sys.stderr)
+        print(f"moe-coordinator: error: {in_flags(exc)}", file=sys.stderr)
         return 2
     if args.command in LOADS_A_MODEL and not args.quiet:
         where = f" on {args.device}" if args.device else ""
@@ -285,7 +292,7 @@ def run(args, extra: dict[str, Callable] | None = None) -> int:
     except (UsageError, CheckpointError, ValueError, OSError, RuntimeError) as exc:
         if args.verbose:
             logger.exception("failed")
-        print(f"moe-coordinator: error: {exc}", file=sys.stderr)
+        print(f"moe-coordinator: error: {in_flags(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -131,11 +131,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class SettingError(ValueError):
+    """A setting whose value cannot work; the message speaks of the value, `setting` names it (a program maps it to
+    its own flag: `--device` for `device`)."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+
 def check_device_name(device: str) -> None:
     """'cpu', 'cuda' or 'cuda:N' (also 'mps'); anything else is a clear error, without importing torch."""
     kind, _, index = str(device).partition(":")
     if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()) or (index and kind == "cpu"):
-        raise ValueError(f"device {device!r} is not one moeshard runs on: expected cpu, cuda or cuda:N")
+        raise SettingError("device", f"device {device!r} is not one moeshard runs on: expected cpu, cuda or cuda:N")
 
 
 def resolve_device(device: str):
@@ -145,10 +154,10 @@ def resolve_device(device: str):
     check_device_name(device)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here; use --device cpu")
+        raise SettingError("device", f"device {str(device)!r} requested but CUDA is not available here: use cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r} requested but this machine has {torch.cuda.device_count()} "
-                         "CUDA device(s)")
+        raise SettingError("device", f"device {str(device)!r} requested but this machine has "
+                                     f"{torch.cuda.device_count()} CUDA device(s)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device

@@ -120,7 +120,7 @@ def check_quantization(config) -> str | None:
     if method not in READABLE_QUANTIZATION:
         raise CheckpointError(
             f"this checkpoint is pre-quantized with {method!r}, a format moeshard does not read: use the "
-            "unquantized (bfloat16/float16/float32) checkpoint and quantize with --expert-bits / --attn-bits "
+            "unquantized (bfloat16/float16/float32) checkpoint and let moeshard quantize its experts and attention "
             f"(pre-quantized formats read: {', '.join(READABLE_QUANTIZATION)})")
     return method
 

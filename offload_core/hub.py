@@ -1,4 +1,4 @@
-"""`--model` as a folder or a Hugging Face repository id, resolved to a local folder.
+"""A model given as a folder or a Hugging Face repository id, resolved to a local folder.
 
 A repository id is resolved by huggingface_hub to a snapshot in its cache: downloaded when online (only the
 files a model needs: config, safetensors, tokenizer, chat template), read from the cache when offline
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from .config import SettingError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a model needs from a repository; never pickles (*.bin, *.pt), never the original/ subfolders.
@@ -19,27 +21,22 @@ EXPECTED = ("expected a model folder (holding config.json and *.safetensors) or 
 
 
 def check_model_argument(text: str | Path) -> Path | None:
-    """A `--model` value checked without importing anything heavy: the folder, or None for a repository id;
-    a file, or a path that does not exist and is no repository id, is a ValueError saying what is expected."""
+    """A model argument checked without importing anything heavy: the folder, or None for a repository id; a
+    file, or a path that does not exist and is no repository id, is a `SettingError` saying what is expected."""
     path = Path(text).expanduser()
     if path.is_dir():
         return path
     if path.is_file():
         hint = " (it is the model's config file: pass its folder)" if path.name == "config.json" else ""
-        raise ValueError(f"--model {str(text)!r} is a file{hint}: {EXPECTED}")
+        raise SettingError("model", f"model {str(text)!r} is a file{hint}: {EXPECTED}")
     if not _REPO_ID.match(str(text)) or str(text).startswith((".", "~")):
-        raise ValueError(f"model folder {str(text)!r} does not exist: {EXPECTED}")
+        raise SettingError("model", f"model folder {str(text)!r} does not exist: {EXPECTED}")
     return None
 
 
 def resolve_model(text: str | Path, *, progress: bool = False) -> Path:
-    """The local folder for a `--model` value: the folder itself, or the repository's snapshot."""
-    from .checkpoint import CheckpointError
-
-    try:
-        folder = check_model_argument(text)
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+    """The local folder for a model argument: the folder itself, or the repository's snapshot."""
+    folder = check_model_argument(text)
     return folder if folder is not None else _snapshot(str(text), progress)
 
 
