@@ -1,8 +1,10 @@
 """HQQ quantization and the quantized cache: error per bit width, self-contained packed experts, attention
 modules, 8-bit greedy parity, and cache reuse, corruption and keying."""
 import copy
+import hashlib
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -220,9 +222,11 @@ def test_cache_builds_once_then_reuses(tiny_ckpt, tmp_path, caplog):
         source.read_into(ExpertKey(3, 0), got)
     source.close()
 
-    # The files are ordinary safetensors.
+    # The files are ordinary safetensors, with each expert's SHA-256 in the metadata.
     with safe_open(str(cache.layer_path(1)), framework="pt") as f:
-        assert torch.equal(f.get_tensor("expert.5"), _all_bytes(cache)[ExpertKey(1, 5)])
+        stored = f.get_tensor("1.5")
+        assert torch.equal(stored, _all_bytes(cache)[ExpertKey(1, 5)])
+        assert f.metadata()["sha256.1.5"] == hashlib.sha256(stored.numpy().tobytes()).hexdigest()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "header"])
@@ -246,13 +250,12 @@ def test_damaged_cache_file_is_rebuilt_not_used(tiny_ckpt, tmp_path, caplog, dam
     assert all(torch.equal(after[key], good[key]) for key in good)
 
 
-def test_damaged_manifest_rebuilds_everything(tiny_ckpt, tmp_path, caplog):
-    cache = _open(tiny_ckpt, tmp_path)
-    manifest = cache.folder / "manifest.json"
-    manifest.write_text(json.dumps({"version": 1}))
+def test_a_layer_file_of_other_settings_is_rebuilt(tiny_ckpt, tmp_path, caplog):
+    three, two = _open(tiny_ckpt, tmp_path, bits=3), _open(tiny_ckpt, tmp_path, bits=2)
+    shutil.copy(two.layer_path(0), three.layer_path(0))  # a 2-bit layer where a 3-bit one belongs
     with caplog.at_level(logging.WARNING, logger="moeshard.offload_core.quantized_cache"):
-        assert _open(tiny_ckpt, tmp_path).built_layers == [0, 1, 2]
-    assert "does not match" in caplog.text
+        assert _open(tiny_ckpt, tmp_path, bits=3).built_layers == [0]
+    assert "layer 0 is unusable" in caplog.text and "metadata" in caplog.text
 
 
 def test_cache_key_follows_settings_and_content(tiny_ckpt, tmp_path, monkeypatch):

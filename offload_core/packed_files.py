@@ -1,0 +1,179 @@
+"""Packed experts on disk: one format for every place that keeps them (the quantized cache, a worker's received
+experts), and the hashing and atomic writes that go with it.
+
+A packed-experts file is plain safetensors (no pickle): one U8 tensor per packed expert, named "L.E" (layer and
+expert), each `nbytes` long with the data section aligned to 64 bytes, and string metadata: `format`
+(`FORMAT`), `expert_bytes`, whatever the writer adds (a fingerprint, a layer), and `sha256.L.E`, the SHA-256 of
+each expert's bytes. It is written under a temporary name, synced and renamed: a file exists whole or not at
+all, and any expert read from it can be checked against its hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from .checkpoint import CheckpointError, read_safetensors_header
+from .experts import ExpertKey
+
+FORMAT = "moeshard-packed-experts/1"
+_ALIGN = 64
+_HASH_PLACEHOLDER = "0" * 64
+_CHUNK = 1 << 22  # bytes hashed per read when hashing a file
+
+
+class DamagedFile(CheckpointError):
+    """A packed-experts file that is not what its header or its reader expects; the message says what differs."""
+
+
+def tensor_name(key: ExpertKey) -> str:
+    return f"{key.layer}.{key.expert}"
+
+
+def sha256_hex(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """`data` in `path` whole or not at all (a temp file, synced, then renamed over it)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _header(keys: list[ExpertKey], nbytes: int, metadata: dict[str, str], hashes: dict[ExpertKey, str]) -> bytes:
+    meta = {**metadata, "format": FORMAT, "expert_bytes": str(nbytes)}
+    meta.update({f"sha256.{tensor_name(k)}": hashes.get(k, _HASH_PLACEHOLDER) for k in keys})
+    header: dict = {"__metadata__": meta}
+    header.update({tensor_name(k): {"dtype": "U8", "shape": [nbytes], "data_offsets": [i * nbytes, (i + 1) * nbytes]}
+                   for i, k in enumerate(keys)})
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % _ALIGN)  # safetensors allows trailing spaces; aligns the data section
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class PackedWriter:
+    """Writes `keys`' packed experts, in that order, into `path`: `add` each one's bytes, then `commit` (synced and
+    renamed into place; `publish=False` leaves the rename to `publish()`, so that a caller can sync several files
+    before it renames any). Closing without committing leaves nothing behind."""
+
+    def __init__(self, path: Path, keys: list[ExpertKey], nbytes: int, metadata: dict[str, str] | None = None):
+        self.path, self.keys, self.nbytes = Path(path), list(keys), int(nbytes)
+        self.metadata = dict(metadata or {})
+        self.hashes: dict[ExpertKey, str] = {}
+        self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{id(self):x}.tmp")
+        self._file = open(self.tmp, "wb")
+        self._file.write(_header(self.keys, self.nbytes, self.metadata, {}))  # hashes filled in at commit
+
+    def add(self, key: ExpertKey, data) -> str:
+        """The next expert's bytes (a buffer of `nbytes`); returns its SHA-256."""
+        expected = self.keys[len(self.hashes)] if len(self.hashes) < len(self.keys) else None
+        if key != expected:
+            raise ValueError(f"expert {tuple(key)} written out of order: expected {expected}")
+        view = memoryview(data).cast("B")
+        if len(view) != self.nbytes:
+            raise ValueError(f"expert {tuple(key)} has {len(view)} bytes, expected {self.nbytes}")
+        self._file.write(view)
+        self.hashes[key] = sha256_hex(view)
+        return self.hashes[key]
+
+    def commit(self, publish: bool = True) -> dict[ExpertKey, str]:
+        """Fill in the hashes, sync, and (with `publish`) rename into place; returns each expert's SHA-256."""
+        if len(self.hashes) != len(self.keys):
+            raise ValueError(f"{len(self.hashes)} of {len(self.keys)} experts written")
+        self._file.seek(0)
+        self._file.write(_header(self.keys, self.nbytes, self.metadata, self.hashes))  # the same length
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if publish:
+            self.publish()
+        return dict(self.hashes)
+
+    def publish(self) -> None:
+        os.replace(self.tmp, self.path)
+
+    def close(self) -> None:
+        """Drop what was not committed."""
+        if not self._file.closed:
+            self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> PackedWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PackedFile:
+    """One packed-experts file's header, checked: where each expert lives, its hash, the writer's metadata.
+    `expect` (metadata the reader requires, such as a fingerprint) and `nbytes` must match."""
+
+    def __init__(self, path: Path, nbytes: int, expect: dict[str, str] | None = None):
+        self.path, self.nbytes = Path(path), int(nbytes)
+        data_start, header = read_safetensors_header(self.path)
+        meta = header.pop("__metadata__", None)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise DamagedFile(f"{self.path.name}: not a packed-experts file ({FORMAT})")
+        wanted = {"expert_bytes": str(self.nbytes), **(expect or {})}
+        wrong = {k: meta.get(k) for k, v in wanted.items() if meta.get(k) != v}
+        if wrong:
+            raise DamagedFile(f"{self.path.name}: metadata {wrong} where {{{', '.join(wrong)}}} should be "
+                              f"{ {k: wanted[k] for k in wrong} }")
+        self.metadata = meta
+        self.offsets: dict[ExpertKey, int] = {}
+        self.hashes: dict[ExpertKey, str] = {}
+        for name, info in header.items():
+            key = _key(name)
+            if key is None or not isinstance(info, dict) or info.get("dtype") != "U8" \
+                    or info.get("shape") != [self.nbytes]:
+                raise DamagedFile(f"{self.path.name}: tensor {name!r} is not a packed expert of {self.nbytes} bytes")
+            start, end = info.get("data_offsets", [None, None])
+            if not isinstance(start, int) or end != start + self.nbytes or start % self.nbytes:
+                raise DamagedFile(f"{self.path.name}: tensor {name!r} has offsets {info.get('data_offsets')}")
+            digest = meta.get(f"sha256.{name}")
+            if not isinstance(digest, str) or len(digest) != 64:
+                raise DamagedFile(f"{self.path.name}: no SHA-256 for {name!r}")
+            self.offsets[key], self.hashes[key] = data_start + start, digest
+        size = self.path.stat().st_size
+        if size != data_start + len(self.offsets) * self.nbytes:
+            raise DamagedFile(f"{self.path.name}: {size} bytes, its header describes "
+                              f"{data_start + len(self.offsets) * self.nbytes}")
+
+    @property
+    def keys(self) -> Iterable[ExpertKey]:
+        return self.offsets.keys()
+
+    def verify(self) -> list[ExpertKey]:
+        """Re-hash every expert (one read of the file); returns those whose bytes differ from their hash."""
+        bad = []
+        with open(self.path, "rb") as f:
+            for key, offset in self.offsets.items():
+                f.seek(offset)
+                if sha256_hex(f.read(self.nbytes)) != self.hashes[key]:
+                    bad.append(key)
+        return bad
+
+
+def _key(name: str) -> ExpertKey | None:
+    layer, dot, expert = name.partition(".")
+    if not dot or not layer.isdigit() or not expert.isdigit():
+        return None
+    return ExpertKey(int(layer), int(expert))
