@@ -17,7 +17,7 @@ from ..offload_core.config import OffloadConfig, QuantConfig, parse_size
 from ..offload_core.counters import RuntimeStats
 from ..offload_core.demo import demo_model_path
 from ..offload_core.hub import resolve_model
-from ..offload_core.settings import token_from_env
+from ..protos.access import token_from_env
 from .cluster import ClusterConfig, Unavailable
 from .engine import Engine, SamplingParams
 from .errors import UsageError

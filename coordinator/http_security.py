@@ -25,8 +25,7 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..offload_core.config import is_loopback
-from ..offload_core.settings import API_KEY_ENV, api_key_from_env
+from ..protos.access import API_KEY_ENV, api_key_from_env, is_loopback
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import sys
 
 from .benchmarks.cli import add_bench_command
 from .coordinator.cli import build_parser, run
-from .offload_core.settings import quiet_grpc_core
+from .protos.access import quiet_grpc_core
 
 
 def _bench(args) -> int:
