@@ -8,30 +8,32 @@ experts are grouped over the whole batch, loaded once and computed once per step
 one request per layer for the batch. A long prompt is prefilled in chunks of `step_tokens`, with the decoding
 sequences served first in every step, so it never holds the others back by more than one step.
 
-What moeshard adds: admission (a bounded queue, `Overloaded` beyond it), the choice of each token (greedy is
-the arg-max of fp32 logits, like `generate`; a request with a seed samples from its own generator, so its
-tokens do not depend on what else is in the batch), stop strings and cancellation, text streaming, per-request
-timing, per-step figures, and a restart of the manager after a step fails.
+What moeshard adds: admission (a bounded queue, `Overloaded` beyond it), what happens to each step's logits
+(`logits`: logit bias; the choice of each token, greedy as the arg-max of fp32 logits like `generate`, sampled from
+the request's own generator so that its tokens do not depend on what else is in the batch; the model's own
+log-probabilities of new tokens and, for scoring, of the prompt), stop strings and cancellation, text streaming,
+per-request timing, per-step figures, and a restart of the manager after a step fails.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import random
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
-from transformers import ContinuousBatchingConfig, GenerationConfig, TextStreamer
-from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
+from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedTokenizerBase, TextStreamer
 from transformers.generation.continuous_batching.requests import RequestStatus
 
-from .engine import Engine, GenerationResult, SamplingParams
 from .invariant_attention import base_for_batching, is_per_sequence, register
+from .logits import GREEDY, NO_LOGPROBS, ChooseToken, Observe, score_prompt
+from .sampling import GenerationResult, SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,13 @@ class BatchConfig:
         return self.max_batch * per_sequence
 
 
+class ModelHost(Protocol):
+    """What a batch needs of an engine (`engine.Engine` is one): transformers' model, its tokenizer, its context."""
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    context_length: int
+
+
 class Overloaded(Exception):
     """The batch and its queue are full: come back in `retry_after_s` seconds."""
 
@@ -79,56 +88,18 @@ class GenerationFailed(RuntimeError):
     --no-local-fallback); the server keeps serving."""
 
 
-# How a request's next token is chosen, passed to `_ChooseToken` per request as an int32.
-_SAMPLE = -1  # sampled by transformers from the batch's shared generator
-_GREEDY = -2  # the arg-max, first index on ties (as `generate`'s greedy search)
-
-
-class _ChooseToken(ContinuousBatchingLogitsProcessor):
-    """The last logits processor of every step: a greedy request's row becomes one-hot at its arg-max, and a
-    seeded request's row one-hot at a token drawn from its own generator (seeded by the request's seed and its
-    token's position), so transformers' sampler can only pick that token. Other rows are left to it."""
-
-    supported_kwargs = {"choose": int}
-    ignored_kwargs = ()
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(_SAMPLE)
-
-    def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
-        keys = []
-        for request in requests_with_new_token:
-            choose = request.state.logit_processor_kwargs.get("choose", _SAMPLE)
-            if choose >= 0:  # a seed: one generator per (seed, position), independent of the batch
-                choose = hash((choose, request.state.generated_len())) & 0x7FFFFFFF
-            keys.append(choose)
-        return torch.tensor(keys, dtype=torch.int32)
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        keys = tensor_arg[: scores.size(0)].tolist()
-        for row, key in enumerate(keys):
-            if key == _SAMPLE:
-                continue
-            if key == _GREEDY:
-                token = int(scores[row].argmax())
-            else:
-                generator = torch.Generator(device=scores.device).manual_seed(key)
-                token = int(torch.multinomial(torch.softmax(scores[row], dim=-1), 1, generator=generator))
-            scores[row].fill_(float("-inf"))
-            scores[row, token] = 0.0
-        return scores
-
-
-def _install(manager, processor: ContinuousBatchingLogitsProcessor) -> None:
-    """Appends `processor` to the manager's per-request logits processors (before its thread starts, when the
-    argument buffers are sized)."""
+def _install(manager, observe: Observe, choose: ChooseToken) -> None:
+    """Puts `observe` first and `choose` last in the manager's per-request logits processors (before its thread
+    starts, when the argument buffers are sized): `observe` sees the model's own logits, `choose` the processed."""
     processors = manager.logit_processor
     if not all(hasattr(processors, a) for a in ("logits_processor", "tensors_required", "supported_keys")):
         raise RuntimeError("this transformers version's continuous batching has no per-request logits processors "
                            "as moeshard expects: install the transformers version pyproject.toml names")
-    processors.logits_processor.append(processor)
-    processors.tensors_required += 1
-    processors.supported_keys.update(processor.supported_kwargs)
+    processors.logits_processor.insert(0, observe)
+    processors.logits_processor.append(choose)
+    processors.tensors_required += 2
+    for processor in (observe, choose):
+        processors.supported_keys.update(processor.supported_kwargs)
     processors.do_processing = True
 
 
@@ -154,9 +125,13 @@ class _Request:
     submitted: float
     on_first_token: Callable[[], None] | None = None
     interrupt: threading.Event | None = None  # set by the caller: stop at the next step, keep what was decoded
+    on_logprobs: Callable[[list[TokenLogprob | None], bool], None] | None = None  # (entries, of the prompt)
     token_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
     finish: str | None = None
+    # written on the batching thread during a step, read on the event loop once the step's tokens are delivered
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token chosen, when asked for
+    prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # prompt index -> entry, when asked for
 
 
 class Place:
@@ -186,10 +161,10 @@ class StepStats:
 
 
 class Batcher:
-    """Continuous batching over one `Engine`: `await batcher.generate(prompt_ids, params, on_text)` from any
-    number of tasks on one event loop. `start()` once, `close()` at the end."""
+    """Continuous batching over one engine (`engine.Engine`): `await batcher.generate(prompt_ids, params, on_text)`
+    from any number of tasks on one event loop. `start()` once, `close()` at the end."""
 
-    def __init__(self, engine: Engine, cfg: BatchConfig = BatchConfig(),
+    def __init__(self, engine: ModelHost, cfg: BatchConfig = BatchConfig(),
                  on_step: Callable[[int, int, float], None] | None = None):
         self.engine, self.cfg, self.on_step = engine, cfg, on_step
         self.model = engine.model
@@ -204,6 +179,10 @@ class Batcher:
         self._durations: deque[float] = deque(maxlen=64)  # recent request durations, for Retry-After
         self._attention: str | None = None  # the model's own attention while the per-sequence one is in use
         self._held = 0  # places held by `hold` for requests not yet in `live`
+        self._scoring = 0  # live requests that score their prompt
+        self._step_scores = False  # a request scored its prompt when this step began: the decoder's hook looks
+        self._positions: list[int] = []  # the step's query positions and sequence bounds, when it does
+        self._bounds: list[int] = []
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.num_blocks = max(1, math.ceil(self.cfg.cache_tokens(engine.context_length) / self.cfg.page_size))
@@ -217,7 +196,8 @@ class Batcher:
     def _start(self) -> None:
         if not self._hooks:
             self._hooks = [self.model.register_forward_pre_hook(self._before_step, with_kwargs=True),
-                           self.model.register_forward_hook(self._after_step)]
+                           self.model.register_forward_hook(self._after_step),
+                           self.model.get_decoder().register_forward_hook(self._score_prompts)]
         if self.manager is None:
             self._start_manager()
 
@@ -252,7 +232,8 @@ class Batcher:
             allow_block_sharing=False)
         manager = self.model.init_continuous_batching(generation_config=generation,
                                                       continuous_batching_config=batching)
-        _install(manager, _ChooseToken())
+        observe = Observe()
+        _install(manager, observe, ChooseToken(observe, self._record))
         if self.cfg.batch_invariant or ours:
             # The batch processor decides when it is created whether to build attention masks (for the model's own
             # sdpa or paged eager only), and the loop reuses one that exists: create it before the switch.
@@ -302,6 +283,10 @@ class Batcher:
         sequences = int(cu.numel()) - 1 if isinstance(cu, torch.Tensor) else 1
         tokens = int(ids.shape[-1]) if isinstance(ids, torch.Tensor) else 0
         self._step_shape = (sequences, tokens)
+        self._step_scores = self._scoring > 0
+        if self._step_scores:
+            self._bounds = cu.tolist()
+            self._positions = kwargs["position_ids"].reshape(-1).tolist()
         self._step_start = time.perf_counter()
 
     def _after_step(self, module, args, output):
@@ -317,6 +302,39 @@ class Batcher:
         if self.on_step is not None:
             self.on_step(sequences, tokens, seconds)
 
+    # -- log-probabilities (on the batching thread, inside a step) ---------------------------------
+    def _record(self, rid: str, entry: TokenLogprob) -> None:
+        req = self.live.get(rid)
+        if req is not None:
+            req.logprobs.append(entry)
+
+    def _score_prompts(self, module, args, output) -> None:
+        """The decoder's hook: for each request in the step that scores its prompt, the log-probability of every
+        prompt token this step's chunk predicts, from the decoder's last hidden states (all positions; the model's
+        forward keeps only those that choose a token). Runs inside the step, on the batching thread: never a second
+        forward."""
+        if not self._step_scores:
+            return
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]  # [1, T, D]
+        lm_head = self.model.get_output_embeddings()
+        for i, future in enumerate(self._requests_in_step()):
+            req = self.live.get(future.state.request_id)
+            if req is None or not req.params.prompt_logprobs:
+                continue
+            lo, hi = self._bounds[i], self._bounds[i + 1]
+            for index, entry in score_prompt(hidden[0, lo:hi], self._positions[lo:hi], req.prompt_ids, lm_head,
+                                             req.params.logprobs):
+                req.prompt_logprobs[index] = entry
+
+    def _requests_in_step(self) -> list:
+        """The step's requests in the order of its sequences (transformers' own record of the batch)."""
+        processor = getattr(self.manager, "batch_processor", None)
+        requests = getattr(getattr(processor, "inputs_and_outputs", None), "requests_in_batch", None)
+        if requests is None or len(requests) != len(self._bounds) - 1:
+            raise RuntimeError("this transformers version's continuous batching does not record the requests of a "
+                               "step as moeshard expects: install the transformers version pyproject.toml names")
+        return requests
+
     @property
     def active(self) -> int:
         """Sequences in the batch now (prefilling or decoding)."""
@@ -331,15 +349,26 @@ class Batcher:
 
     @property
     def full(self) -> bool:
-        return len(self.live) + self._held >= self.cfg.max_batch + self.cfg.max_queue
+        return len(self.live) + self._held >= self.capacity
+
+    @property
+    def capacity(self) -> int:
+        """Requests the batch and its queue hold together."""
+        return self.cfg.max_batch + self.cfg.max_queue
 
     def hold(self) -> Place:
         """A place in the batch or its queue, held from now until `generate` takes it or it is released: a server
         answers 200 only once its request holds one (on the event loop). Raises `Overloaded` when none is left."""
-        if self.full:
+        return self.hold_many(1)[0]
+
+    def hold_many(self, count: int) -> list[Place]:
+        """`count` places at once (a request with several prompts or choices), or none: `Overloaded`."""
+        if count > self.capacity:
+            raise ValueError(f"{count} places asked for; the batch and its queue hold {self.capacity}")
+        if len(self.live) + self._held + count > self.capacity:
             raise Overloaded(self.full_message(), self.retry_after_s())
-        self._held += 1
-        return Place(self)
+        self._held += count
+        return [Place(self) for _ in range(count)]
 
     def full_message(self) -> str:
         return (f"the server is at capacity ({self.cfg.max_batch} sequences in the batch and {self.cfg.max_queue} "
@@ -353,12 +382,15 @@ class Batcher:
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        on_text: Callable[[str], None] | None = None,
                        on_first_token: Callable[[], None] | None = None,
-                       interrupt: threading.Event | None = None, place: Place | None = None) -> GenerationResult:
+                       interrupt: threading.Event | None = None, place: Place | None = None,
+                       on_logprobs: Callable[[list[TokenLogprob | None], bool], None] | None = None
+                       ) -> GenerationResult:
         """Decode one request in the shared batch: `on_text` gets its text as it is decoded, `on_first_token` is
-        called when its first token exists. Cancelling the awaiting task takes the request out of the batch at
-        the next step; setting `interrupt` does too, and returns what was decoded (finish "stop"). Raises
-        `Overloaded` when the batch and queue are full (unless `place`, from `hold`, is given), `GenerationFailed`
-        when a step it was in failed."""
+        called when its first token exists, `on_logprobs(entries, of_prompt)` gets the log-probabilities asked for
+        (`params.logprobs`): the prompt's once (with `params.prompt_logprobs`), then each new token's before its
+        text. Cancelling the awaiting task takes the request out of the batch at the next step; setting `interrupt`
+        does too, and returns what was decoded (finish "stop"). Raises `Overloaded` when the batch and queue are
+        full (unless `place`, from `hold`, is given), `GenerationFailed` when a step it was in failed."""
         held = place is not None and place.take()
         if not prompt_ids:
             raise ValueError("the prompt is empty: expected at least one token")
@@ -371,8 +403,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         rid = f"r-{uuid.uuid4().hex}"
         req = _Request(rid, list(prompt_ids), params, _TextOut(self.engine.tokenizer, on_text), loop.create_future(),
-                       time.perf_counter(), on_first_token, interrupt)
+                       time.perf_counter(), on_first_token, interrupt, on_logprobs)
         self.live[rid] = req
+        self._scoring += int(params.prompt_logprobs)
         try:
             self._submit(req)
             await req.done
@@ -380,22 +413,27 @@ class Batcher:
         finally:
             # however it ends (finished, failed, stopped or the caller cancelled): out of the batch, forgotten
             self.live.pop(rid, None)
+            self._scoring -= int(params.prompt_logprobs)
             if req.finish in (None, "stop-string", "interrupted"):
                 self._cancel(rid)
             self._durations.append(time.perf_counter() - req.submitted)
 
     def _submit(self, req: _Request) -> None:
         p = req.params
-        if p.temperature > 0:
-            kwargs = dict(temperature=float(p.temperature), top_p=float(p.top_p),
-                          choose=p.seed & 0x7FFFFFFF if p.seed is not None else _SAMPLE)
+        if p.temperature > 0:  # without a seed, one drawn here: every token is chosen by `ChooseToken`
+            seed = p.seed if p.seed is not None else random.getrandbits(31)
+            kwargs = dict(temperature=float(p.temperature), top_p=float(p.top_p), choose=seed & 0x7FFFFFFF)
         else:
-            kwargs = dict(temperature=1.0, top_p=1.0, choose=_GREEDY)
+            kwargs = dict(temperature=1.0, top_p=1.0, choose=GREEDY)
+        kwargs["logprobs"] = p.logprobs if p.logprobs is not None else NO_LOGPROBS
+        if p.logit_bias:
+            kwargs["logit_bias"] = tuple(zip(*p.logit_bias))  # ((token ids), (biases))
         for attempt in range(2):
             self._ensure_running()
             manager = self.manager
             manager.register_result_handler(req.rid, lambda output, r=req: self._on_output(r, output))
-            if manager.add_request(req.prompt_ids, request_id=req.rid, max_new_tokens=p.max_new_tokens,
+            # a prompt only scored still prefills to its end, where the manager chooses one token: it is dropped
+            if manager.add_request(req.prompt_ids, request_id=req.rid, max_new_tokens=max(1, p.max_new_tokens),
                                    streaming=True, **kwargs) is not None:
                 return
             self._forget(manager, req.rid)  # refused: the loop stopped between the check and the request
@@ -407,8 +445,20 @@ class Batcher:
             return
         now = time.perf_counter()
         new = output.generated_tokens[len(req.token_ids):]
-        if new and not req.token_ids and req.on_first_token is not None:
-            req.on_first_token()
+        if new and not req.token_ids:
+            if req.params.prompt_logprobs:
+                if len(req.prompt_logprobs) < len(req.prompt_ids) - 1:  # a prefill chunk was not scored
+                    req.done.set_exception(GenerationFailed("the prompt's log-probabilities are incomplete"))
+                    return
+                if req.on_logprobs is not None:
+                    req.on_logprobs(self._prompt_logprobs(req), True)
+            if req.params.max_new_tokens == 0:  # scored: the prompt's end reached, the token chosen there dropped
+                req.finish = "scored"
+                new = []
+            elif req.on_first_token is not None:
+                req.on_first_token()
+        if new and req.on_logprobs is not None and req.params.logprobs is not None:
+            req.on_logprobs(req.logprobs[len(req.token_ids):len(req.token_ids) + len(new)], False)
         for token in new:
             req.token_ids.append(token)
             req.token_times.append(now)
@@ -433,9 +483,13 @@ class Batcher:
         text = self.engine.tokenizer.decode(req.token_ids, skip_special_tokens=True)
         return any(s in text for s in req.params.stop)
 
+    @staticmethod
+    def _prompt_logprobs(req: _Request) -> list[TokenLogprob | None]:
+        return [None] + [req.prompt_logprobs[i] for i in range(1, len(req.prompt_ids))]
+
     def _result(self, req: _Request) -> GenerationResult:
         text = self.engine.tokenizer.decode(req.token_ids, skip_special_tokens=True)
-        finish = "length" if req.finish == "length" else "stop"
+        finish = "length" if req.finish in ("length", "scored") else "stop"
         if req.params.stop:
             cut = min((i for i in (text.find(s) for s in req.params.stop) if i >= 0), default=-1)
             if cut >= 0:
@@ -446,7 +500,10 @@ class Batcher:
         stats = {"prompt_tokens": len(req.prompt_ids), "new_tokens": len(req.token_ids),
                  "wall_s": (times[-1] if times else time.perf_counter()) - req.submitted, "ttft_s": first,
                  "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None}
-        return GenerationResult(text, list(req.token_ids), len(req.prompt_ids), finish, stats, list(times))
+        logprobs = req.logprobs[:len(req.token_ids)] if req.params.logprobs is not None else None
+        prompt = self._prompt_logprobs(req) if req.params.prompt_logprobs else None
+        return GenerationResult(text, list(req.token_ids), len(req.prompt_ids), finish, stats, list(times), logprobs,
+                                prompt)
 
     def _cancel(self, rid: str) -> None:
         manager = self.manager

@@ -7,10 +7,10 @@ demo) runs a batch of one on its own batcher. One `Engine.generate` runs at a ti
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,36 +20,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ..offload_core.config import OffloadConfig
 from ..offload_core.counters import ExpertCounters
 from ..offload_core.model import OffloadedModel, load_model, planned_expert_format
+from .batching import Batcher, BatchConfig
 from .cluster import Cluster, ClusterConfig, check_worker_formats, join_workers
+from .sampling import GenerationResult, SamplingParams  # the engine's words: its callers import them from here
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64  # tokens to generate at most
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus sampling mass, 0 < top_p <= 1
-    seed: int | None = None  # makes sampling repeatable
-    stop: tuple[str, ...] = ()  # stop when the text ends with one of these
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    stats: dict = field(default_factory=dict)
-    token_times: list[float] = field(default_factory=list)  # perf_counter() when each new token was decoded
 
 
 class Engine:
@@ -107,13 +82,19 @@ class Engine:
     def context_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model takes and scores: its logits' width (may exceed the tokenizer's, padded)."""
+        return int(self.model.config.vocab_size)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Chat messages through the tokenizer's chat template, or plain concatenation when it has none."""
         if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True)
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         text = "".join(m["content"] if isinstance(m["content"], str) else "" for m in messages)
         return self.encode_prompt(text)
@@ -122,10 +103,6 @@ class Engine:
                  cancel: threading.Event | None = None) -> GenerationResult:
         """One prompt, as a batch of one through the same continuous batching as `serve`: `on_text` gets the text
         as it is decoded; setting `cancel` stops at the next token and returns what was made so far."""
-        import asyncio
-
-        from .batching import Batcher, BatchConfig
-
         if not prompt_ids:
             raise ValueError("the prompt is empty: expected at least one token")
         if self.context_length and len(prompt_ids) + params.max_new_tokens > self.context_length:

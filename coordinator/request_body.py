@@ -14,7 +14,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-LIST_LIMITS = {"messages": 4096, "stop": 4, "prompt": 1 << 17, "logit_bias": 300, "tools": 128}
+LIST_LIMITS = {"messages": 4096, "stop": 4, "prompt": 1 << 17, "logit_bias": 300, "tools": 128, "tokens": 1 << 17}
 MAX_CONTENT_PARTS = 256  # text parts in one message's content
 LARGE_BODY = 256 << 10  # bodies past this are parsed in the parser process
 
@@ -40,6 +40,12 @@ def load(body: bytes) -> dict:
         value = data.get(name)
         if isinstance(value, (list, dict)) and len(value) > limit:
             raise BodyError(f"{name}: {len(value)} items, more than this server takes ({limit})", name)
+    prompts = data.get("prompt")
+    if isinstance(prompts, list) and prompts and isinstance(prompts[0], list):  # lists of token ids
+        total = sum(len(p) for p in prompts if isinstance(p, list))
+        if total > LIST_LIMITS["prompt"]:
+            raise BodyError(f"prompt: {total} token ids in all, more than this server takes ({LIST_LIMITS['prompt']})",
+                            "prompt")
     for i, message in enumerate(data.get("messages") or ()):
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list) and len(content) > MAX_CONTENT_PARTS:

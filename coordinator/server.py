@@ -1,24 +1,27 @@
 """`moe-coordinator serve`: an OpenAI-compatible HTTP API over one `Engine`.
 
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with and without
-`stream: true`, as server-sent events), GET /health, GET /metrics. Requests are decoded together by
-continuous batching (`batching.Batcher`: each joins the batch at the next step and leaves when it ends);
-beyond the batch and its queue a request gets 429 with Retry-After. A client that goes away, streaming or
-not, takes its request out of the batch at the next step. Prompts are tokenized on a thread, after a
-length check, so the event loop never waits on one. A parameter this server does not implement is refused with a
-400 naming it, never ignored. Errors use OpenAI's JSON error shape. The door (API key, body limits,
-timeouts, connection cap) is `http_security`'s.
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with and without `stream: true`, as
+server-sent events), vLLM's POST /tokenize, POST /detokenize and GET /tokenizer_info, GET /health, GET /metrics.
+Requests are decoded together by continuous batching (`batching.Batcher`: each sequence joins the batch at the next
+step and leaves when it ends); a request with several prompts or `n` choices holds one place per sequence, all of
+them or none, and beyond the batch and its queue gets 429 with Retry-After. A client that goes away, streaming or
+not, takes its sequences out of the batch at the next step. Prompts are tokenized on a thread, after a length
+check, so the event loop never waits on one. Bodies and the shapes of log-probabilities are `openai_api`'s (a
+parameter this server does not implement is refused with a 400 naming it); errors use OpenAI's JSON error shape.
+The door (API key, body limits, timeouts, connection cap) is `http_security`'s.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -26,23 +29,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .batching import BatchConfig, Batcher, Overloaded, Place
-from .engine import Engine, GenerationResult, SamplingParams
+from .engine import Engine
+from .sampling import GenerationResult, SamplingParams, TokenLogprob
 from .http_security import (PROMPT_CHARS_PER_TOKEN, GuardedH11Protocol, HttpGuard, ServeConfig, error_body,
                             log_unexpected)
 from .metrics import ServerMetrics
+from .openai_api import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LegacyLogprobs, TokenizeRequest,
+                         TokenTexts, chat_logprobs)
 from .request_body import LIST_LIMITS, BodyError, BodyParser
 
 logger = logging.getLogger(__name__)
 
 GREEDY_BELOW = 1e-5  # smaller temperatures decode greedily (their limit): dividing logits by 5e-324 gives inf/NaN
 MAX_STOP_CHARS = 256  # per stop string: transformers' stop-string tables grow with vocabulary size x length
+DEFAULT_MAX_TOKENS = 16  # when a request names no max_tokens (OpenAI's completions default)
+_TOKENIZER_LOADING = frozenset({"vocab_file", "merges_file", "tokenizer_file", "name_or_path", "is_local",
+                                "local_files_only"})  # how this server found its tokenizer, not what it is
 
 
 class APIError(Exception):
@@ -56,112 +64,6 @@ class APIError(Exception):
 def _error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
                     headers: dict | None = None):
     return Response(error_body(message, type_, param, code), status, media_type="application/json", headers=headers)
-
-
-def _valid_unicode(value):
-    """A string, or strings, that UTF-8 can encode: JSON's "\\ud800" decodes to a lone surrogate, which no
-    tokenizer takes."""
-    for text in [value] if isinstance(value, str) else (value or ()):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise PydanticCustomError("invalid_unicode", "contains a lone UTF-16 surrogate at character {position}; "
-                                      "expected valid Unicode text", {"position": exc.start}) from None
-    return value
-
-
-def _message_text(content: Any) -> str:
-    """A message's content as text: a string, or a list of text parts; null is ""."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return _valid_unicode(content)
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and set(p) == {"type", "text"}
-                                         and isinstance(p["text"], str) for p in content):
-        return _valid_unicode("".join(p["text"] for p in content))
-    raise PydanticCustomError("content_type", "expected a string or a list of {part} parts (this server takes text "
-                              "only)", {"part": '{"type": "text", "text": "..."}'})
-
-
-def _only(accepted: str, *values):
-    """A parameter this server does not implement: accepted only with a value that asks for nothing (OpenAI's
-    default), refused otherwise with a message naming it."""
-
-    def check(value):
-        if not any(value == v and type(value) is type(v) for v in values):
-            raise PydanticCustomError("unsupported_value", "not supported by this server: remove it, or send "
-                                      "{accepted}", {"accepted": accepted})
-        return value
-
-    return Annotated[Any, AfterValidator(check)]
-
-
-_Zero = _only("null or 0", None, 0, 0.0)
-_NoBias = _only("null or {}", None, {})
-
-
-class _Request(BaseModel):
-    # an unknown parameter is refused, never silently ignored; types are JSON's own ("12" is not a number, "yes"
-    # not a boolean; an integer is a number)
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(_Request):
-    include_usage: bool = False  # a last chunk with the usage and no choices, as OpenAI sends it
-
-
-class _Sampling(_Request):
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    n: int = Field(default=1, ge=1, le=1)
-    user: str | None = None  # the caller's end-user id, for its own records: nothing here depends on it
-    presence_penalty: _Zero = None
-    frequency_penalty: _Zero = None
-    logit_bias: _NoBias = None
-
-    @field_validator("model", "stop", "user")
-    @classmethod
-    def _unicode(cls, value):
-        return _valid_unicode(value)
-
-    @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)
-    echo: bool = False  # the reply's text starts with the prompt
-    best_of: _only("null or 1", None, 1) = None
-    logprobs: _only("null", None) = None
-    suffix: _only('null or ""', None, "") = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _unicode_prompt(cls, value):
-        return _valid_unicode(value)
-
-
-class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Annotated[Any, AfterValidator(_message_text)] = ""
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: _only("null or false", None, False) = None
-    top_logprobs: _only("null or 0", None, 0) = None
-    response_format: _only('null or {"type": "text"}', None, {"type": "text"}) = None
-    tools: _only("null or []", None, []) = None
-    tool_choice: _only('null or "none"', None, "none") = None
 
 
 class _StopFilter:
@@ -194,6 +96,44 @@ def _sse(chunk: dict) -> str:
     return f"data: {json.dumps(chunk)}\n\n"
 
 
+@dataclass
+class _Choice:
+    """One sequence of a request: the index of its choice in the reply, its prompt, its place in the batch."""
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    place: Place
+    echo: str = ""  # completions with echo: the prompt's text, which the choice's text starts with
+
+
+def _choices(prompts: list[list[int]], params: SamplingParams, n: int, places: list[Place],
+             echoes: list[str]) -> list[_Choice]:
+    """n choices per prompt, choice j of prompt i at index i * n + j (OpenAI's order); with a seed, choice j samples
+    with seed + j, so that the choices differ and each is repeatable."""
+    out = []
+    for i, (ids, echo) in enumerate(zip(prompts, echoes)):
+        for j in range(n):
+            seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
+            out.append(_Choice(i * n + j, ids, seeded, places[len(out)], echo))
+    return out
+
+
+class _Stream:
+    """A streamed request's events, from the batch's callbacks to the response's generator (both on the event
+    loop): ("first" | "text" | "logprobs" | "done", choice, ...) or ("error", message)."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def callbacks(self, choice: _Choice) -> dict:
+        put = self.queue.put_nowait
+        return dict(on_text=lambda text: put(("text", choice, text)), on_first_token=lambda: put(("first", choice)),
+                    on_logprobs=lambda entries, of_prompt: put(("logprobs", choice, entries, of_prompt)))
+
+    def done(self, choice: _Choice, result: GenerationResult) -> None:
+        self.queue.put_nowait(("done", choice, result))
+
+
 class OpenAIService:
     """The handlers of the OpenAI-compatible API over one `Engine` (registered by `create_app`)."""
 
@@ -206,6 +146,8 @@ class OpenAIService:
         self.max_prompt_chars = cfg.prompt_char_limit(engine.context_length)
         self.max_tokens = max_tokens  # the most a request may ask for (--max-tokens); None: the context
         self.bodies = BodyParser()
+        self.texts = TokenTexts(engine.tokenizer)
+        self._tokenizer_info: dict | None = None
 
     def _on_step(self, sequences: int, tokens: int, seconds: float) -> None:  # on the batching thread
         self.metrics.batch_size.observe(sequences)
@@ -213,7 +155,7 @@ class OpenAIService:
         self.metrics.step_seconds.observe(seconds)
         self.metrics.queue_depth.observe(self.batcher.queued)
 
-    # -- helpers ------------------------------------------------------------------------------
+    # -- checks -------------------------------------------------------------------------------
     async def parse(self, request: Request, model: type[BaseModel]):
         """The request's body as `model`: parsed and its lists counted (`request_body`, a large body in another
         process), then validated."""
@@ -226,12 +168,31 @@ class OpenAIService:
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
-    def check_model(self, name: str) -> None:
-        if name != self.engine.name:
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.engine.name:
             raise APIError(404, f"the model {name[:100]!r} does not exist: this server serves {self.engine.name!r}",
                            "invalid_request_error", "model", "model_not_found")
 
-    def params_for(self, req: _Sampling, max_tokens: int | None) -> SamplingParams:
+    def check_tokens(self, ids: list[int], param: str) -> list[int]:
+        """Token ids the model has: 0 <= id < its vocabulary."""
+        vocab = self.engine.vocab_size
+        for k, token in enumerate(ids):
+            if not 0 <= token < vocab:
+                raise APIError(400, f"{param}: token id {token} (at {k}) is not in the model's vocabulary: expected "
+                                    f"0 <= id < {vocab}", param=param)
+        return ids
+
+    def check_choices(self, prompts: int, n: int) -> int:
+        """The sequences a request asks for (prompts x n): at most what the batch and its queue hold together."""
+        count, capacity = prompts * n, self.batcher.capacity
+        if count > capacity:
+            raise APIError(400, f"{'n' if n > 1 else 'prompt'}: {prompts} prompt(s) x n={n} is {count} sequences, "
+                                f"more than this server's batch and queue hold together ({capacity}, --max-batch + "
+                                "--max-queue)", param="n" if n > 1 else "prompt")
+        return count
+
+    def params_for(self, req, max_tokens: int | None, logprobs: int | None = None,
+                   prompt_logprobs: bool = False) -> SamplingParams:
         if max_tokens is not None and self.max_tokens is not None and max_tokens > self.max_tokens:
             raise APIError(400, f"max_tokens: {max_tokens} is more than this server allows per request "
                                 f"({self.max_tokens}, --max-tokens)", param="max_tokens")
@@ -241,9 +202,16 @@ class OpenAIService:
         if len(stop) > LIST_LIMITS["stop"] or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
             raise APIError(400, f"stop: expected up to {LIST_LIMITS['stop']} non-empty strings of at most "
                                 f"{MAX_STOP_CHARS} characters", param="stop")
+        bias = tuple((int(token), value) for token, value in (req.logit_bias or {}).items())
+        vocab = self.engine.vocab_size
+        for token, _ in bias:
+            if token >= vocab:
+                raise APIError(400, f"logit_bias: token id {token} is not in the model's vocabulary: expected "
+                                    f"0 <= id < {vocab}", param="logit_bias")
         temperature = req.temperature if req.temperature >= GREEDY_BELOW else 0.0
-        return SamplingParams(max_new_tokens=max_tokens or 16, temperature=temperature, top_p=req.top_p,
-                              seed=req.seed, stop=stop)
+        return SamplingParams(max_new_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+                              temperature=temperature, top_p=req.top_p, seed=req.seed, stop=stop, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs, logit_bias=bias)
 
     def check_prompt_size(self, chars: int, param: str) -> None:
         """Before tokenizing: a prompt far longer than the context could ever hold is refused unread."""
@@ -264,14 +232,16 @@ class OpenAIService:
                            param="max_tokens", code="context_length_exceeded")
 
     @staticmethod
-    def usage(result: GenerationResult) -> dict:
-        n = len(result.token_ids)
-        return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
+    def usage(prompt_tokens: int, results) -> dict:
+        n = sum(len(r.token_ids) for r in results)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
 
-    def finished(self, endpoint: str, outcome: str, result: GenerationResult | None = None) -> None:
-        """Counts a request that reached the batcher, by outcome: ok, cancelled (its client went away) or error."""
+    # -- generation ---------------------------------------------------------------------------
+    def finished(self, endpoint: str, outcome: str, results: list[GenerationResult] = ()) -> None:
+        """Counts a request that reached the batcher once, by outcome: ok, cancelled (its client went away) or
+        error; and its sequences' tokens and timings."""
         self.metrics.requests.labels(endpoint, outcome).inc()
-        if result is not None:
+        for result in results:
             self.metrics.tokens.inc(len(result.token_ids))
             self.metrics.prompt_tokens.inc(result.prompt_tokens)
             stats = result.stats
@@ -280,43 +250,72 @@ class OpenAIService:
             if stats.get("decode_tok_s") is not None:
                 self.metrics.stream_tok_s.observe(stats["decode_tok_s"])
 
-    def admit(self, endpoint: str) -> Place:
-        """Before a reply starts: a place in the batch or its queue, held for this request; 429 with Retry-After
-        while none is left. A stream is answered 200 only once it holds its place."""
+    def admit(self, endpoint: str, count: int) -> list[Place]:
+        """Before a reply starts: a place in the batch or its queue for each of the request's sequences, held for
+        them; 429 with Retry-After while there are not that many left. A stream is answered 200 only once it holds
+        its places."""
         try:
-            return self.batcher.hold()
+            return self.batcher.hold_many(count)
         except Overloaded as exc:
             self.metrics.requests.labels(endpoint, "rejected").inc()
             self.metrics.rejections.labels("overloaded").inc()
             raise APIError(429, str(exc), "server_overloaded", code="server_overloaded",
                            headers={"Retry-After": str(exc.retry_after_s)}) from None
 
-    async def generate(self, prompt_ids, params, endpoint: str, place: Place, on_text=None,
-                       on_first_token=None) -> GenerationResult:
-        """One request through the batch in its held `place`, counted by outcome. Cancelling the calling task (its
-        client went away) takes it out of the batch at the next step."""
-        start = time.perf_counter()
-        try:
-            result = await self.batcher.generate(prompt_ids, params, on_text, on_first_token, place=place)
-        except asyncio.CancelledError:
-            self.finished(endpoint, "cancelled")
-            raise
-        except Exception:
-            self.finished(endpoint, "error")
-            raise
-        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        self.finished(endpoint, "ok", result)
-        return result
+    async def generate(self, choices: list[_Choice], endpoint: str, stream: _Stream | None = None
+                       ) -> list[GenerationResult]:
+        """Every choice through the batch in its held place, together. Cancelling the calling task (its client went
+        away), or one choice failing, takes them all out of the batch at the next step. The request is counted
+        once, by outcome, by the choice that decides it, in the step its sequence leaves the batch: before a
+        reply (or the stream's last event) can be sent."""
+        results: dict[int, GenerationResult] = {}
+        start, counted = time.perf_counter(), False
 
-    async def run(self, request: Request, prompt_ids, params, endpoint: str, place: Place) -> GenerationResult:
+        def count(outcome: str) -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                if outcome == "ok":
+                    self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+                self.finished(endpoint, outcome, list(results.values()) if outcome == "ok" else [])
+
+        async def one(choice: _Choice) -> GenerationResult:
+            callbacks = stream.callbacks(choice) if stream is not None else {}
+            try:
+                result = await self.batcher.generate(choice.prompt_ids, choice.params, place=choice.place,
+                                                     **callbacks)
+            except asyncio.CancelledError:
+                count("cancelled")
+                raise
+            except Exception:
+                count("error")
+                raise
+            results[choice.index] = result
+            if len(results) == len(choices):
+                count("ok")
+            if stream is not None:
+                stream.done(choice, result)
+            return result
+
+        tasks = [asyncio.ensure_future(one(c)) for c in choices]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:  # cancelled, or one choice failed: the others leave the batch too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def run(self, request: Request, choices: list[_Choice], endpoint: str) -> list[GenerationResult]:
         """A non-streaming request: generated while its connection is watched; if the client disconnects first,
         its generation is cancelled (and nothing is sent)."""
-        task = asyncio.ensure_future(self.generate(prompt_ids, params, endpoint, place))
+        task = asyncio.ensure_future(self.generate(choices, endpoint))
         watcher = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            place.release()  # if the task never started
+            for choice in choices:
+                choice.place.release()  # if its generation never started
             watcher.cancel()
             if not task.done():  # the client left (or this handler was cancelled): the request leaves the batch
                 task.cancel()
@@ -326,62 +325,89 @@ class OpenAIService:
             raise APIError(499, "the client closed the connection before the reply", "client_closed")
         return task.result()
 
-    def stream(self, prompt_ids, params, endpoint: str, place: Place, *, base: dict, make_chunk, final_chunk,
-               include_usage: bool, prefix: str = "", first_chunk=None) -> StreamingResponse:
-        """Server-sent events: `prefix` (an echoed prompt), `first_chunk` (chat: the assistant's role, as soon as the
-        first token exists), the text as it comes, the final chunk, then the usage: alone in a chunk with no
-        choices when `include_usage` (OpenAI's form), else on the final chunk."""
-        queue: asyncio.Queue = asyncio.Queue()
-        stop_filter = _StopFilter(params.stop)
+    def stream(self, choices: list[_Choice], endpoint: str, *, base: dict, prompt_tokens: int,
+               make_chunk: Callable[..., dict], final_chunk: Callable[[_Choice, GenerationResult], dict],
+               include_usage: bool, first_chunk: Callable[[_Choice], dict] | None = None) -> StreamingResponse:
+        """Server-sent events, per choice: its echoed prompt (at once, or with the prompt's log-probabilities once
+        they exist), `first_chunk` (chat: the assistant's role, as soon as the first token exists), the text as it
+        comes with the log-probabilities of the tokens decoded since the last chunk (`make_chunk(choice, text,
+        entries, of_prompt)`), its final chunk; then the usage: alone in a chunk with no choices when
+        `include_usage` (OpenAI's form), else on the last final chunk."""
+        events = _Stream()
+        stop_filters = {c.index: _StopFilter(c.params.stop) for c in choices}
+        pending: dict[int, list[TokenLogprob]] = {c.index: [] for c in choices}  # log-probabilities not yet sent
+
+        def take(choice: _Choice) -> list[TokenLogprob] | None:
+            entries, pending[choice.index] = pending[choice.index], []
+            return entries if choice.params.logprobs is not None else None
 
         async def produce():
             try:
-                result = await self.generate(prompt_ids, params, endpoint, place,
-                                             lambda text: queue.put_nowait(("text", text)),
-                                             lambda: queue.put_nowait(("first",)))
-                queue.put_nowait(("done", result))
+                await self.generate(choices, endpoint, events)
             except Exception as exc:  # reported to the client in-stream; the server keeps serving
                 log_unexpected(logger, f"streaming {endpoint}", exc)
-                queue.put_nowait(("error", str(exc), "server_error"))
+                events.queue.put_nowait(("error", str(exc)))
 
-        async def events():
+        async def chunks():
             task = asyncio.ensure_future(produce())
+            finished: list[GenerationResult] = []
+            ended = False  # every choice finished, or failed: the producer ends by itself
             try:
-                if prefix:
-                    yield _sse(make_chunk(prefix))
+                for choice in choices:
+                    if choice.echo and not choice.params.prompt_logprobs:
+                        yield _sse(make_chunk(choice, choice.echo, None))
                 while True:
-                    kind, *value = await queue.get()
+                    kind, *value = await events.queue.get()
                     if kind == "first":
                         if first_chunk is not None:
-                            yield _sse(first_chunk())
-                    elif kind == "text":
-                        text = stop_filter.push(value[0])
-                        if text:
-                            yield _sse(make_chunk(text))
-                    elif kind == "done":
-                        result = value[0]
-                        tail = stop_filter.flush()
-                        if tail:
-                            yield _sse(make_chunk(tail))
-                        if include_usage:
-                            yield _sse(final_chunk(result))
-                            yield _sse({**base, "choices": [], "usage": self.usage(result)})
+                            yield _sse(first_chunk(value[0]))
+                    elif kind == "logprobs":
+                        choice, entries, of_prompt = value
+                        if of_prompt:
+                            yield _sse(make_chunk(choice, choice.echo, entries, True))
                         else:
-                            yield _sse({**final_chunk(result), "usage": self.usage(result)})
+                            pending[choice.index].extend(entries)
+                    elif kind == "text":
+                        choice, text = value
+                        text = stop_filters[choice.index].push(text)
+                        if text:
+                            yield _sse(make_chunk(choice, text, take(choice)))
+                    elif kind == "done":
+                        choice, result = value
+                        tail = stop_filters[choice.index].flush()
+                        if tail or pending[choice.index]:
+                            yield _sse(make_chunk(choice, tail, take(choice)))
+                        finished.append(result)
+                        if len(finished) < len(choices):
+                            yield _sse(final_chunk(choice, result))
+                            continue
+                        ended = True
+                        usage = self.usage(prompt_tokens, finished)
+                        if include_usage:
+                            yield _sse(final_chunk(choice, result))
+                            yield _sse({**base, "choices": [], "usage": usage})
+                        else:
+                            yield _sse({**final_chunk(choice, result), "usage": usage})
                         yield "data: [DONE]\n\n"
                         return
                     else:
-                        yield _sse({"error": {"message": value[0], "type": value[1], "param": None, "code": None}})
+                        ended = True
+                        yield _sse({"error": {"message": value[0], "type": "server_error", "param": None,
+                                              "code": None}})
                         return
             finally:
-                if not task.done():  # the client went away: its request leaves the batch at the next step
+                if not ended:  # the client went away: its sequences leave the batch at the next step
                     task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                place.release()  # if the task never started
+                for choice in choices:
+                    choice.place.release()  # if its generation never started
 
-        # the background task runs even when the client left before the stream began
-        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(place.release))
+        async def release():  # runs even when the client left before the stream began
+            for choice in choices:
+                choice.place.release()
+
+        return StreamingResponse(chunks(), media_type="text/event-stream", background=BackgroundTask(release))
 
     # -- endpoints ----------------------------------------------------------------------------
     async def models(self):
@@ -406,38 +432,83 @@ class OpenAIService:
     async def metrics_endpoint(self):
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def _encode_prompts(self, texts: list[str]) -> list[list[int]]:
+        return [self.engine.encode_prompt(text) for text in texts]
+
+    def _legacy_logprobs(self, choice: _Choice, result: GenerationResult) -> dict:
+        """A whole choice's legacy log-probabilities: with echo, the prompt's (from 0 in the text), then the new
+        tokens' (from the end of the echoed prompt)."""
+        legacy = LegacyLogprobs(self.texts)
+        if not choice.params.prompt_logprobs:
+            return legacy.piece(result.token_ids, result.logprobs)
+        prompt = legacy.piece(choice.prompt_ids, result.prompt_logprobs)
+        legacy.offset = len(choice.echo)
+        new = legacy.piece(result.token_ids, result.logprobs)
+        return {key: prompt[key] + new[key] for key in prompt}
+
     async def completions(self, request: Request):
         req = await self.parse(request, CompletionRequest)
         self.check_model(req.model)
-        if isinstance(req.prompt, list):
-            if len(req.prompt) != 1:
-                raise APIError(400, "prompt: expected one string (batches of prompts are not supported)", param="prompt")
-            prompt = req.prompt[0]
-        else:
-            prompt = req.prompt
-        self.check_prompt_size(len(prompt), "prompt")
-        params = self.params_for(req, req.max_tokens)
-        prompt_ids = await asyncio.to_thread(self.engine.encode_prompt, prompt)
-        self.check_context(prompt_ids, params, "prompt")
-        place = self.admit("completions")
-        echo = prompt if req.echo else ""
+        prompts: list[str | list[int]] = req.prompt
+        count = self.check_choices(len(prompts), req.n)
+        max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing: expected at least 1, or 0 with echo: true (the "
+                                "prompt scored, with logprobs)", param="max_tokens")
+        report = req.logprobs is not None
+        # max_tokens 0 prefills the prompt and stops there, scoring it (reported only with logprobs)
+        scored = req.echo and (report or max_tokens == 0)
+        params = self.params_for(req, max_tokens, req.logprobs if report else (0 if scored else None), scored)
+        texts = [p for p in prompts if isinstance(p, str)]
+        for text in texts:
+            self.check_prompt_size(len(text), "prompt")
+        encoded = iter(await asyncio.to_thread(self._encode_prompts, texts) if texts else ())
+        prompt_ids = [next(encoded) if isinstance(p, str) else self.check_tokens(p, "prompt") for p in prompts]
+        for ids in prompt_ids:
+            self.check_context(ids, params, "prompt")
+        echoes = [""] * len(prompts)
+        if req.echo:  # a prompt of token ids is echoed as its text
+            decode = functools.partial(self.engine.tokenizer.decode, skip_special_tokens=True)
+            echoes = await asyncio.to_thread(lambda: [p if isinstance(p, str) else decode(p) for p in prompts])
+        choices = _choices(prompt_ids, params, req.n, self.admit("completions", count), echoes)
+        prompt_tokens = sum(len(ids) for ids in prompt_ids)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": now, "model": self.engine.name}
         if req.stream:
-            return self.stream(prompt_ids, params, "completions", place, base=base, prefix=echo,
+            legacy = {c.index: LegacyLogprobs(self.texts) for c in choices}
+
+            def chunk(choice: _Choice, text: str, entries: list | None, of_prompt: bool = False) -> dict:
+                logprobs = None
+                if report and entries is not None:
+                    ids = choice.prompt_ids if of_prompt else [e.token for e in entries]
+                    logprobs = legacy[choice.index].piece(ids, entries)
+                    if of_prompt:
+                        legacy[choice.index].offset = len(choice.echo)
+                return {**base, "choices": [{"text": text, "index": choice.index, "logprobs": logprobs,
+                                             "finish_reason": None}]}
+
+            return self.stream(choices, "completions", base=base, prompt_tokens=prompt_tokens, make_chunk=chunk,
                                include_usage=req.include_usage,
-                               make_chunk=lambda text: {**base, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                                                             "finish_reason": None}]},
-                               final_chunk=lambda r: {**base, "choices": [{"text": "", "index": 0, "logprobs": None,
-                                                                           "finish_reason": r.finish_reason}]})
-        result = await self.run(request, prompt_ids, params, "completions", place)
-        return {**base, "choices": [{"text": echo + result.text, "index": 0, "logprobs": None,
-                                     "finish_reason": result.finish_reason}], "usage": self.usage(result)}
+                               final_chunk=lambda c, r: {**base, "choices": [{"text": "", "index": c.index,
+                                                                              "logprobs": None,
+                                                                              "finish_reason": r.finish_reason}]})
+        results = await self.run(request, choices, "completions")
+        logprobs = [None] * len(choices)
+        if report:  # many tokens' texts: off the event loop
+            logprobs = await asyncio.to_thread(lambda: [self._legacy_logprobs(c, r) for c, r in zip(choices, results)])
+        return {**base, "choices": [{"text": c.echo + r.text, "index": c.index, "logprobs": lp,
+                                     "finish_reason": r.finish_reason} for c, r, lp in zip(choices, results, logprobs)],
+                "usage": self.usage(prompt_tokens, results)}
 
     async def chat_completions(self, request: Request):
         req = await self.parse(request, ChatCompletionRequest)
         self.check_model(req.model)
-        params = self.params_for(req, req.max_completion_tokens or req.max_tokens)
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        report = bool(req.logprobs)
+        count = self.check_choices(1, req.n)
+        params = self.params_for(req, req.max_completion_tokens or req.max_tokens,
+                                 (req.top_logprobs or 0) if report else None)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         self.check_prompt_size(sum(len(m["content"]) for m in messages), "messages")
         try:
@@ -445,25 +516,94 @@ class OpenAIService:
         except TemplateError as exc:  # e.g. roles that do not alternate as the template requires
             raise APIError(400, f"messages: the model's chat template refused them: {exc}", param="messages") from None
         self.check_context(prompt_ids, params, "messages")
-        place = self.admit("chat")
+        choices = _choices([prompt_ids], params, req.n, self.admit("chat", count), [""])
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": self.engine.name}
         if req.stream:
-            def chunk(text):
-                return {**base, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
-
-            def role():  # OpenAI's first chunk: the role, no text yet
-                return {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+            def chunk(choice: _Choice, text: str, entries: list | None, of_prompt: bool = False) -> dict:
+                logprobs = chat_logprobs(entries, self.texts) if report and entries is not None else None
+                return {**base, "choices": [{"index": choice.index, "delta": {"content": text}, "logprobs": logprobs,
                                              "finish_reason": None}]}
 
-            return self.stream(prompt_ids, params, "chat", place, base=base, make_chunk=chunk,
+            def role(choice: _Choice) -> dict:  # OpenAI's first chunk: the role, no text yet
+                return {**base, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]}
+
+            return self.stream(choices, "chat", base=base, prompt_tokens=len(prompt_ids), make_chunk=chunk,
                                include_usage=req.include_usage, first_chunk=role,
-                               final_chunk=lambda r: {**base, "choices": [{"index": 0, "delta": {},
-                                                                           "finish_reason": r.finish_reason}]})
-        result = await self.run(request, prompt_ids, params, "chat", place)
+                               final_chunk=lambda c, r: {**base, "choices": [{"index": c.index, "delta": {},
+                                                                              "logprobs": None,
+                                                                              "finish_reason": r.finish_reason}]})
+        results = await self.run(request, choices, "chat")
+        logprobs = [None] * len(choices)
+        if report:
+            logprobs = await asyncio.to_thread(lambda: [chat_logprobs(r.logprobs, self.texts) for r in results])
         return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": result.finish_reason}], "usage": self.usage(result)}
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": r.text}, "logprobs": lp,
+                             "finish_reason": r.finish_reason} for c, r, lp in zip(choices, results, logprobs)],
+                "usage": self.usage(len(prompt_ids), results)}
+
+    # -- the tokenizer (vLLM's endpoints) -----------------------------------------------------
+    async def tokenize(self, request: Request):
+        """vLLM's /tokenize: a prompt as /v1/completions tokenizes it, or messages as /v1/chat/completions does."""
+        req = await self.parse(request, TokenizeRequest)
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "expected either prompt (text) or messages (a chat), not both or neither",
+                           param="prompt")
+        if req.prompt is not None:
+            self.check_prompt_size(len(req.prompt), "prompt")
+            ids = await asyncio.to_thread(self.engine.encode_prompt, req.prompt, req.add_special_tokens is not False)
+        else:
+            if req.add_special_tokens:
+                raise APIError(400, "add_special_tokens: messages are tokenized as chat completions tokenizes them "
+                                    "(the chat template writes its special tokens): expected null or false",
+                               param="add_special_tokens")
+            messages = [{"role": m.role, "content": m.content} for m in req.messages]
+            self.check_prompt_size(sum(len(m["content"]) for m in messages), "messages")
+            try:
+                ids = await asyncio.to_thread(self.engine.encode_chat, messages, req.add_generation_prompt)
+            except TemplateError as exc:
+                raise APIError(400, f"messages: the model's chat template refused them: {exc}",
+                               param="messages") from None
+        strs = None
+        if req.return_token_strs:
+            strs = await asyncio.to_thread(self.engine.tokenizer.convert_ids_to_tokens, ids)
+        return {"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids, "token_strs": strs}
+
+    async def detokenize(self, request: Request):
+        """vLLM's /detokenize: token ids to text, special tokens included."""
+        req = await self.parse(request, DetokenizeRequest)
+        self.check_model(req.model)
+        self.check_tokens(req.tokens, "tokens")
+        return {"prompt": await asyncio.to_thread(self.engine.tokenizer.decode, req.tokens)}
+
+    async def tokenizer_info(self):
+        """vLLM's /tokenizer_info: the tokenizer's settings (JSON-safe), its class and its chat template; how this
+        server found its files is left out."""
+        if self._tokenizer_info is None:
+            tokenizer = self.engine.tokenizer
+            info = {k: _json_safe(v) for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items()
+                    if k not in _TOKENIZER_LOADING}
+            info["tokenizer_class"] = type(tokenizer).__name__
+            if getattr(tokenizer, "chat_template", None):
+                info["chat_template"] = tokenizer.chat_template
+            self._tokenizer_info = info
+        return self._tokenizer_info
+
+
+def _json_safe(value: Any) -> Any:
+    """A tokenizer setting as JSON: an added token as its text, mappings and lists item by item, other objects as
+    their text."""
+    if hasattr(value, "content"):  # transformers' AddedToken
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 async def _disconnected(request: Request) -> None:
@@ -535,6 +675,9 @@ def create_app(engine: Engine, cfg: ServeConfig = ServeConfig(), batch: BatchCon
     app.add_api_route("/metrics", service.metrics_endpoint, methods=["GET"])
     app.add_api_route("/v1/completions", service.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
+    app.add_api_route("/tokenize", service.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", service.detokenize, methods=["POST"])
+    app.add_api_route("/tokenizer_info", service.tokenizer_info, methods=["GET"])
     open_paths = frozenset({"/health", *(("/metrics",) if cfg.public_metrics else ())})
     app.add_middleware(HttpGuard, cfg=cfg, refusals=service.metrics.refusals, open_paths=open_paths,
                        known_paths=frozenset(route.path for route in app.routes))

@@ -8,8 +8,9 @@ import asyncio
 import pytest
 import torch
 
-from moeshard.coordinator.batching import BatchConfig, Batcher, GenerationFailed, Overloaded, _ChooseToken
+from moeshard.coordinator.batching import BatchConfig, Batcher, GenerationFailed, Overloaded
 from moeshard.coordinator.engine import Engine, SamplingParams
+from moeshard.coordinator.logits import ChooseToken
 from moeshard.offload_core import OffloadConfig
 from moeshard.offload_core.demo import demo_model_path
 
@@ -72,7 +73,7 @@ def test_batched_greedy_tokens_and_logits_equal_generate_alone(engine, batcher):
     assert len(requests[-1][0]) > 32, "the long prompt must need several prefill chunks"
     seen: dict[str, list[torch.Tensor]] = {}
     order: list[list[str]] = []
-    prepare, call = _ChooseToken.prepare_tensor_args, _ChooseToken.__call__
+    prepare, call = ChooseToken.prepare_tensor_args, ChooseToken.__call__
 
     def record_prepare(self, reqs):
         order.append([r.state.request_id for r in reqs])
@@ -83,14 +84,14 @@ def test_batched_greedy_tokens_and_logits_equal_generate_alone(engine, batcher):
             seen.setdefault(rid, []).append(row.clone())
         return call(self, scores, arg)
 
-    _ChooseToken.prepare_tensor_args, _ChooseToken.__call__ = record_prepare, record_call
+    ChooseToken.prepare_tensor_args, ChooseToken.__call__ = record_prepare, record_call
     try:
         async def run():
             return await asyncio.gather(*(b.generate(ids, greedy(n)) for ids, n in requests))
 
         results = asyncio.run(run())
     finally:
-        _ChooseToken.prepare_tensor_args, _ChooseToken.__call__ = prepare, call
+        ChooseToken.prepare_tensor_args, ChooseToken.__call__ = prepare, call
     assert max(s[0] for s in b.step_stats.recent) >= 4, "requests were not decoded together"
     assert max(s[1] for s in b.step_stats.recent) <= 32, "a step computed more than step_tokens tokens"
     by_order = sorted(seen.values(), key=len)
