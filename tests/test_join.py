@@ -307,16 +307,17 @@ def test_received_experts_are_held_only_once_committed_and_a_restart_keeps_exact
 
     description, nbytes = {"config": {}, "format": {}, "expert_bytes": 1000}, 1000
     store = ReceivedExperts.open(tmp_path, "f" * 32, description, nbytes)
+    push = store.incoming()
     blobs = {ExpertKey(0, e): bytes([e]) * nbytes for e in range(3)}
     for key, blob in list(blobs.items())[:2]:
-        assert store.write(key, 0, blob[:600]) is False
-        assert store.write(key, 600, blob[600:], hashlib.sha256(blob).hexdigest()) is True
+        assert push.write(key, 0, blob[:600]) is False
+        assert push.write(key, 600, blob[600:], hashlib.sha256(blob).hexdigest()) is True
     assert store.held() == frozenset()  # verified, not yet durable: not announced as held
     with pytest.raises(ReceiveError, match="already received in this push"):
-        store.write(ExpertKey(0, 0), 0, blobs[ExpertKey(0, 0)])
-    assert store.commit() == 2 and store.commit() == 0
+        push.write(ExpertKey(0, 0), 0, blobs[ExpertKey(0, 0)])
+    assert push.commit() == 2 and push.commit() == 0
     assert store.held() == {ExpertKey(0, 0), ExpertKey(0, 1)}
-    store.write(ExpertKey(0, 2), 0, blobs[ExpertKey(0, 2)], hashlib.sha256(blobs[ExpertKey(0, 2)]).hexdigest())
+    push.write(ExpertKey(0, 2), 0, blobs[ExpertKey(0, 2)], hashlib.sha256(blobs[ExpertKey(0, 2)]).hexdigest())
     # A restart before the third was committed (a crash): the first two are held, the third is sent again.
     again = ReceivedExperts.open(tmp_path, "f" * 32, description, nbytes)
     assert again.held() == {ExpertKey(0, 0), ExpertKey(0, 1)}

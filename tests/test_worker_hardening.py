@@ -1,6 +1,9 @@
 """The worker's gRPC door under attack (loopback only, bounded loops): a client without the token gets a
 refusal and nothing else (no call slot, no memory, no log it controls); big or echoing requests get clean
-INVALID_ARGUMENTs; health answers under any load; activations that overflow are an error naming the expert."""
+INVALID_ARGUMENTs; health answers under any load; activations that overflow are an error naming the expert.
+Issue 22: a message larger than the model can need is refused unparsed, and the bytes held at once are bounded;
+a refused model switch keeps the model being served; a description is checked before anything is built from it.
+(What a worker receives and keeps on disk is tested in test_worker_hardening_disk.py.)"""
 import re
 import threading
 import time
@@ -287,3 +290,175 @@ def test_overflowing_activations_are_an_error_naming_layer_and_expert(token_work
     with torch.no_grad(), pytest.raises(NonFiniteOutput, match=r"layer 2: expert 5, expert 6 produced NaN or Inf"):
         layer(big, torch.tensor([[5, 6]] * 3), torch.full((3, 2), 0.5))
     om.close()
+
+
+# -- issue 22: large messages (item 11), model switches (item 9), descriptions (item 12) ------------------------
+
+def _request_failure(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value
+
+
+def test_run_experts_larger_than_the_model_can_need_is_refused_unparsed(token_worker):
+    """max_tokens 8192 x hidden 32 x 4 bytes: about 1 MiB. A 2 MiB request is refused from its size alone, as a
+    unary call and on the session stream, with what was expected."""
+    fingerprint = token_worker.shard.fingerprint
+    big = torch.zeros(16384, D)
+    for stream in (False, True):
+        client = WorkerClient(token_worker.address, fingerprint, ClientConfig(token=TOKEN, stream=stream))
+        client.assign([ExpertKey(0, 1)])
+        _, future = client.run_experts_future(0, [1], [16384], big)
+        err = _request_failure(lambda: client.result(future))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        method = "Session" if stream else "RunExperts"
+        assert err.details().startswith(f"{method} message of 2.0 MiB: expected at most 1.0 MiB (8192 rows x 32 "
+                                        "hidden x 4 bytes"), err.details()
+        _, future = client.run_experts_future(0, [1], [2], torch.ones(2, D))  # and the next request is served
+        assert client.result(future).output.shape == [2, D]
+        client.close()
+
+
+def test_messages_held_at_once_and_sessions_are_bounded(tiny_ckpt):
+    """A budget of 1 MiB of messages, the largest message 1 MiB: while one call's message is being read, another
+    is refused at once (RESOURCE_EXHAUSTED, nothing read); health answers; once the slow call is dropped, calls
+    go through. A second session past max_sessions is refused the same way."""
+    cfg = ServerConfig(listen="127.0.0.1:0", grace_s=1.0, token=TOKEN, message_timeout_s=0.5,
+                       message_memory_bytes=1 << 20, max_sessions=1)
+    with InProcessWorker(ShardConfig(model=tiny_ckpt), server_cfg=cfg, max_receive_bytes=1 << 20) as w:
+        client = WorkerClient(w.address, w.shard.fingerprint, ClientConfig(token=TOKEN, stream=False))
+        client.assign([ExpertKey(0, 1)])
+        channel = grpc.insecure_channel(w.address)
+        never = threading.Event()
+        slow = channel.stream_unary(RUN, request_serializer=None, response_deserializer=None).future(
+            _silent(never), metadata=AUTH)
+        time.sleep(0.2)
+        _, future = client.run_experts_future(0, [1], [2], torch.ones(2, D))
+        err = _request_failure(future.result)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and err.details().startswith("worker busy"), \
+            err.details()
+        assert _health_ok(channel) < 2
+        assert _request_failure(slow.result).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        never.set()
+        _, future = client.run_experts_future(0, [1], [2], torch.ones(2, D))
+        assert future.result().output.shape == [2, D]
+        sessions = [WorkerClient(w.address, w.shard.fingerprint, ClientConfig(token=TOKEN)) for _ in range(2)]
+        assert sessions[0].session().ping().result(timeout=5) is not None
+        err = _request_failure(lambda: sessions[1].session().ping().result(timeout=5))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "sessions open (limit 1)" in err.details()
+        for c in (client, *sessions):
+            c.close()
+        channel.close()
+
+
+@pytest.mark.slow  # 3 rounds of 16 concurrent 60 MiB messages
+def test_big_authenticated_messages_are_refused_within_a_memory_bound(process_worker):
+    """Issue 22.11: 16 concurrent authenticated 60 MiB RunExperts, refused after parsing, took a worker from
+    405 MiB to 9.3 GiB (4.5 GiB more on 2 CPU cores). Now each is refused from its size, unparsed, and at most
+    the message budget (256 MiB) of them is read at once."""
+    address, proc, _ = process_worker
+    fingerprint = WorkerClient(address, "", ClientConfig(token=TOKEN)).info().fingerprint
+    rows = (60 << 20) // (D * 4)
+    req = pb.RunExpertsRequest(fingerprint=fingerprint, layer=0, experts=[0], counts=[rows],
+                               hidden=pb.Tensor(data=bytes(rows * D * 4), dtype="float32", shape=[rows, D]))
+    payload = req.SerializeToString()
+    del req
+    channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)])
+    send = _raw(channel)
+    base = proc.memory_info().rss
+    peak, stop = [base], threading.Event()
+    sampler = threading.Thread(target=_sample_peak, args=(proc, stop, peak), daemon=True)
+    sampler.start()
+    codes = set()
+    try:
+        for _ in range(3):
+            futures = [send.future(payload, timeout=60, metadata=AUTH) for _ in range(16)]
+            for f in futures:
+                err = _request_failure(f.result)
+                codes.add(err.code())
+                assert err.details().startswith(("RunExperts message of 60.0 MiB: expected at most",
+                                                 "worker busy")), err.details()
+    finally:
+        stop.set()
+        sampler.join()
+        channel.close()
+    assert codes <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    growth = peak[0] - base
+    assert growth < 1 << 30, f"the worker's RSS peaked {growth / 2**20:.0f} MiB above its start"
+    assert _health_ok(grpc.insecure_channel(address)) < 2
+
+
+def _description(om, **config) -> dict:
+    from moeshard.worker.shard import model_description
+
+    description = model_description(om.checkpoint.config_dict, om.runtime.local.format)
+    description["config"] = {**description["config"], **config}
+    return description
+
+
+@pytest.fixture(scope="module")
+def tiny_om(tiny_ckpt):
+    om = load_model(tiny_ckpt, prefetch=0)
+    yield om
+    om.close()
+
+
+@pytest.mark.parametrize("refusal", ["format", "memory"])
+def test_a_refused_model_switch_leaves_the_model_being_served(tiny_om, tmp_path, refusal):
+    """--allow-model-switch: a coordinator of another model whose Join is refused takes nothing over."""
+    from moeshard.offload_core import OffloadConfig
+
+    shard_cfg = ShardConfig(offload=OffloadConfig(store="ram", prefetch=0, cache_dir=tmp_path),
+                            memory_bytes=64 << 20, allow_model_switch=True)
+    with InProcessWorker(shard_cfg) as w:
+        client = WorkerClient(w.address, tiny_om.fingerprint, ClientConfig())
+        keys = [ExpertKey(0, e) for e in range(4)]
+        missing, _, _ = client.join(_description(tiny_om), keys)
+        client.push(missing, tiny_om.runtime.local.store.source.read_into, tiny_om.runtime.local.format.layout.nbytes)
+        client.assign(keys)
+        hidden = torch.randn(3, D)
+        _, future = client.run_experts_future(0, [2], [3], hidden)
+        before = future.result().output
+        other = WorkerClient(w.address, "b" * 32, ClientConfig())
+        if refusal == "format":  # packed another way than this worker packs it
+            description = {**_description(tiny_om), "expert_bytes": 12345}
+            expected = grpc.StatusCode.FAILED_PRECONDITION
+        else:  # one expert bigger than this worker's memory
+            description = {**_description(tiny_om, intermediate_size=10**6), "expert_bytes": 3 * 10**6 * D * 4}
+            expected = grpc.StatusCode.RESOURCE_EXHAUSTED
+        err = _request_failure(lambda: other.join(description, keys))
+        assert err.code() == expected, err.details()
+        assert client.info().fingerprint == tiny_om.fingerprint
+        _, future = client.run_experts_future(0, [2], [3], hidden)
+        assert future.result().output == before
+        other.close()
+        client.close()
+
+
+@pytest.mark.parametrize("change, code, text", [
+    ({"intermediate_size": 10**7}, grpc.StatusCode.RESOURCE_EXHAUSTED, "(raise its --memory)"),
+    ({"intermediate_size": 1e7}, grpc.StatusCode.INVALID_ARGUMENT, "not one this worker can read"),
+    ({"num_hidden_layers": 2000}, grpc.StatusCode.INVALID_ARGUMENT, "num_hidden_layers 2000: expected a whole "
+                                                                    "number in 1..1024"),
+    ({"hidden_size": 10**6}, grpc.StatusCode.INVALID_ARGUMENT, "hidden_size 1000000: expected"),
+    ({"num_local_experts": 10**8}, grpc.StatusCode.INVALID_ARGUMENT, "100000000 experts per layer: expected 1..16384"),
+    ({"num_attention_heads": 0}, grpc.StatusCode.INVALID_ARGUMENT, "transformers cannot build a model from this"),
+    ({"vocab_size": 10**9}, grpc.StatusCode.OK, ""),  # no expert is bigger: built on the meta device, allocates nothing
+])
+def test_descriptions_that_would_allocate_are_refused_before_anything_is_built(tiny_om, tmp_path, change, code, text):
+    from moeshard.offload_core import OffloadConfig
+
+    description = _description(tiny_om, **change)
+    if change.get("intermediate_size") == 10**7:  # an honest size for that model: 3 matrices of 32 x 1e7 floats
+        description["expert_bytes"] = 3 * D * 10**7 * 4
+    shard_cfg = ShardConfig(offload=OffloadConfig(store="ram", prefetch=0, cache_dir=tmp_path), memory_bytes=256 << 20)
+    with InProcessWorker(shard_cfg) as w:
+        client = WorkerClient(w.address, "c" * 32, ClientConfig())
+        if code == grpc.StatusCode.OK:
+            assert client.join(description, [ExpertKey(0, 1)])[0] == [ExpertKey(0, 1)]
+        else:
+            err = _request_failure(lambda: client.join(description, [ExpertKey(0, 1)]))
+            assert err.code() == code and text in err.details(), err.details()
+            assert "alloc" not in err.details() and str(tmp_path) not in err.details()
+            assert client.info().fingerprint == ""  # nothing was taken on
+        client.close()

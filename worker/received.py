@@ -1,30 +1,42 @@
 """Experts a coordinator pushed to this worker, kept on its disk so that a restart receives nothing again.
 
 `cache_dir/<fingerprint>/` holds `model.msgpack` (what the coordinator said the model is: its config.json, the
-expert format, the packed size of one expert), one file per expert (`L-E.bin`: written under a temporary
-name as chunks arrive; once its SHA-256 matched the sender's it waits to be committed: fsynced, renamed and
-logged with the others of its group, up to 64 MiB at a time and at the end of every push, so that the disk
-writes one group while the next arrives instead of stalling on every expert), and `held.msgpack`, an
+expert format, the packed size of one expert), one file per expert (`L-E.bin`) and `held.msgpack`, an
 append-only log of verified experts (`{"layer", "expert", "sha256"}` records; a crash mid-append leaves a cut
-last record, which is ignored). Opening re-hashes what the log lists: a truncated or corrupted file is
-dropped, never used, and the coordinator is told to send it again. It is also the `ExpertSource` the worker's
-store reads from. Nothing here knows gRPC.
+last record, which is ignored). Each push stream receives through its own `Incoming`: an expert is written under a
+temporary name of that stream's own as its chunks arrive; once its SHA-256 matched the sender's it waits to be
+committed (fsynced, renamed and logged with the others of its group, up to 64 MiB at a time and at the end of the
+stream, so that the disk writes one group while the next arrives instead of stalling on every expert). Two streams
+sending one expert do not meet: the first verified copy committed is kept, the other discarded.
+
+What is held is checked, never trusted: opening re-hashes what the log lists, a Join re-checks that each file is
+still there with its size, and every read is checked against the CRC-32 computed with the SHA-256 (a checksum, for
+speed: on one EPYC core CRC-32 adds 0.28 ms per MiB read, SHA-256 0.66 ms, to a read from the page cache of 0.11 ms;
+it catches accidental damage, and whoever can write the cache can rewrite its log anyway). A damaged expert is
+dropped (`NotHeld`), never served, and asked for again at the next Join. `DiskBudget` holds every model's received
+experts to --disk. `ReceivedExperts` is also the `ExpertSource` the worker's store reads from. Nothing here knows gRPC.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
+import stat
+import tempfile
 import threading
+import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import msgpack
 import torch
 
-from ..offload_core.checkpoint import pread_into
+from ..offload_core.checkpoint import CheckpointError, pread_into
 from ..offload_core.experts import ExpertKey
-from ..offload_core.quantized_cache import atomic_write
+from ..offload_core.packed_files import atomic_write
+from .disk import DiskBudget
 
 logger = logging.getLogger(__name__)
 
@@ -33,43 +45,71 @@ LOG_FILE = "held.msgpack"
 _VERSION = 1
 _CHUNK = 1 << 22  # bytes hashed per read when verifying
 _GROUP_BYTES = 64 << 20  # verified experts committed together (one wait on the disk per group, not per expert)
-_GROUP_EXPERTS = 64  # ... and at most this many (each holds its file open until then)
+_GROUP_EXPERTS = 64  # ... and at most this many
+MAX_INCOMPLETE = 4  # experts one push may have begun and not finished (a coordinator sends one after another)
 
 
 class ReceiveError(ValueError):
     """A pushed expert that does not fit what was announced (offset, size, hash); the message says which."""
 
 
-def dir_bytes(root: Path) -> int:
-    """Bytes of every file under `root` (every model's received experts)."""
-    root = Path(root)
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+class NotHeld(LookupError):
+    """An expert this worker does not hold: never received, or dropped because its file stopped matching its
+    checksum. The coordinator computes it elsewhere meanwhile and sends it again at its next Join."""
+
+    def __init__(self, key: ExpertKey, message: str):
+        super().__init__(message)
+        self.key = key
 
 
-class _Incoming:
-    """One expert being received: its temporary file, the bytes so far, their running hash."""
+class CacheError(RuntimeError):
+    """The worker's cache folder could not be written; the message names the expert, never the path."""
 
-    __slots__ = ("fd", "path", "received", "digest")
 
-    def __init__(self, fd: int, path: Path):
-        self.fd, self.path, self.received, self.digest = fd, path, 0, hashlib.sha256()
+def _clear(path: Path) -> None:
+    """Removes whatever stands at `path` unless it is a regular file (which `os.replace` overwrites): a folder or a
+    link left in an expert's place would make it unplaceable for ever."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path)
+    elif not stat.S_ISREG(mode):
+        os.unlink(path)
+
+
+class _Sums(NamedTuple):
+    sha256: str  # as the sender announced it and the bytes received matched
+    crc32: int  # of the same bytes, computed with the hash (kept in memory only): what every read is checked against
+
+
+class _Partial:
+    """One expert being received by one stream: its temporary file (None for a copy of an expert already held,
+    which is only verified), the bytes so far and their running hash and checksum."""
+
+    __slots__ = ("fd", "path", "received", "digest", "crc")
+
+    def __init__(self, fd: int | None, path: Path | None):
+        self.fd, self.path, self.received, self.digest, self.crc = fd, path, 0, hashlib.sha256(), 0
 
 
 class ReceivedExperts:
-    def __init__(self, folder: Path, description: dict, nbytes: int):
-        self.folder, self.description, self.nbytes = Path(folder), description, int(nbytes)
-        self._held: dict[ExpertKey, str] = {}  # verified experts -> sha256
-        self._incoming: dict[ExpertKey, _Incoming] = {}
-        self._verified: list[tuple[ExpertKey, str, _Incoming]] = []  # complete and verified, not yet committed
+    def __init__(self, folder: Path, description: dict, nbytes: int, disk: DiskBudget):
+        self.folder, self.description, self.nbytes, self.disk = Path(folder), description, int(nbytes), disk
+        self._held: dict[ExpertKey, _Sums] = {}  # verified experts
         self._fds: dict[ExpertKey, int] = {}
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
+        self._folder_fd: int | None = None  # holds a shared lock: no other worker removes this folder meanwhile
         self.bytes_read = 0
 
     @classmethod
-    def open(cls, root: Path, fingerprint: str, description: dict, nbytes: int) -> ReceivedExperts:
+    def open(cls, root: Path, fingerprint: str, description: dict, nbytes: int,
+             disk: DiskBudget | None = None) -> ReceivedExperts:
         """The folder of `fingerprint` under `root`: created, or reopened with every listed expert re-verified."""
-        folder = Path(root).expanduser() / fingerprint
+        root = Path(root).expanduser()
+        folder = root / fingerprint
         folder.mkdir(parents=True, exist_ok=True)
         model = folder / MODEL_FILE
         record = {"version": _VERSION, "fingerprint": fingerprint, "model": description, "expert_bytes": nbytes}
@@ -86,7 +126,10 @@ class ReceivedExperts:
             atomic_write(model, msgpack.packb(record, use_bin_type=True))
         for stale in folder.glob("*.part"):  # experts a killed worker was receiving: received again from the start
             stale.unlink(missing_ok=True)
-        cache = cls(folder, description, nbytes)
+        os.utime(folder)  # the most recently used model's folder is the last removed to make room
+        cache = cls(folder, description, nbytes, disk if disk is not None else DiskBudget(root))
+        cache._folder_fd = os.open(folder, os.O_RDONLY)
+        fcntl.flock(cache._folder_fd, fcntl.LOCK_SH)
         cache._load_log()
         return cache
 
@@ -108,134 +151,268 @@ class ReceivedExperts:
         except (ValueError, msgpack.UnpackException) as exc:
             logger.warning("%s: unreadable record (%s); the experts after it will be received again", path, exc)
         for key, sha in listed.items():
-            if self._verify(key, sha):
-                self._held[key] = sha
+            crc = self._verify(key, sha)
+            if crc is not None:
+                self._held[key] = _Sums(sha, crc)
         # Rewrite the log with exactly what was verified, so that dropped experts stay dropped.
         atomic_write(path, b"".join(_record(k, s) for k, s in sorted(self._held.items())))
 
-    def _verify(self, key: ExpertKey, sha: str) -> bool:
-        path = self._expert_path(key)
+    def _intact(self, key: ExpertKey) -> bool:
+        """The expert's file is there, a regular file of the right size (its content is checked when read)."""
         try:
-            if path.stat().st_size != self.nbytes:
-                logger.warning("received expert %s is %d bytes, expected %d: it will be received again", tuple(key),
-                               path.stat().st_size, self.nbytes)
-                return False
-            digest = hashlib.sha256()
+            st = os.stat(self._expert_path(key))
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == self.nbytes
+
+    def _verify(self, key: ExpertKey, sha: str) -> int | None:
+        """The CRC-32 of a held expert whose file matches its SHA-256; None (and a warning) if it does not."""
+        path = self._expert_path(key)
+        if not self._intact(key):
+            logger.warning("received expert %s is missing, not a file, or not %d bytes: it will be received again",
+                           tuple(key), self.nbytes)
+            return None
+        digest, crc = hashlib.sha256(), 0
+        try:
             with open(path, "rb") as f:
                 while chunk := f.read(_CHUNK):
                     digest.update(chunk)
+                    crc = zlib.crc32(chunk, crc)
         except OSError:
-            return False
+            return None
         if digest.hexdigest() != sha:
             logger.warning("received expert %s does not match its SHA-256: it will be received again", tuple(key))
-            return False
-        return True
+            return None
+        return crc
 
     def held(self) -> frozenset[ExpertKey]:
         with self._lock:
             return frozenset(self._held)
 
+    def holds(self, key: ExpertKey) -> bool:
+        with self._lock:
+            return key in self._held
+
     def missing(self, keys) -> list[ExpertKey]:
-        held = self.held()
+        """Those of `keys` not held. A held expert whose file is gone, is no longer a regular file or has another
+        size is dropped here, so that it is sent again (a change of content is found when it is read)."""
+        with self._lock:
+            held = set(self._held)
+        for key in [k for k in keys if k in held and not self._intact(k)]:
+            logger.warning("received expert %s is missing, not a file, or not %d bytes: it will be received again",
+                           tuple(key), self.nbytes)
+            self._drop(key)
+            held.discard(key)
         return sorted(k for k in keys if k not in held)
 
-    # -- receiving ------------------------------------------------------------------------------
-    def write(self, key: ExpertKey, offset: int, data: bytes, sha256: str = "") -> bool:
-        """Write one chunk in order; with `sha256` (the expert's last chunk) verify the expert, which the next
-        `commit()` makes held. Returns True when an expert was completed. A chunk out of order, past the end, or a
-        hash that does not match drops what was received of that expert and raises ReceiveError."""
+    def _drop(self, key: ExpertKey) -> None:
+        """Forget a held expert and remove its file."""
         with self._lock:
-            inc = self._incoming.get(key)
-            if inc is None:
-                if offset != 0:
-                    raise ReceiveError(f"expert {tuple(key)}: first chunk at offset {offset}, expected 0")
-                if any(k == key for k, _, _ in self._verified):
-                    raise ReceiveError(f"expert {tuple(key)} was already received in this push")
-                tmp = self._expert_path(key).with_suffix(f".{os.getpid()}.part")
-                inc = self._incoming[key] = _Incoming(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), tmp)
+            if self._held.pop(key, None) is None:
+                return
+            fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+        path = self._expert_path(key)
         try:
-            if offset != inc.received or offset + len(data) > self.nbytes:
-                raise ReceiveError(f"expert {tuple(key)}: chunk at offset {offset} of {len(data)} bytes, expected "
-                                   f"offset {inc.received} and at most {self.nbytes} bytes in all")
-            view, done = memoryview(data), 0
-            while done < len(view):
-                done += os.pwrite(inc.fd, view[done:], offset + done)
-            inc.received += len(data)
-            inc.digest.update(data)
-            if not sha256:
-                return False
-            if inc.received != self.nbytes or inc.digest.hexdigest() != sha256:
-                raise ReceiveError(f"expert {tuple(key)}: {inc.received} bytes with SHA-256 {inc.digest.hexdigest()}, "
-                                   f"expected {self.nbytes} bytes with {sha256}")
-            with self._lock:
-                self._incoming.pop(key, None)
-                self._verified.append((key, sha256, inc))
-                due = len(self._verified) >= _GROUP_EXPERTS or len(self._verified) * self.nbytes >= _GROUP_BYTES
-        except BaseException:
-            self.abort(key)
-            raise
-        if due:
-            self.commit()
-        return True
+            st = os.lstat(path)
+            _clear(path)
+            path.unlink(missing_ok=True)
+            self.disk.removed(st.st_size if stat.S_ISREG(st.st_mode) else 0)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("could not remove the damaged expert file %s: %s", path, exc)
 
-    def commit(self) -> int:
-        """Make every verified expert durable and held: each file fsynced and renamed into place, then one append
-        to the log, fsynced. Returns how many were committed. A crash before this loses only what was not yet
-        committed (its temporary files are removed at the next start and the coordinator sends it again)."""
+    # -- receiving ------------------------------------------------------------------------------
+    def incoming(self) -> Incoming:
+        """The state of one push stream; `close()` it when the stream ends, however it ends."""
+        return Incoming(self)
+
+    def _commit(self, group: list[tuple[ExpertKey, _Sums, Path | None]]) -> int:
+        """Make verified experts durable and held: each file fsynced and renamed into place, then one append to the
+        log, fsynced. An expert another stream committed first is discarded. Returns how many were placed."""
         with self._commit_lock:
+            placed, failed = [], None
+            for key, sums, path in group:
+                if path is None:
+                    continue  # a copy of an expert held already: verified, nothing to place
+                if self.holds(key):  # another push committed it first
+                    path.unlink(missing_ok=True)
+                    self.disk.release(self.nbytes)
+                    continue
+                target = self._expert_path(key)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    _clear(target)
+                    os.replace(path, target)
+                except OSError as exc:
+                    logger.warning("could not place received expert %s at %s: %s", tuple(key), target, exc)
+                    path.unlink(missing_ok=True)
+                    self.disk.release(self.nbytes)
+                    failed = failed or (key, exc)
+                    continue
+                self.disk.settle(self.nbytes)
+                placed.append((key, sums))
             with self._lock:
-                group, self._verified = self._verified, []
-            if not group:
-                return 0
-            for key, _, inc in group:
-                os.fsync(inc.fd)
-                os.close(inc.fd)
-                os.replace(inc.path, self._expert_path(key))
-            with self._lock:
-                stale = [self._fds.pop(key) for key, _, _ in group if key in self._fds]
-                for key, sha, _ in group:
-                    self._held[key] = sha
-                with open(self.folder / LOG_FILE, "ab") as log:
-                    log.write(b"".join(_record(key, sha) for key, sha, _ in group))
-                    log.flush()
-                    os.fsync(log.fileno())
+                stale = [self._fds.pop(key) for key, _ in placed if key in self._fds]
+                self._held.update(placed)
+                if placed:
+                    with open(self.folder / LOG_FILE, "ab") as log:
+                        log.write(b"".join(_record(key, sums) for key, sums in placed))
+                        log.flush()
+                        os.fsync(log.fileno())
             for fd in stale:  # a damaged copy that was open for reading
                 os.close(fd)
-            return len(group)
-
-    def abort(self, key: ExpertKey | None = None) -> None:
-        """Drop what was received of `key` (or of every expert still incomplete)."""
-        with self._lock:
-            keys = [key] if key is not None else list(self._incoming)
-            dropped = [self._incoming.pop(k) for k in keys if k in self._incoming]
-        for inc in dropped:
-            os.close(inc.fd)
-            inc.path.unlink(missing_ok=True)
+        if failed is not None:
+            key, exc = failed
+            raise CacheError(f"expert {tuple(key)} could not be placed in this worker's cache folder "
+                             f"({exc.strerror or type(exc).__name__}): its log says more")
+        return len(placed)
 
     # -- reading (the ExpertSource of the worker's store) ----------------------------------------
     def read_into(self, key: ExpertKey, out: torch.Tensor) -> None:
+        """Reads one held expert and checks it against its CRC-32: a damaged one is dropped, never returned."""
         if out.dtype != torch.uint8 or out.numel() != self.nbytes:
             raise ValueError(f"out must be a uint8 tensor of {self.nbytes} bytes, got {out.dtype} x {out.numel()}")
         with self._lock:
-            if key not in self._held:
-                raise KeyError(f"expert {tuple(key)} has not been received")
+            sums = self._held.get(key)
+            if sums is None:
+                raise NotHeld(key, f"expert {tuple(key)} is not held by this worker (never received, or dropped as "
+                                   "damaged): it is received again at the coordinator's next Join")
             fd = self._fds.get(key)
             if fd is None:
-                fd = self._fds[key] = os.open(self._expert_path(key), os.O_RDONLY)
+                try:
+                    fd = self._fds[key] = os.open(self._expert_path(key), os.O_RDONLY)
+                except OSError:
+                    fd = None
             self.bytes_read += self.nbytes
         direct = out.device.type == "cpu" and out.is_contiguous()
         target = out if direct else torch.empty(self.nbytes, dtype=torch.uint8)
-        pread_into(fd, memoryview(target.numpy()), 0)
+        data = memoryview(target.numpy())
+        try:
+            if fd is None:
+                raise FileNotFoundError
+            pread_into(fd, data, 0)
+            intact = zlib.crc32(data) == sums.crc32
+        except (OSError, CheckpointError):  # gone, cut short, or a folder now
+            intact = False
+        if not intact:
+            logger.warning("received expert %s no longer matches its checksum on disk: dropped, to be received again",
+                           tuple(key))
+            self._drop(key)
+            raise NotHeld(key, f"expert {tuple(key)} failed its checksum on this worker's disk: dropped, and received "
+                               "again at the coordinator's next Join")
         if not direct:
             out.copy_(target)
 
     def close(self) -> None:
-        self.abort()
         with self._lock:
             fds, self._fds = list(self._fds.values()), {}
         for fd in fds:
             os.close(fd)
+        if self._folder_fd is not None:
+            os.close(self._folder_fd)  # releases the folder's lock
+            self._folder_fd = None
 
 
-def _record(key: ExpertKey, sha256: str) -> bytes:
-    return msgpack.packb({"layer": key.layer, "expert": key.expert, "sha256": sha256}, use_bin_type=True)
+class Incoming:
+    """What one push stream is receiving: the experts it began and has not finished (at most `MAX_INCOMPLETE`, each in
+    a temporary file of its own), and those verified and not yet committed. Used by one stream, one call at a time;
+    `close()` ends it: what is verified is committed, what is incomplete is dropped."""
+
+    def __init__(self, store: ReceivedExperts):
+        self.store = store
+        self._partial: dict[ExpertKey, _Partial] = {}
+        self._verified: list[tuple[ExpertKey, _Sums, Path | None]] = []
+        self._done: set[ExpertKey] = set()  # verified in this stream: a second copy in one push is an error
+
+    def write(self, key: ExpertKey, offset: int, data: bytes, sha256: str = "") -> bool:
+        """Write one chunk in order; with `sha256` (the expert's last chunk) verify the expert, which the next
+        `commit()` makes held. Returns True when an expert was completed and verified. A chunk out of order, past the
+        end, or a hash that does not match drops what was received of that expert and raises ReceiveError."""
+        inc = self._partial.get(key) or self._begin(key, offset)
+        store = self.store
+        try:
+            if offset != inc.received or offset + len(data) > store.nbytes:
+                raise ReceiveError(f"expert {tuple(key)}: chunk at offset {offset} of {len(data)} bytes, expected "
+                                   f"offset {inc.received} and at most {store.nbytes} bytes in all")
+            if inc.fd is not None:
+                view, done = memoryview(data), 0
+                while done < len(view):
+                    done += os.pwrite(inc.fd, view[done:], offset + done)
+            inc.received += len(data)
+            inc.digest.update(data)
+            inc.crc = zlib.crc32(data, inc.crc)
+            if not sha256:
+                return False
+            if inc.received != store.nbytes or inc.digest.hexdigest() != sha256:
+                raise ReceiveError(f"expert {tuple(key)}: {inc.received} bytes with SHA-256 {inc.digest.hexdigest()}, "
+                                   f"expected {store.nbytes} bytes with {sha256}")
+        except BaseException:
+            self._abandon(key)
+            raise
+        del self._partial[key]
+        if inc.fd is not None:
+            os.close(inc.fd)  # synced at commit: a verified expert holds no descriptor while it waits
+        self._verified.append((key, _Sums(sha256, inc.crc), inc.path))
+        self._done.add(key)
+        waiting = sum(path is not None for _, _, path in self._verified)
+        if waiting >= _GROUP_EXPERTS or waiting * store.nbytes >= _GROUP_BYTES:
+            self.commit()
+        return True
+
+    def _begin(self, key: ExpertKey, offset: int) -> _Partial:
+        store = self.store
+        if offset != 0:
+            raise ReceiveError(f"expert {tuple(key)}: first chunk at offset {offset}, expected 0")
+        if key in self._done:
+            raise ReceiveError(f"expert {tuple(key)} was already received in this push")
+        if len(self._partial) >= MAX_INCOMPLETE:
+            raise ReceiveError(f"expert {tuple(key)} would be the {len(self._partial) + 1}th expert this push began "
+                               f"and did not finish: expected at most {MAX_INCOMPLETE}, each sent whole before the "
+                               "next")
+        if store.holds(key):  # a copy of an expert held already (a retry, another coordinator): checked, not kept
+            inc = _Partial(None, None)
+        else:
+            store.disk.reserve(store.nbytes, store.folder.name, f"expert {tuple(key)}")
+            try:
+                fd, path = tempfile.mkstemp(dir=store.folder, prefix=f"{key.layer}-{key.expert}.", suffix=".part")
+            except BaseException:
+                store.disk.release(store.nbytes)
+                raise
+            inc = _Partial(fd, Path(path))
+        self._partial[key] = inc
+        return inc
+
+    def _abandon(self, key: ExpertKey) -> None:
+        inc = self._partial.pop(key, None)
+        if inc is None or inc.fd is None:
+            return
+        os.close(inc.fd)
+        inc.path.unlink(missing_ok=True)
+        self.store.disk.release(self.store.nbytes)
+
+    def incomplete(self) -> list[ExpertKey]:
+        return list(self._partial)
+
+    def commit(self) -> int:
+        group, self._verified = self._verified, []
+        return self.store._commit(group) if group else 0
+
+    def close(self) -> list[ExpertKey]:
+        """The stream ended: drop what is incomplete (descriptors closed, temporary files removed), commit what was
+        verified. Returns the experts that were dropped incomplete."""
+        incomplete = self.incomplete()
+        for key in incomplete:
+            self._abandon(key)
+        self.commit()
+        return incomplete
+
+
+def _record(key: ExpertKey, sums: _Sums) -> bytes:
+    return msgpack.packb({"layer": key.layer, "expert": key.expert, "sha256": sums.sha256}, use_bin_type=True)

@@ -2,26 +2,26 @@
 
 Each RPC checks the sizes of what it was sent before touching its contents, runs the shard's work (decoding
 included) on one compute thread so that the event loop, and with it health, never blocks, and maps exceptions
-to status codes in one place. Messages are read by `MessageGuard`: with a deadline for the message itself, and
-parsed off the event loop when large. At most `max_inflight` expert calls run or wait at once (more get
-RESOURCE_EXHAUSTED at once); health is outside that limit and answers under any load. Health is NOT_SERVING
-until the shard is loaded and SERVING after; on shutdown it goes NOT_SERVING, in-flight requests finish, then
-the server stops.
+to status codes in one place. Messages are read by `MessageGuard`: with a deadline for the message itself, within
+a budget of bytes held at once, refused before parsing when larger than the model can need, and parsed off the
+event loop when large. At most `max_inflight` expert calls, `max_sessions` sessions and `max_pushes` pushes run at
+once (more get RESOURCE_EXHAUSTED at once); health is outside those limits and answers under any load. Health is
+NOT_SERVING until the shard is loaded and SERVING after; on shutdown it goes NOT_SERVING, in-flight requests
+finish, then the server stops.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import functools
 import logging
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import msgpack
 import torch
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .. import __version__
@@ -31,18 +31,18 @@ from ..protos import expert_pb2 as pb
 from ..protos import expert_pb2_grpc as pb_grpc
 from ..protos.wire import WireError, WorkerInfo, quote, tensor_from_pb, tensor_to_pb
 from .auth import TokenInterceptor
-from .received import ReceiveError
+from .disk import FINGERPRINT, DiskBudget, DiskFull
+from .messages import PUSH, RUN, SERVICE, SESSION, MessageBudget, MessageGuard
+from .received import NotHeld, ReceiveError
 from .shard import ExpertShard, FingerprintMismatch, OverCapacity, ShardConfig, UnknownExpert, free_memory
 
 logger = logging.getLogger(__name__)
 
 VERSION = __version__
-SERVICE = "moeshard.v1.ExpertService"
 _MAX_STATUS_CHARS = 512  # status messages stay far below gRPC's trailer limit, whatever a request held
-_PARSE_OFF_LOOP_BYTES = 1 << 20  # messages above this are parsed on a thread, not on the event loop
 _PUSH_QUEUE = 4  # pushed chunks (1 MiB each) read ahead of the one being written
+_MAX_CHUNK_BYTES = 4 << 20  # one pushed chunk's message (a coordinator sends 1 MiB of expert bytes per chunk)
 _MAX_JOIN = 1 << 20  # experts one Join may name before the model is known (then: every expert of every layer)
-_FINGERPRINT = re.compile(r"[0-9a-f]{32}")  # also a folder name under the received-experts cache
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,11 @@ class ServerConfig:
     tls_key: bytes | None = None
     keepalive_s: float = 60.0  # ping an idle connection this often, and drop it if the ping goes unanswered
     idle_s: float = 300.0  # close connections with no call for this long (a coordinator reconnects by itself)
+    # Request bytes held at once (messages being read, parsed or computed): a unary call reserves the largest
+    # message gRPC may buffer for it before its message is read; past the budget: RESOURCE_EXHAUSTED, at no cost.
+    message_memory_bytes: int = 256 << 20
+    max_sessions: int = 8  # Session streams open at once (one per coordinator); more get RESOURCE_EXHAUSTED
+    max_pushes: int = 4  # PushExperts streams at once; more get RESOURCE_EXHAUSTED (the coordinator retries)
 
     def __post_init__(self):
         host, sep, port = self.listen.rpartition(":")
@@ -69,6 +74,8 @@ class ServerConfig:
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if self.max_inflight < 1 or self.message_timeout_s <= 0:
             raise ValueError("max_inflight must be >= 1 and message_timeout_s > 0")
+        if self.max_sessions < 1 or self.max_pushes < 1 or self.message_memory_bytes < 1 << 20:
+            raise ValueError("max_sessions and max_pushes must be >= 1 and message_memory_bytes >= 1 MiB")
 
     def grpc_options(self, max_receive_bytes: int) -> list[tuple[str, int]]:
         ms = lambda s: int(s * 1000)  # noqa: E731
@@ -102,9 +109,11 @@ def _import_model_code() -> None:
 def _status_for(exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, FingerprintMismatch):
         return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, UnknownExpert):
+    if isinstance(exc, (UnknownExpert, NotHeld)):  # a damaged expert is a missing one: computed elsewhere, re-sent
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, (OverCapacity, MemoryError, torch.OutOfMemoryError)):
+    if isinstance(exc, (OverCapacity, DiskFull, MemoryError, torch.OutOfMemoryError)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, (ValueError, WireError, ReceiveError)):  # before any text matching: messages echo input
         return grpc.StatusCode.INVALID_ARGUMENT
@@ -113,46 +122,18 @@ def _status_for(exc: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def _message_for(exc: Exception) -> str:
+    """The status message of a failure: its own text, cut short; an OSError's without the file names it carries
+    (the worker's paths are its own business: the log has them)."""
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "this worker's disk is full: free some space, or give the worker another --cache-dir"
+        return f"{exc.strerror or type(exc).__name__} on this worker's disk (the worker's log says where)"
+    return _short(str(exc))
+
+
 def _short(text: str) -> str:
     return text if len(text) <= _MAX_STATUS_CHARS else text[:_MAX_STATUS_CHARS] + "..."
-
-
-class MessageGuard(grpc.aio.ServerInterceptor):
-    """Reads the request message of unary calls itself: waits for it at most `timeout_s` (a call whose message
-    never comes holds nothing for long), parses large ones on a thread, and answers bytes that are not the
-    expected message with INVALID_ARGUMENT and a message instead of gRPC's UNKNOWN."""
-
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
-        # One thread for large parses: a pool would grow a malloc arena per thread it happens to start.
-        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeshard-parse")
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
-            return handler
-        parse, inner, timeout_s, parser = handler.request_deserializer, handler.unary_unary, self.timeout_s, self._parser
-        method = handler_call_details.method
-
-        async def guarded(request_iterator, context):
-            try:
-                raw = await asyncio.wait_for(context.read(), timeout=timeout_s)
-            except asyncio.TimeoutError:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"the request message did not arrive within {timeout_s:.0f} s")
-            if raw is grpc.aio.EOF:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the call carried no request message")
-            try:
-                if len(raw) > _PARSE_OFF_LOOP_BYTES:
-                    request = await asyncio.get_running_loop().run_in_executor(parser, parse, raw)
-                else:
-                    request = parse(raw)
-            except DecodeError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request for {method}: {exc}")
-            return await inner(request, context)
-
-        return grpc.stream_unary_rpc_method_handler(guarded, request_deserializer=None,
-                                                    response_serializer=handler.response_serializer)
 
 
 def _rpc(method=None, *, needs_model: bool = True):
@@ -171,6 +152,8 @@ def _rpc(method=None, *, needs_model: bool = True):
         self.inflight += 1
         try:
             return await method(self, request, context)
+        except grpc.aio.AbortError:  # refused already (by MessageGuard, reading a stream's message)
+            raise
         except Exception as exc:  # every failure becomes a status; the worker keeps serving
             code = _status_for(exc)
             self.errors += 1
@@ -178,7 +161,7 @@ def _rpc(method=None, *, needs_model: bool = True):
                 logger.exception("%s failed", method.__name__)
             else:
                 logger.debug("%s refused: %s", method.__name__, _short(str(exc)))
-            await context.abort(code, _short(str(exc)))
+            await context.abort(code, _message_for(exc))
         finally:
             self.inflight -= 1
 
@@ -186,12 +169,16 @@ def _rpc(method=None, *, needs_model: bool = True):
 
 
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
-    def __init__(self, cfg: ShardConfig, max_inflight: int = 64):
+    def __init__(self, cfg: ShardConfig, server_cfg: ServerConfig = ServerConfig()):
         self.cfg = cfg
         self.shard: ExpertShard | None = None
         self.loading = cfg.model is not None  # until load(): a worker with --model reads its checkpoint first
-        self.inflight, self.max_inflight = 0, max_inflight  # touched on the event loop only
+        # Touched on the event loop only: calls, sessions and pushes under way, and their limits.
+        self.inflight, self.max_inflight = 0, server_cfg.max_inflight
+        self.sessions, self.max_sessions = 0, server_cfg.max_sessions
+        self.pushes, self.max_pushes = 0, server_cfg.max_pushes
         self.errors = 0  # refused or failed calls, whoever held the model
+        self.disk = DiskBudget(cfg.received_root, cfg.disk_bytes)  # every model's received experts, against --disk
         # One compute thread: the shard's caches are driven by one request at a time, in arrival order.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeshard-compute")
 
@@ -202,6 +189,16 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._compute, functools.partial(fn, *args))
+
+    def request_limit(self, method: str) -> tuple[int, str] | None:
+        """The largest message `method` can need, and why; None: only gRPC's own limit."""
+        if method == PUSH:
+            return _MAX_CHUNK_BYTES, "one chunk of an expert: a coordinator sends 1 MiB at a time"
+        shard = self.shard
+        if method in (RUN, SESSION) and shard is not None:
+            return shard.max_request_bytes, (f"{shard.cfg.max_tokens} rows x {shard.layout.hidden_size} hidden x 4 "
+                                             "bytes, and one layer's expert ids")
+        return None
 
     def _check_ids(self, what: str, count: int, limit: int) -> None:
         # Sizes first, from len() alone: a list of millions of ids is refused before it is iterated.
@@ -229,45 +226,80 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     def _join(self, request: pb.JoinRequest) -> tuple[list[ExpertKey], int, int]:
         """On the compute thread: take the coordinator's model (built from its description when this worker has
-        none), then the share: what must still be received."""
+        none, or has another and may switch), then the share: what must still be received. A new model is built and
+        its share checked before it replaces the one being served: a refused Join changes nothing."""
         fingerprint = request.fingerprint
-        if not _FINGERPRINT.fullmatch(fingerprint):
+        if not FINGERPRINT.fullmatch(fingerprint):
             raise ValueError(f"fingerprint {quote(fingerprint)}: expected 32 hexadecimal digits")
-        shard = self.shard
-        if shard is not None and shard.fingerprint != fingerprint:
-            if shard.own_checkpoint or not self.cfg.allow_model_switch:
-                shard.check_fingerprint(fingerprint)  # refuses, naming both models
-            logger.warning("a coordinator of another model (%s) takes this worker over from %s (--allow-model-switch)",
-                           fingerprint, shard.fingerprint)
-            self.shard = None
-            shard.close()
-        if self.shard is None:
+        old = self.shard
+        switching = old is not None and old.fingerprint != fingerprint
+        if switching and (old.own_checkpoint or not self.cfg.allow_model_switch):
+            old.check_fingerprint(fingerprint)  # refuses, naming both models
+        shard = old
+        if old is None or switching:
             try:
                 description = msgpack.unpackb(request.model, raw=False, strict_map_key=False)
             except (ValueError, msgpack.UnpackException) as exc:
                 raise ValueError(f"the model description is not valid msgpack ({exc})") from exc
             if not isinstance(description, dict):
                 raise ValueError("the model description must be a map with config, format and expert_bytes")
-            self.shard = ExpertShard.from_push(self.cfg, fingerprint, description)
-            logger.info("joined by a coordinator of %s (fingerprint %s)", self.shard.origin, fingerprint)
-        self._check_ids("Join", len(request.experts), self.shard.max_assign)
-        if request.slots_per_layer < 0:
-            raise ValueError(f"slots_per_layer {request.slots_per_layer}: expected >= 0 (0: the worker's own)")
-        return self.shard.join([ExpertKey(e.layer, e.expert) for e in request.experts], request.slots_per_layer)
+            shard = ExpertShard.from_push(self.cfg, fingerprint, description, self.disk)
+        try:
+            self._check_ids("Join", len(request.experts), shard.max_assign)
+            if request.slots_per_layer < 0:
+                raise ValueError(f"slots_per_layer {request.slots_per_layer}: expected >= 0 (0: the worker's own)")
+            answer = shard.join([ExpertKey(e.layer, e.expert) for e in request.experts], request.slots_per_layer)
+        except BaseException:
+            if shard is not old:
+                shard.close()
+            raise
+        if shard is not old:
+            if old is not None:
+                logger.warning("a coordinator of another model (%s) takes this worker over from %s "
+                               "(--allow-model-switch)", fingerprint, old.fingerprint)
+            self.shard = shard
+            if old is not None:
+                old.close()
+            logger.info("joined by a coordinator of %s (fingerprint %s)", shard.origin, fingerprint)
+        return answer
 
     @_rpc
     async def PushExperts(self, request_iterator, context):
-        # Reading and writing overlap: the handler keeps taking chunks off the stream (so that the sender is never
-        # held at the 64 KiB flow-control window while a chunk is written and hashed) and hands them to a writer
-        # task through a queue of a few chunks, which bounds what is buffered.
-        shard, received = self.shard, 0
+        if self.pushes >= self.max_pushes:
+            raise OverCapacity(f"worker busy: {self.pushes} pushes under way (limit {self.max_pushes}): push again "
+                               "once one has ended")
+        shard = self.shard
+        push = shard.incoming()
+        self.pushes += 1
+        try:
+            experts, received = await self._receive(shard, push, request_iterator)
+        except BaseException:
+            await asyncio.shield(self._call(push.close))  # what completed is kept; what was cut off is dropped
+            raise
+        finally:
+            self.pushes -= 1
+        incomplete = await self._call(push.close)
+        if incomplete:
+            raise ReceiveError(f"the push ended in the middle of expert {tuple(incomplete[0])} ({len(incomplete)} "
+                               f"incomplete, dropped; the {experts} complete experts were kept): expected every "
+                               "expert sent whole")
+        logger.info("received %d experts (%.1f MiB)", experts, received / 2**20)
+        return pb.PushResponse(experts=experts, bytes=received)
+
+    async def _receive(self, shard: ExpertShard, push, request_iterator) -> tuple[int, int]:
+        """The chunks of one push, written through `push`; returns (experts verified, bytes received).
+
+        Reading and writing overlap: this keeps taking chunks off the stream (so that the sender is never held at
+        the 64 KiB flow-control window while a chunk is written and hashed) and hands them to a writer task
+        through a queue of a few chunks, which bounds what is buffered."""
+        received = 0
         chunks: asyncio.Queue = asyncio.Queue(maxsize=_PUSH_QUEUE)
 
         async def write() -> int:
             experts = 0
             while (item := await chunks.get()) is not None:
                 key, chunk = item
-                experts += await self._call(shard.receive, key, chunk.offset, chunk.data, chunk.sha256)
+                experts += await self._call(shard.receive, push, key, chunk.offset, chunk.data, chunk.sha256)
             return experts
 
         writer = asyncio.create_task(write())
@@ -285,23 +317,16 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 await put((ExpertKey(chunk.expert.layer, chunk.expert.expert), chunk))
                 received += len(chunk.data)
             await put(None)
-            experts = await writer
+            return await writer, received
         except BaseException:
             # The writer finishes the chunk it holds (never cancelled mid-write: the file is the thread's until
-            # then), is told to stop, and what completed is committed.
+            # then) and is told to stop.
             while not chunks.empty():
                 chunks.get_nowait()
             if not writer.done():
                 chunks.put_nowait(None)
             await asyncio.shield(asyncio.gather(writer, return_exceptions=True))
-            if shard.received is not None:
-                shard.received.abort()  # what was cut off is dropped; what completed stays
-                await asyncio.shield(self._call(shard.received.commit))
             raise
-        if shard.received is not None:
-            await self._call(shard.received.commit)
-        logger.info("received %d experts (%.1f MiB)", experts, received / 2**20)
-        return pb.PushResponse(experts=experts, bytes=received)
 
     @_rpc
     async def Assign(self, request, context):
@@ -331,6 +356,17 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         """The decode loop's stream: each RunExperts is answered in order, with its id; an error is a reply with
         a status code, and the stream stays open. Prefetch hints get no reply; an empty message (a ping) gets an
         empty one."""
+        if self.sessions >= self.max_sessions:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"worker busy: {self.sessions} sessions open (limit {self.max_sessions})")
+        self.sessions += 1
+        try:
+            async for reply in self._session(request_iterator):
+                yield reply
+        finally:
+            self.sessions -= 1
+
+    async def _session(self, request_iterator):
         async for msg in request_iterator:
             kind = msg.WhichOneof("kind")
             if kind is None:  # a ping: answered at once (the round trip of an empty call, for benchmarks)
@@ -354,7 +390,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
                 self.errors += 1
                 if code == grpc.StatusCode.INTERNAL:
                     logger.exception("session RunExperts failed")
-                yield pb.SessionResponse(id=msg.id, code=code.value[0], message=_short(str(exc)))
+                yield pb.SessionResponse(id=msg.id, code=code.value[0], message=_message_for(exc))
             finally:
                 self.inflight -= 1
 
@@ -383,7 +419,7 @@ class WorkerServer:
                  max_receive_bytes: int = 64 << 20):
         self.shard_cfg, self.server_cfg = shard_cfg, server_cfg
         self.max_receive_bytes = max_receive_bytes
-        self.servicer = ExpertServicer(shard_cfg, server_cfg.max_inflight)
+        self.servicer = ExpertServicer(shard_cfg, server_cfg)
         self.address: str | None = None
 
     def preload(self) -> None:
@@ -398,7 +434,8 @@ class WorkerServer:
         self.health = health.aio.HealthServicer()
         cfg = self.server_cfg
         interceptors = [TokenInterceptor(cfg.token)] if cfg.token else []
-        interceptors.append(MessageGuard(cfg.message_timeout_s))
+        interceptors.append(MessageGuard(cfg.message_timeout_s, self.servicer, MessageBudget(cfg.message_memory_bytes),
+                                         self.max_receive_bytes))
         self.server = grpc.aio.server(options=cfg.grpc_options(self.max_receive_bytes), interceptors=interceptors)
         pb_grpc.add_ExpertServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +25,22 @@ from ..offload_core.experts import ExpertKey, check_finite
 from ..offload_core.families import FamilyLayout, build_meta_model, open_layout
 from ..offload_core.formats import expert_format
 from ..offload_core.local_experts import LocalExperts, expert_fingerprint, open_local_experts
+from ..offload_core.policies import make_policy
 from ..offload_core.settings import cache_root_from_env
-from ..protos.wire import WorkerInfo, WorkerStats, quote
-from .received import ReceivedExperts, dir_bytes
+from ..offload_core.slots import LayerSlots
+from ..protos.wire import WIRE_DTYPES, WorkerInfo, WorkerStats, quote
+from .disk import DiskBudget
+from .received import Incoming, NotHeld, ReceivedExperts
 
 logger = logging.getLogger(__name__)
 
 _MEMORY_HEADROOM = 0.8  # share of free memory a worker offers when no --memory is given
 _SMALL_REQUEST_BYTES = 64 << 20  # activations below this are not checked against free memory
+# Sane bounds on a pushed model's description, checked before anything is built from it.
+_MAX_LAYERS = 1024  # the deepest released models have ~130 layers
+_MAX_HIDDEN = 1 << 17  # the widest have ~16k
+_MAX_EXPERTS = 1 << 14  # experts per layer: the most in a released model is 512
+_WIRE_ITEMSIZE = max(dtype.itemsize for dtype in WIRE_DTYPES.values())  # hidden states travel in at most this
 
 
 class UnknownExpert(LookupError):
@@ -122,18 +129,42 @@ class ExpertShard:
                    origin=ckpt.path.name)
 
     @classmethod
-    def from_push(cls, cfg: ShardConfig, fingerprint: str, description: dict) -> ExpertShard:
-        """A shard for the model a coordinator describes; its experts are those received (now or before)."""
+    def from_push(cls, cfg: ShardConfig, fingerprint: str, description: dict,
+                  disk: DiskBudget | None = None) -> ExpertShard:
+        """A shard for the model a coordinator describes; its experts are those received (now or before). The
+        description's sizes are checked against sane bounds and this worker's memory before anything is allocated:
+        the model is built on the meta device (no weights, no buffers), the slots only once they fit."""
+        from huggingface_hub.errors import StrictDataclassError
         from transformers import AutoConfig
 
         try:
             config_dict, format_desc = dict(description["config"]), dict(description["format"])
             nbytes = int(description["expert_bytes"])
             config = AutoConfig.for_model(**config_dict)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"the model description is not one this worker can read ({exc}): expected the "
-                             "config.json of a transformers model, the expert format and its size") from exc
-        layout = FamilyLayout(build_meta_model(config), None)
+        except (KeyError, TypeError, ValueError, StrictDataclassError) as exc:
+            raise ValueError(f"the model description is not one this worker can read ({quote(str(exc), 200)}): "
+                             "expected a transformers model's config.json, the expert format and its size") from exc
+        text = config.get_text_config()
+        for name, limit in (("num_hidden_layers", _MAX_LAYERS), ("hidden_size", _MAX_HIDDEN)):
+            value = getattr(text, name, None)
+            if not isinstance(value, int) or not 1 <= value <= limit:
+                raise ValueError(f"the model description has {name} {quote(value)}: expected a whole number in "
+                                 f"1..{limit}")
+        if nbytes < 1:
+            raise ValueError(f"expert_bytes {nbytes}: expected the size in bytes of one packed expert")
+        capacity = cfg.memory_bytes or free_memory(resolve_device(cfg.offload.device))
+        if nbytes > capacity:
+            raise OverCapacity(f"one expert of this model is {nbytes / 2**20:.2f} MiB, more than this worker's budget "
+                               f"of {capacity / 2**20:.2f} MiB (raise its --memory)")
+        try:
+            with torch.device("meta"):  # nothing is allocated, whatever sizes the description holds
+                layout = FamilyLayout(build_meta_model(config), None)
+        except (ArithmeticError, LookupError, RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"transformers cannot build a model from this description ({quote(str(exc), 200)}): "
+                             "expected the config.json the coordinator's checkpoint has") from exc
+        if not 1 <= layout.num_experts <= _MAX_EXPERTS:
+            raise ValueError(f"the model description has {layout.num_experts} experts per layer: expected 1.."
+                             f"{_MAX_EXPERTS}")
         cfg.offload.check_model(layout.num_experts)
         device = resolve_device(cfg.offload.device)
         dtype = resolve_dtype(str(format_desc.get("dtype")), None) if format_desc.get("dtype") in (
@@ -147,9 +178,22 @@ class ExpertShard:
             raise FingerprintMismatch(f"this worker packs the coordinator's experts as {fmt.describe()} "
                                       f"({fmt.layout.nbytes} bytes), the coordinator sends {quote(format_desc, 200)} "
                                       f"({nbytes} bytes): run the same moeshard version on both")
-        received = ReceivedExperts.open(cfg.received_root, fingerprint, description, nbytes)
-        backend = LocalExperts(received, fmt, layout.math, device, layout.sparse_layers, layout.num_experts,
-                               cfg.offload.slots_per_layer, cfg.store, cfg.offload.policy)
+        # The slots are allocated now: as many per layer as asked, as long as at least one per layer fits.
+        layers, slot_bytes = len(layout.sparse_layers), fmt.compute_layout.nbytes
+        fits = capacity // max(layers * slot_bytes, 1)
+        if fits < 1:
+            raise OverCapacity(f"this model needs {layers * slot_bytes / 2**20:.2f} MiB of memory for 1 device slots "
+                               f"in each of {layers} layers ({slot_bytes / 2**20:.2f} MiB each), more than this "
+                               f"worker's budget of {capacity / 2**20:.2f} MiB (raise its --memory)")
+        slots = min(cfg.offload.slots_per_layer, fits, layout.num_experts)
+        received = ReceivedExperts.open(cfg.received_root, fingerprint, description, nbytes,
+                                        disk if disk is not None else DiskBudget(cfg.received_root, cfg.disk_bytes))
+        try:
+            backend = LocalExperts(received, fmt, layout.math, device, layout.sparse_layers, layout.num_experts,
+                                   slots, cfg.store, cfg.offload.policy)
+        except BaseException:
+            received.close()
+            raise
         name = f"{config_dict.get('model_type', 'model')} (received)"
         return cls(cfg, layout, backend, fingerprint, dtype, device, origin=name, received=received)
 
@@ -236,16 +280,8 @@ class ExpertShard:
         k = self.slots_for(len(keys), slots_per_layer) if slots_per_layer > 0 else self.backend.slots_per_layer
         self._check_memory(len(keys), "hosting", k)
         missing = self.received.missing(keys) if self.received is not None else []
-        if missing and self.cfg.disk_bytes is not None:
-            used = dir_bytes(self.cfg.received_root)
-            need = used + len(missing) * self.expert_bytes
-            if need > self.cfg.disk_bytes:
-                raise OverCapacity(f"receiving {len(missing)} experts needs {len(missing) * self.expert_bytes / 2**20:.1f} "
-                                   f"MiB of disk beside the {used / 2**20:.1f} MiB held, more than this worker's --disk "
-                                   f"{self.cfg.disk_bytes / 2**20:.1f} MiB")
-        if missing and shutil.disk_usage(self.cfg.received_root).free < len(missing) * self.expert_bytes:
-            raise OverCapacity(f"receiving {len(missing)} experts needs {len(missing) * self.expert_bytes / 2**20:.1f} "
-                               f"MiB of disk, more than is free under {self.cfg.received_root}")
+        if missing:  # other models' folders are removed if that makes room; each write reserves its own again
+            self.received.disk.room(len(missing) * self.expert_bytes, self.fingerprint, f"{len(missing)} experts")
         self.share = keys
         if k != self.backend.slots_per_layer:
             logger.info("computing with %d slots per layer (the coordinator asked for %d)", k, slots_per_layer)
@@ -253,14 +289,18 @@ class ExpertShard:
                 self.backend.set_slots(k)
         return missing, (len(keys) - len(missing)) * self.expert_bytes, k
 
-    def receive(self, key: ExpertKey, offset: int, data: bytes, sha256: str) -> bool:
-        """One chunk of a pushed expert (of the announced share); True when the expert is complete and verified."""
+    def incoming(self) -> Incoming:
+        """The state of one push stream (see `ReceivedExperts`)."""
         if self.received is None:
             raise FingerprintMismatch("this worker serves its own checkpoint (--model): it receives no experts")
+        return self.received.incoming()
+
+    def receive(self, push: Incoming, key: ExpertKey, offset: int, data: bytes, sha256: str) -> bool:
+        """One chunk of a pushed expert (of the announced share); True when the expert is complete and verified."""
         key = self.check_key(*key)
         if key not in self.share:
             raise ValueError(f"expert {tuple(key)} is not in the share this worker joined with")
-        return self.received.write(key, offset, data, sha256)
+        return push.write(key, offset, data, sha256)
 
     def assign(self, keys: list[ExpertKey], progress: bool = False) -> frozenset[ExpertKey]:
         """Host exactly `keys` from now on; with the RAM store, read them now (idempotent)."""
@@ -277,7 +317,7 @@ class ExpertShard:
             self.backend.store.retain(keys)
             if self.cfg.store == "ram":
                 for key in tqdm(sorted(keys), desc="loading assigned experts", disable=not progress, unit="expert"):
-                    self.backend.store.host_buffer(key)
+                    self.backend.store.host_buffer(key)  # NotHeld if damaged: dropped, and missing at the next Join
             self.hosted = keys
         logger.info("hosting %d experts (%.1f MiB)", len(keys), len(keys) * self.expert_bytes / 2**20)
         return self.hosted
@@ -314,12 +354,34 @@ class ExpertShard:
             hits, misses = stats.hits, stats.misses
             if hint is not None:
                 hint = (hint[0], self._hosted_only(*hint))
-            outputs = self.backend.submit(layer, groups, hint).result()
+            try:
+                outputs = self.backend.submit(layer, groups, hint).result()
+            except NotHeld as exc:
+                self._forget(exc.key, layer)
+                raise
             hits, misses = stats.hits - hits, stats.misses - misses
             self.counters["requests"] += 1
             self.counters["tokens"] += rows
         check_finite(layer, outputs, self.dtype)  # an error naming the expert, never NaN sent back
         return torch.cat([outputs[e] for e in experts]).cpu(), hits, misses
+
+    def _forget(self, key: ExpertKey, layer: int) -> None:
+        """`key` turned out damaged (or gone) when it was read: it is no longer hosted, so that requests for it get
+        NOT_FOUND until it is received again, and the slots of its layer (and of `layer`) start empty, since the
+        slot its load failed in would fail every load after it."""
+        logger.warning("expert %s is no longer hosted: it failed its check when read (it is received again at the "
+                       "coordinator's next Join)", tuple(key))
+        self.hosted = self.hosted - {key}
+        backend = self.backend
+        for l in {key.layer, layer} & set(backend.slots):  # noqa: E741
+            backend.slots[l] = LayerSlots(l, backend.slots_per_layer, backend.loader, backend.slot_bytes,
+                                          make_policy(self.cfg.offload.policy, self.layout.num_experts))
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest RunExperts message this model can need: `max_tokens` rows of hidden states in the widest dtype
+        on the wire, with the ids of every expert of a layer (experts, counts and a hint) and the envelope."""
+        return self.cfg.max_tokens * self.layout.hidden_size * _WIRE_ITEMSIZE + 3 * 11 * self.layout.num_experts + 1024
 
     def _check_activation_memory(self, rows: int) -> None:
         # The largest expert's intermediates for all rows, in fp32, with room for the output: refuse what
