@@ -22,7 +22,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import msgpack
 from tqdm.auto import tqdm
 
 import grpc
@@ -33,7 +32,8 @@ from ..offload_core.counters import ExpertCounters
 from ..offload_core.experts import ExpertKey
 from ..protos import expert_pb2 as pb
 from ..protos import expert_pb2_grpc as pb_grpc
-from ..protos.wire import AUTH_METADATA_KEY, WorkerInfo, WorkerStats, bearer, tensor_from_pb, tensor_to_pb
+from ..protos.wire import (AUTH_METADATA_KEY, WorkerInfo, WorkerStats, bearer, description_to_pb, tensor_from_pb,
+                          tensor_to_pb)
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class WorkerClient:
     def join(self, description: dict, keys, slots_per_layer: int = 0) -> tuple[list[ExpertKey], int, int]:
         """Tell the worker the model, its share and the slots per layer to compute with (0: its own); returns
         (experts it lacks, bytes of the share it holds, the slots per layer it computes with)."""
-        req = pb.JoinRequest(fingerprint=self.fingerprint, model=msgpack.packb(description, use_bin_type=True),
+        req = pb.JoinRequest(fingerprint=self.fingerprint, description=description_to_pb(description),
                              experts=[pb.ExpertId(layer=k.layer, expert=k.expert) for k in sorted(keys)],
                              slots_per_layer=slots_per_layer)
         reply = self.stub.Join(req, timeout=self.cfg.control_timeout_s, metadata=self.metadata)

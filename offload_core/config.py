@@ -4,7 +4,6 @@ No torch or hqq import at module level: the CLIs build and check these before lo
 """
 from __future__ import annotations
 
-import ipaddress
 
 import re
 from dataclasses import dataclass, field
@@ -118,17 +117,6 @@ class OffloadConfig:
 
     def store_for(self, device_type: str) -> str:
         return self.store or ("ram" if device_type == "cuda" else "disk")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (an address or "localhost") is this machine only: listening there needs no credentials."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class SettingError(ValueError):

@@ -68,35 +68,65 @@ def _header(keys: list[ExpertKey], nbytes: int, metadata: dict[str, str], hashes
     return len(raw).to_bytes(8, "little") + raw
 
 
+def file_bytes(keys: list[ExpertKey], nbytes: int, metadata: dict[str, str] | None = None) -> int:
+    """The size of the packed-experts file `PackedWriter` makes of `keys` (its header included)."""
+    return len(_header(list(keys), nbytes, dict(metadata or {}), {})) + len(keys) * nbytes
+
+
 class PackedWriter:
-    """Writes `keys`' packed experts, in that order, into `path`: `add` each one's bytes, then `commit` (synced and
-    renamed into place; `publish=False` leaves the rename to `publish()`, so that a caller can sync several files
-    before it renames any). Closing without committing leaves nothing behind."""
+    """Writes `keys`' packed experts, in that order, into `path`: each one's bytes by `add` (whole) or `write`
+    (chunks in order, each expert completed before the next begins), then `commit` (synced and renamed into place;
+    `publish=False` leaves the rename to `publish()`). Closing without committing leaves nothing behind."""
 
     def __init__(self, path: Path, keys: list[ExpertKey], nbytes: int, metadata: dict[str, str] | None = None):
         self.path, self.keys, self.nbytes = Path(path), list(keys), int(nbytes)
         self.metadata = dict(metadata or {})
         self.hashes: dict[ExpertKey, str] = {}
+        self._digest, self._written = hashlib.sha256(), 0  # of the expert being written
         self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{id(self):x}.tmp")
         self._file = open(self.tmp, "wb")
         self._file.write(_header(self.keys, self.nbytes, self.metadata, {}))  # hashes filled in at commit
 
-    def add(self, key: ExpertKey, data) -> str:
-        """The next expert's bytes (a buffer of `nbytes`); returns its SHA-256."""
-        expected = self.keys[len(self.hashes)] if len(self.hashes) < len(self.keys) else None
-        if key != expected:
-            raise ValueError(f"expert {tuple(key)} written out of order: expected {expected}")
-        view = memoryview(data).cast("B")
-        if len(view) != self.nbytes:
-            raise ValueError(f"expert {tuple(key)} has {len(view)} bytes, expected {self.nbytes}")
+    @property
+    def current(self) -> ExpertKey | None:
+        """The expert whose bytes come next (None once all are written)."""
+        return self.keys[len(self.hashes)] if len(self.hashes) < len(self.keys) else None
+
+    def write(self, key: ExpertKey, chunk) -> str | None:
+        """The next bytes of `key` (the current expert); returns its SHA-256 once its `nbytes` are written."""
+        if key != self.current:
+            raise ValueError(f"expert {tuple(key)} written out of order: expected {self.current}")
+        view = memoryview(chunk).cast("B")
+        if self._written + len(view) > self.nbytes:
+            raise ValueError(f"expert {tuple(key)}: {self._written + len(view)} bytes, more than {self.nbytes}")
         self._file.write(view)
-        self.hashes[key] = sha256_hex(view)
+        self._digest.update(view)
+        self._written += len(view)
+        if self._written < self.nbytes:
+            return None
+        self.hashes[key] = self._digest.hexdigest()
+        self._digest, self._written = hashlib.sha256(), 0
         return self.hashes[key]
+
+    def add(self, key: ExpertKey, data) -> str:
+        """One whole expert's bytes (a buffer of `nbytes`); returns its SHA-256."""
+        if len(memoryview(data).cast("B")) != self.nbytes or self._written:
+            raise ValueError(f"expert {tuple(key)}: expected {self.nbytes} bytes, whole")
+        return self.write(key, data)
+
+    def park(self) -> None:
+        """Close the file until `commit` (every expert written): a writer waiting to be committed holds no
+        descriptor."""
+        if len(self.hashes) != len(self.keys):
+            raise ValueError(f"{len(self.hashes)} of {len(self.keys)} experts written")
+        self._file.close()
 
     def commit(self, publish: bool = True) -> dict[ExpertKey, str]:
         """Fill in the hashes, sync, and (with `publish`) rename into place; returns each expert's SHA-256."""
         if len(self.hashes) != len(self.keys):
             raise ValueError(f"{len(self.hashes)} of {len(self.keys)} experts written")
+        if self._file.closed:
+            self._file = open(self.tmp, "r+b")
         self._file.seek(0)
         self._file.write(_header(self.keys, self.nbytes, self.metadata, self.hashes))  # the same length
         self._file.flush()
@@ -110,7 +140,7 @@ class PackedWriter:
         os.replace(self.tmp, self.path)
 
     def close(self) -> None:
-        """Drop what was not committed."""
+        """Drop what was not committed (and published)."""
         if not self._file.closed:
             self._file.close()
         self.tmp.unlink(missing_ok=True)

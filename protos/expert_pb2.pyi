@@ -62,17 +62,47 @@ class InfoResponse(_message.Message):
     max_slots_per_layer: int
     def __init__(self, fingerprint: _Optional[str] = ..., hosted: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., device: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., expert_bytes: _Optional[int] = ..., version: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., slots_per_layer: _Optional[int] = ..., expert_format: _Optional[str] = ..., max_tokens: _Optional[int] = ..., own_checkpoint: _Optional[bool] = ..., disk_bytes: _Optional[int] = ..., max_slots_per_layer: _Optional[int] = ...) -> None: ...
 
+class ModelDescription(_message.Message):
+    __slots__ = ("config_json", "format", "expert_bytes")
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    config_json: str
+    format: ExpertFormat
+    expert_bytes: int
+    def __init__(self, config_json: _Optional[str] = ..., format: _Optional[_Union[ExpertFormat, _Mapping]] = ..., expert_bytes: _Optional[int] = ...) -> None: ...
+
+class ExpertFormat(_message.Message):
+    __slots__ = ("kind", "dtype", "bits", "group_size", "version", "axis", "packing", "meta_dtype")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AXIS_FIELD_NUMBER: _ClassVar[int]
+    PACKING_FIELD_NUMBER: _ClassVar[int]
+    META_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    dtype: str
+    bits: int
+    group_size: int
+    version: int
+    axis: int
+    packing: str
+    meta_dtype: str
+    def __init__(self, kind: _Optional[str] = ..., dtype: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., version: _Optional[int] = ..., axis: _Optional[int] = ..., packing: _Optional[str] = ..., meta_dtype: _Optional[str] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
-    __slots__ = ("fingerprint", "model", "experts", "slots_per_layer")
+    __slots__ = ("fingerprint", "description", "experts", "slots_per_layer")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
-    model: bytes
+    description: ModelDescription
     experts: _containers.RepeatedCompositeFieldContainer[ExpertId]
     slots_per_layer: int
-    def __init__(self, fingerprint: _Optional[str] = ..., model: _Optional[bytes] = ..., experts: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., slots_per_layer: _Optional[int] = ...) -> None: ...
+    def __init__(self, fingerprint: _Optional[str] = ..., description: _Optional[_Union[ModelDescription, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., slots_per_layer: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("missing", "held_bytes", "slots_per_layer")

@@ -7,6 +7,7 @@ ever unpickled: a tensor is rebuilt from its bytes after its dtype, shape and le
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -132,5 +133,37 @@ class WorkerStats:
 
 def model_description(config_dict: dict, fmt) -> dict:
     """What a worker without the checkpoint needs to compute a model's experts, as a coordinator's Join carries
-    it: its config.json and the packed expert format (and its size, a check that both sides pack alike)."""
+    it (`description_to_pb`): its config.json and the packed expert format (and its size, a check that both sides
+    pack alike)."""
     return {"config": config_dict, "format": fmt.describe(), "expert_bytes": fmt.layout.nbytes}
+
+
+_HQQ_FIELDS = ("version", "bits", "group_size", "axis", "packing", "meta_dtype")
+
+
+def description_to_pb(description: dict) -> pb.ModelDescription:
+    fmt = description["format"]
+    msg = pb.ModelDescription(config_json=json.dumps(description["config"], sort_keys=True),
+                              expert_bytes=int(description["expert_bytes"]))
+    msg.format.kind, msg.format.dtype = str(fmt["format"]), str(fmt["dtype"])
+    if fmt["format"] == "hqq":
+        for name in _HQQ_FIELDS:
+            setattr(msg.format, name, fmt[name])
+    return msg
+
+
+def description_from_pb(msg: pb.ModelDescription) -> dict:
+    """The description a Join carries, as `model_description` makes it. Raises `WireError` when its config is not a
+    JSON object (what is in it is the worker's to check)."""
+    try:
+        config = json.loads(msg.config_json)
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"the model description's config is not valid JSON ({quote(str(exc), 120)}): expected a "
+                        "model's config.json") from None
+    if not isinstance(config, dict):
+        raise WireError("the model description's config is not a JSON object: expected a model's config.json")
+    fmt = msg.format
+    described = {"format": fmt.kind, "dtype": fmt.dtype}
+    if fmt.kind == "hqq":
+        described.update({name: getattr(fmt, name) for name in _HQQ_FIELDS})
+    return {"config": config, "format": described, "expert_bytes": msg.expert_bytes}

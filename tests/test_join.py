@@ -2,16 +2,17 @@
 (verified, kept on disk, never sent twice), and a worker that is down when the coordinator starts is treated like
 one that dies later. Real worker processes on 127.0.0.1."""
 import hashlib
+import json
 import signal
 import threading
 import time
 from pathlib import Path
 
 import grpc
-import msgpack
 import psutil
 import pytest
 import torch
+from safetensors import safe_open
 
 from moeshard.coordinator.cluster import ClusterConfig, ExpertUnavailable, Unavailable, join_workers
 from moeshard.coordinator.local_workers import LocalWorkers
@@ -47,11 +48,14 @@ def received_dir(cache: Path, fingerprint: str) -> Path:
 
 
 def held_on_disk(cache: Path, fingerprint: str) -> dict[ExpertKey, str]:
-    """The experts a worker's cache folder holds, with the SHA-256 of each file."""
+    """The experts a worker's cache folder holds (one packed-experts file each), with the SHA-256 of each one's
+    bytes."""
     out = {}
-    for path in received_dir(cache, fingerprint).glob("*.bin"):
+    for path in received_dir(cache, fingerprint).glob("*.safetensors"):
         layer, expert = path.stem.split("-")
-        out[ExpertKey(int(layer), int(expert))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        with safe_open(str(path), framework="pt") as f:
+            data = f.get_tensor(f"{layer}.{expert}").numpy().tobytes()
+        out[ExpertKey(int(layer), int(expert))] = hashlib.sha256(data).hexdigest()
     return out
 
 
@@ -92,12 +96,13 @@ def test_workers_without_the_model_receive_exactly_their_experts(tiny_ckpt, expe
             assert all(held[k] == coordinator_bytes(om, k) for k in share)  # byte for byte the coordinator's
             assert pushed(cluster)[address] == len(share) * nbytes
             assert cluster.describe()[address]["requests"] > 0
-        # The manifest is msgpack: the model's description and one verified record per expert.
+        # The folder says what the model is (JSON); each expert file carries its SHA-256 in its header.
         folder = received_dir(caches[0], om.fingerprint)
-        model = msgpack.unpackb((folder / "model.msgpack").read_bytes(), raw=False, strict_map_key=False)
+        model = json.loads((folder / "model.json").read_text())
         assert model["fingerprint"] == om.fingerprint and model["expert_bytes"] == nbytes
-        records = list(msgpack.Unpacker(open(folder / "held.msgpack", "rb"), raw=False))
-        assert len(records) == len(held_on_disk(caches[0], om.fingerprint))
+        for key, digest in held_on_disk(caches[0], om.fingerprint).items():
+            with safe_open(str(folder / f"{key.layer}-{key.expert}.safetensors"), framework="pt") as f:
+                assert f.metadata()[f"sha256.{key.layer}.{key.expert}"] == digest
     # A second coordinator of the same model (or this one, restarted) sends nothing.
     with load_model(tiny_ckpt, slots_per_layer=2, prefetch=1) as om:
         cluster = join_workers(om, ClusterConfig(spec, FAST))
@@ -112,7 +117,7 @@ def test_restart_sends_nothing_and_damaged_experts_are_sent_again(tiny_ckpt, exp
         join_workers(om, ClusterConfig(spec, FAST))
         fingerprint, nbytes = om.fingerprint, om.runtime.local.format.layout.nbytes
     workers.stop(0)
-    files = sorted(received_dir(caches[0], fingerprint).glob("*.bin"))
+    files = sorted(received_dir(caches[0], fingerprint).glob("*.safetensors"))
     files[0].write_bytes(files[0].read_bytes()[:-100])  # truncated
     flipped = bytearray(files[1].read_bytes())
     flipped[len(flipped) // 2] ^= 0xFF  # one flipped byte
@@ -142,17 +147,16 @@ def test_a_push_cut_by_sigkill_resumes_with_only_what_is_missing(wide_ckpt, tmp_
         with load_model(wide_ckpt, slots_per_layer=1, prefetch=0) as om:
             nbytes = om.runtime.local.format.layout.nbytes
             folder = received_dir(cache, om.fingerprint)
-            log = folder / "held.msgpack"
             base, peak, killed = [None], [0], threading.Event()
 
             def watch():  # the worker's RSS from the first chunk received on; kill it once 3 experts are in
                 while not killed.is_set():
                     try:
                         rss = proc.memory_info().rss
-                        if base[0] is None and folder.is_dir() and any(folder.glob("*.part")):
+                        if base[0] is None and folder.is_dir() and any(folder.glob("*.tmp")):
                             base[0] = rss  # joined: the model is built, the push has begun
                         peak[0] = max(peak[0], rss)
-                        if log.is_file() and len(list(msgpack.Unpacker(open(log, "rb"), raw=False))) >= 3:
+                        if folder.is_dir() and len(list(folder.glob("*.safetensors"))) >= 3:
                             workers.signal(0, signal.SIGKILL)
                             killed.set()
                     except (psutil.NoSuchProcess, ValueError):
@@ -211,7 +215,7 @@ def test_pushes_need_the_token_and_must_fit_memory_and_disk(tiny_ckpt, tmp_path)
                          log_dir=tmp_path) as tight:
         with load_model(tiny_ckpt, prefetch=0) as om:
             share = ALL_KEYS[:12]
-            from moeshard.worker.shard import model_description
+            from moeshard.protos.wire import model_description
 
             description = model_description(om.checkpoint.config_dict, om.runtime.local.format)
             # Without the token: refused, and nothing reaches the disk.
@@ -231,7 +235,7 @@ def test_pushes_need_the_token_and_must_fit_memory_and_disk(tiny_ckpt, tmp_path)
                 assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert what in err.value.details() and err.value.details().count("MiB") >= 2, err.value.details()
                 client.close()
-        assert not any(p.suffix == ".bin" for c in caches if c.exists() for p in c.rglob("*"))
+        assert not any(p.suffix in (".safetensors", ".tmp") for c in caches if c.exists() for p in c.rglob("*"))
 
 
 def test_a_worker_down_at_start_is_used_once_it_comes_up(tiny_ckpt, expected, empty_workers):

@@ -389,7 +389,7 @@ def test_big_authenticated_messages_are_refused_within_a_memory_bound(process_wo
 
 
 def _description(om, **config) -> dict:
-    from moeshard.worker.shard import model_description
+    from moeshard.protos.wire import model_description
 
     description = model_description(om.checkpoint.config_dict, om.runtime.local.format)
     description["config"] = {**description["config"], **config}

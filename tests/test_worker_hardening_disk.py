@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import psutil
@@ -23,7 +24,9 @@ from moeshard.protos import expert_pb2_grpc as pb_grpc
 from moeshard.protos.wire import tensor_from_pb
 from moeshard.worker.disk import DiskBudget, DiskFull
 from moeshard.worker.received import ReceivedExperts
-from moeshard.worker.shard import ShardConfig, model_description
+from moeshard.offload_core.packed_files import file_bytes
+from moeshard.protos.wire import model_description
+from moeshard.worker.shard import ShardConfig
 
 from .conftest import NUM_EXPERTS
 from .workers import InProcessWorker, wait_until
@@ -86,8 +89,8 @@ class Pushed:
 
     def leftovers(self) -> list[str]:
         """Temporary files on disk, and descriptors this process holds open on any."""
-        parts = [p.name for p in self.folder.glob("*.part")]
-        return parts + [f.path for f in psutil.Process().open_files() if f.path.endswith(".part")]
+        parts = [p.name for p in self.folder.glob("*.tmp")]
+        return parts + [f.path for f in psutil.Process().open_files() if f.path.endswith(".tmp")]
 
     def close(self) -> None:
         self.channel.close()
@@ -110,9 +113,23 @@ def joined(om, tmp_path):
     w.close()
 
 
+def data_start(path) -> int:
+    """Where a packed-experts file's data begins (after its safetensors header)."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def expert_bytes(path) -> bytes:
+    """The packed expert a one-expert file holds."""
+    data = Path(path).read_bytes()
+    return data[data_start(path):]
+
+
 def flip(path, offset: int = 64, count: int = 64) -> None:
-    """Flips bytes in place (the same inode: a worker that holds the file open reads the damage)."""
+    """Flips bytes of the expert's data in place (the same inode: a worker that holds the file open reads the
+    damage)."""
     with open(path, "r+b") as f:
+        offset += data_start(path)
         f.seek(offset)
         data = f.read(count)
         f.seek(offset)
@@ -124,7 +141,7 @@ def flip(path, offset: int = 64, count: int = 64) -> None:
 def test_a_damaged_expert_is_never_served_and_a_join_asks_for_it_again(om, pushed, tmp_path):
     damaged, truncated, fine = ExpertKey(1, 3), ExpertKey(2, 5), ExpertKey(1, 4)
     hidden = torch.randn(4, D, generator=torch.Generator().manual_seed(0))
-    flip(pushed.folder / "1-3.bin")  # while the worker runs, before anything read it
+    flip(pushed.folder / "1-3.safetensors")  # while the worker runs, before anything read it
     with pytest.raises(grpc.RpcError) as err:
         pushed.run(damaged, hidden)
     # NOT_FOUND, as an expert it lacks: a coordinator computes it elsewhere and re-joins (see the test below).
@@ -134,13 +151,13 @@ def test_a_damaged_expert_is_never_served_and_a_join_asks_for_it_again(om, pushe
     with pytest.raises(grpc.RpcError) as err:  # dropped: asked again, it is simply not held
         pushed.run(damaged, hidden)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    os.truncate(pushed.folder / "2-5.bin", 100)  # found by the Join itself, without a read
+    os.truncate(pushed.folder / "2-5.safetensors", 100)  # found by the Join itself, without a read
     assert pushed.join() == [damaged, truncated]
     assert pushed.client.push([damaged, truncated], lambda k, buf: buf.copy_(
         torch.frombuffer(bytearray(packed(om, k)), dtype=torch.uint8)), pushed.nbytes)[0] == 2
     pushed.client.assign(ALL_KEYS)
     assert torch.equal(pushed.run(damaged, hidden), om.runtime.local.run(1, {3: hidden})[3])
-    assert (pushed.folder / "1-3.bin").read_bytes() == packed(om, damaged)
+    assert expert_bytes(pushed.folder / "1-3.safetensors") == packed(om, damaged)
 
 
 def test_a_coordinator_keeps_its_tokens_while_damaged_experts_are_sent_again(tiny_ckpt, tmp_path):
@@ -155,18 +172,18 @@ def test_a_coordinator_keeps_its_tokens_while_damaged_experts_are_sent_again(tin
         expected = generate()
         folder = tmp_path / "received" / model.fingerprint
         damaged = {}
-        for path in sorted(folder.glob("*.bin"))[::6]:  # 4 of 24 experts
+        for path in sorted(folder.glob("*.safetensors"))[::6]:  # 4 of 24 experts
             flip(path)
             layer, expert = path.stem.split("-")
-            damaged[ExpertKey(int(layer), int(expert))] = path.read_bytes()
+            damaged[ExpertKey(int(layer), int(expert))] = expert_bytes(path)
         assert torch.equal(generate(), expected)
         assert cluster.failures[w.address] >= 1  # found damaged, computed by the coordinator meanwhile
         wait_until(lambda: w.address not in cluster.down, 30, "the worker to be given its experts again")
         assert torch.equal(generate(), expected)
         wait_until(lambda: w.address not in cluster.down, 30, "the worker to be given its experts again")
         # Each damaged expert it read was sent again; one not read since is found when it is.
-        resent = {k for k in damaged if (folder / f"{k.layer}-{k.expert}.bin").read_bytes() == packed(model, k)}
-        assert resent and all((folder / f"{k.layer}-{k.expert}.bin").read_bytes() == damaged[k]
+        resent = {k for k in damaged if expert_bytes(folder / f"{k.layer}-{k.expert}.safetensors") == packed(model, k)}
+        assert resent and all(expert_bytes(folder / f"{k.layer}-{k.expert}.safetensors") == damaged[k]
                               for k in set(damaged) - resent)
 
 
@@ -183,11 +200,11 @@ def test_two_pushes_of_one_expert_at_once_both_succeed(joined):
         yield first[1]
 
     a = joined.stub.PushExperts.future(slow(), timeout=30)
-    wait_until(lambda: list(joined.folder.glob("*.part")), 10, "the first push to begin the expert")
+    wait_until(lambda: list(joined.folder.glob("*.tmp")), 10, "the first push to begin the expert")
     b = joined.stub.PushExperts(iter(second), timeout=30)
     other_done.set()
     assert b.experts == 1 and a.result().experts == 1  # a retry while a push runs: both verified
-    assert (joined.folder / "0-1.bin").read_bytes() == packed(joined.om, key)
+    assert expert_bytes(joined.folder / "0-1.safetensors") == packed(joined.om, key)
     assert key not in joined.join() and not joined.leftovers()
 
 
@@ -201,10 +218,10 @@ def test_the_first_verified_copy_is_kept_and_a_held_expert_is_not_written_again(
     assert b.write(key, 500, blob[500:], sha) is True and a.write(key, 500, blob[500:], sha) is True
     assert a.close() == [] and b.close() == []  # the second committed is discarded, without error
     assert store.held() == {key} and sorted(p.name for p in store.folder.iterdir()) == [
-        "0-1.bin", "held.msgpack", "model.msgpack"]
+        "0-1.safetensors", "model.json"]
     again = store.incoming()  # a retry of an expert held already: checked, never written
     again.write(key, 0, blob[:500])
-    assert not list(store.folder.glob("*.part"))
+    assert not list(store.folder.glob("*.tmp"))
     assert again.write(key, 500, blob[500:], sha) is True and again.close() == []
     out = torch.empty(nbytes, dtype=torch.uint8)
     store.read_into(key, out)
@@ -243,7 +260,7 @@ def test_a_cancelled_push_drops_its_incomplete_expert(joined):
         stop.wait(10)
 
     call = joined.stub.PushExperts.future(hanging(), timeout=30)
-    wait_until(lambda: list(joined.folder.glob("*.part")), 10, "the push to begin")
+    wait_until(lambda: list(joined.folder.glob("*.tmp")), 10, "the push to begin")
     call.cancel()
     stop.set()
     wait_until(lambda: not joined.leftovers(), 10, "the cancelled push's file and descriptor to go")
@@ -279,14 +296,15 @@ def test_disk_cap_holds_while_held_experts_are_pushed_again(om, tmp_path):
 
 def test_writes_reserve_their_disk_before_the_first_byte(tmp_path):
     nbytes = 1000
-    store = ReceivedExperts.open(tmp_path, "f" * 32, {"config": {}}, nbytes, DiskBudget(tmp_path, 2 * nbytes + 512))
+    per_expert = file_bytes([ExpertKey(0, 0)], nbytes, {"fingerprint": "f" * 32})  # the expert and its header
+    store = ReceivedExperts.open(tmp_path, "f" * 32, {"config": {}}, nbytes, DiskBudget(tmp_path, 2 * per_expert + 512))
     blob = bytes(nbytes)
     a, b = store.incoming(), store.incoming()
     a.write(ExpertKey(0, 0), 0, blob[:10])
     b.write(ExpertKey(0, 1), 0, blob[:10])
     with pytest.raises(DiskFull, match=r"expert \(0, 2\) needs .* more than this worker's --disk"):
         b.write(ExpertKey(0, 2), 0, blob[:10])
-    assert len(list(store.folder.glob("*.part"))) == 2
+    assert len(list(store.folder.glob("*.tmp"))) == 2
     a.close()  # dropped incomplete: its reservation is given back
     b.write(ExpertKey(0, 2), 0, blob[:10])
     b.close()
@@ -299,7 +317,7 @@ def test_other_models_folders_make_room_least_recently_used_first(om, tmp_path):
     old, recent, busy = (root / (c * 32) for c in "abc")
     for age, folder in enumerate((old, recent, busy)):
         folder.mkdir(parents=True)
-        (folder / "0-0.bin").write_bytes(bytes(5 * nbytes))
+        (folder / "0-0.safetensors").write_bytes(bytes(5 * nbytes))
         os.utime(folder, (1_000_000 + age, 1_000_000 + age))
     lock = os.open(busy, os.O_RDONLY)
     fcntl.flock(lock, fcntl.LOCK_SH)  # another worker serves this one: never removed
@@ -308,7 +326,7 @@ def test_other_models_folders_make_room_least_recently_used_first(om, tmp_path):
         w = Pushed(om, tmp_path, share=ALL_KEYS[:8], disk_bytes=22 * nbytes)
         try:
             assert not old.exists() and recent.exists() and busy.exists() and w.folder.is_dir()
-            assert len(list(w.folder.glob("*.bin"))) == 8
+            assert len(list(w.folder.glob("*.safetensors"))) == 8
             with pytest.raises(DiskFull, match="--disk"):  # the busy folder is all that is left: kept
                 w.worker.shard.received.disk.room(30 * nbytes, om.fingerprint, "30 experts")
             assert not recent.exists() and busy.exists()
@@ -324,9 +342,9 @@ def test_a_folder_in_place_of_an_expert_file_is_replaced(om, tmp_path):
     w = Pushed(om, tmp_path)
     folder = w.folder
     w.close()
-    (folder / "0-3.bin").unlink()
-    (folder / "0-3.bin").mkdir()
-    (folder / "0-3.bin" / "stray").write_bytes(b"x")
+    (folder / "0-3.safetensors").unlink()
+    (folder / "0-3.safetensors").mkdir()
+    (folder / "0-3.safetensors" / "stray").write_bytes(b"x")
     w = Pushed(om, tmp_path, push=False)  # a restart on the same cache
     try:
         assert w.join() == [ExpertKey(0, 3)]

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import __version__
 from ..offload_core.config import ALLOWED_BITS, KERNELS, OffloadConfig, QuantConfig
 from ..offload_core.config import parse_size as _parse_size
-from ..offload_core.settings import quiet_grpc_core, token_from_env
+from ..protos.access import quiet_grpc_core, token_from_env
 
 logger = logging.getLogger("moeshard.worker")
 

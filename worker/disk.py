@@ -102,7 +102,7 @@ class DiskBudget:
         root = self.root
         if not root.is_dir():
             return 0
-        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.suffix != ".part")
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.suffix != ".tmp")
 
     def _remove_others(self, keep: str, nbytes: int) -> None:
         folders = []

@@ -1,48 +1,47 @@
 """Experts a coordinator pushed to this worker, kept on its disk so that a restart receives nothing again.
 
-`cache_dir/<fingerprint>/` holds `model.msgpack` (what the coordinator said the model is: its config.json, the
-expert format, the packed size of one expert), one file per expert (`L-E.bin`) and `held.msgpack`, an
-append-only log of verified experts (`{"layer", "expert", "sha256"}` records; a crash mid-append leaves a cut
-last record, which is ignored). Each push stream receives through its own `Incoming`: an expert is written under a
-temporary name of that stream's own as its chunks arrive; once its SHA-256 matched the sender's it waits to be
-committed (fsynced, renamed and logged with the others of its group, up to 64 MiB at a time and at the end of the
-stream, so that the disk writes one group while the next arrives instead of stalling on every expert). Two streams
-sending one expert do not meet: the first verified copy committed is kept, the other discarded.
+`cache_dir/<fingerprint>/` holds `model.json` (what the coordinator said the model is: its config.json, the
+expert format, the packed size of one expert) and one packed-experts file per expert (`L-E.safetensors`, the
+format the quantized cache uses too: `offload_core.packed_files`, the expert's SHA-256 in its header; a file that
+is there was verified and committed whole). Each push stream receives through its own `Incoming`: an expert is
+written to a temporary file of that stream's own as its chunks arrive; once its SHA-256 matched the sender's it
+waits to be committed (synced and renamed into place with the others of its group, up to 64 MiB at a time and at
+the end of the stream, so that the disk writes one group while the next arrives instead of stalling on every
+expert). Two streams sending one expert do not meet: the first verified copy committed is kept, the other
+discarded.
 
-What is held is checked, never trusted: opening re-hashes what the log lists, a Join re-checks that each file is
-still there with its size, and every read is checked against the CRC-32 computed with the SHA-256 (a checksum, for
-speed: on one EPYC core CRC-32 adds 0.28 ms per MiB read, SHA-256 0.66 ms, to a read from the page cache of 0.11 ms;
-it catches accidental damage, and whoever can write the cache can rewrite its log anyway). A damaged expert is
-dropped (`NotHeld`), never served, and asked for again at the next Join. `DiskBudget` holds every model's received
-experts to --disk. `ReceivedExperts` is also the `ExpertSource` the worker's store reads from. Nothing here knows gRPC.
+What is held is checked, never trusted: opening re-hashes every file against its header, a Join re-checks that
+each file is still there with its size, and every read is checked against the CRC-32 computed with the SHA-256 (a
+checksum, for speed: on one EPYC core CRC-32 adds 0.28 ms per MiB read, SHA-256 0.66 ms, to a read from the page
+cache of 0.11 ms; it catches accidental damage). A damaged expert is dropped (`NotHeld`), never served, and asked
+for again at the next Join. `DiskBudget` holds every model's received experts to --disk. `ReceivedExperts` is also
+the `ExpertSource` the worker's store reads from. Nothing here knows gRPC.
 """
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
 import stat
-import tempfile
 import threading
 import zlib
 from pathlib import Path
 from typing import NamedTuple
 
-import msgpack
 import torch
 
 from ..offload_core.checkpoint import CheckpointError, pread_into
 from ..offload_core.experts import ExpertKey
-from ..offload_core.packed_files import atomic_write
+from ..offload_core.packed_files import PackedFile, PackedWriter, atomic_write, file_bytes
 from .disk import DiskBudget
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.msgpack"
-LOG_FILE = "held.msgpack"
-_VERSION = 1
+MODEL_FILE = "model.json"
+_VERSION = 2  # 1: raw L-E.bin files and a msgpack log
 _CHUNK = 1 << 22  # bytes hashed per read when verifying
 _GROUP_BYTES = 64 << 20  # verified experts committed together (one wait on the disk per group, not per expert)
 _GROUP_EXPERTS = 64  # ... and at most this many
@@ -82,21 +81,25 @@ def _clear(path: Path) -> None:
 class _Sums(NamedTuple):
     sha256: str  # as the sender announced it and the bytes received matched
     crc32: int  # of the same bytes, computed with the hash (kept in memory only): what every read is checked against
+    offset: int  # where the expert's bytes start in its file
+    size: int  # of its file
 
 
 class _Partial:
-    """One expert being received by one stream: its temporary file (None for a copy of an expert already held,
+    """One expert being received by one stream: its file being written (None for a copy of an expert already held,
     which is only verified), the bytes so far and their running hash and checksum."""
 
-    __slots__ = ("fd", "path", "received", "digest", "crc")
+    __slots__ = ("writer", "received", "digest", "crc")
 
-    def __init__(self, fd: int | None, path: Path | None):
-        self.fd, self.path, self.received, self.digest, self.crc = fd, path, 0, hashlib.sha256(), 0
+    def __init__(self, writer: PackedWriter | None):
+        self.writer, self.received, self.digest, self.crc = writer, 0, hashlib.sha256(), 0
 
 
 class ReceivedExperts:
     def __init__(self, folder: Path, description: dict, nbytes: int, disk: DiskBudget):
         self.folder, self.description, self.nbytes, self.disk = Path(folder), description, int(nbytes), disk
+        self.fingerprint = self.folder.name
+        self.file_bytes = file_bytes([ExpertKey(0, 0)], self.nbytes, self._metadata())  # at least, per expert
         self._held: dict[ExpertKey, _Sums] = {}  # verified experts
         self._fds: dict[ExpertKey, int] = {}
         self._lock = threading.Lock()
@@ -107,83 +110,90 @@ class ReceivedExperts:
     @classmethod
     def open(cls, root: Path, fingerprint: str, description: dict, nbytes: int,
              disk: DiskBudget | None = None) -> ReceivedExperts:
-        """The folder of `fingerprint` under `root`: created, or reopened with every listed expert re-verified."""
+        """The folder of `fingerprint` under `root`: created, or reopened with every expert file re-verified."""
         root = Path(root).expanduser()
         folder = root / fingerprint
         folder.mkdir(parents=True, exist_ok=True)
         model = folder / MODEL_FILE
         record = {"version": _VERSION, "fingerprint": fingerprint, "model": description, "expert_bytes": nbytes}
-        if model.is_file():
-            try:
-                stored = msgpack.unpackb(model.read_bytes(), raw=False, strict_map_key=False)
-            except (ValueError, msgpack.UnpackException) as exc:
-                stored = {"error": str(exc)}
-            if stored != record:
-                logger.warning("received experts in %s were for another description of the model: starting over", folder)
-                shutil.rmtree(folder)
-                folder.mkdir(parents=True)
-        if not model.is_file():
-            atomic_write(model, msgpack.packb(record, use_bin_type=True))
-        for stale in folder.glob("*.part"):  # experts a killed worker was receiving: received again from the start
+        stored = None
+        try:
+            stored = json.loads(model.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError):
+            stored = {"error": "unreadable"}
+        if stored != record and any(folder.iterdir()):
+            logger.warning("received experts in %s were for another description of the model, or another version "
+                           "of this folder: starting over", folder)
+            shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+        if stored != record:
+            atomic_write(model, json.dumps(record, sort_keys=True).encode())
+        for stale in folder.glob("*.tmp"):  # experts a killed worker was receiving: received again from the start
             stale.unlink(missing_ok=True)
         os.utime(folder)  # the most recently used model's folder is the last removed to make room
         cache = cls(folder, description, nbytes, disk if disk is not None else DiskBudget(root))
         cache._folder_fd = os.open(folder, os.O_RDONLY)
         fcntl.flock(cache._folder_fd, fcntl.LOCK_SH)
-        cache._load_log()
+        cache._load()
         return cache
+
+    def _metadata(self) -> dict[str, str]:
+        return {"fingerprint": self.fingerprint}
 
     # -- what is held ---------------------------------------------------------------------------
     def _expert_path(self, key: ExpertKey) -> Path:
-        return self.folder / f"{key.layer}-{key.expert}.bin"
+        return self.folder / f"{key.layer}-{key.expert}.safetensors"
 
-    def _load_log(self) -> None:
-        path = self.folder / LOG_FILE
-        if not path.is_file():
-            return
-        unpacker = msgpack.Unpacker(raw=False)
-        unpacker.feed(path.read_bytes())
-        listed: dict[ExpertKey, str] = {}
-        try:
-            for rec in unpacker:  # a cut last record (a crash mid-append) simply ends the iteration
-                if isinstance(rec, dict) and {"layer", "expert", "sha256"} <= rec.keys():
-                    listed[ExpertKey(int(rec["layer"]), int(rec["expert"]))] = str(rec["sha256"])
-        except (ValueError, msgpack.UnpackException) as exc:
-            logger.warning("%s: unreadable record (%s); the experts after it will be received again", path, exc)
-        for key, sha in listed.items():
-            crc = self._verify(key, sha)
-            if crc is not None:
-                self._held[key] = _Sums(sha, crc)
-        # Rewrite the log with exactly what was verified, so that dropped experts stay dropped.
-        atomic_write(path, b"".join(_record(k, s) for k, s in sorted(self._held.items())))
+    def _load(self) -> None:
+        """Every expert file in the folder, verified against its header (SHA-256); a damaged one is removed."""
+        for path in sorted(self.folder.glob("*-*.safetensors")):
+            layer, _, expert = path.stem.partition("-")
+            if not (layer.isdigit() and expert.isdigit()):
+                continue
+            key = ExpertKey(int(layer), int(expert))
+            sums = self._verify(key)
+            if sums is not None:
+                self._held[key] = sums
+            else:
+                _clear(path)
+                path.unlink(missing_ok=True)
 
-    def _intact(self, key: ExpertKey) -> bool:
-        """The expert's file is there, a regular file of the right size (its content is checked when read)."""
+    def _intact(self, key: ExpertKey, size: int) -> bool:
+        """The expert's file is there, a regular file of its size (its content is checked when read)."""
         try:
             st = os.stat(self._expert_path(key))
         except OSError:
             return False
-        return stat.S_ISREG(st.st_mode) and st.st_size == self.nbytes
+        return stat.S_ISREG(st.st_mode) and st.st_size == size
 
-    def _verify(self, key: ExpertKey, sha: str) -> int | None:
-        """The CRC-32 of a held expert whose file matches its SHA-256; None (and a warning) if it does not."""
+    def _verify(self, key: ExpertKey) -> _Sums | None:
+        """The sums of an expert file that holds `key` alone and matches the SHA-256 in its header; None (and a
+        warning) if it does not."""
         path = self._expert_path(key)
-        if not self._intact(key):
-            logger.warning("received expert %s is missing, not a file, or not %d bytes: it will be received again",
-                           tuple(key), self.nbytes)
-            return None
-        digest, crc = hashlib.sha256(), 0
         try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                raise CheckpointError("not a regular file")
+            packed = PackedFile(path, self.nbytes, expect=self._metadata())
+            if list(packed.keys) != [key]:
+                raise CheckpointError(f"it holds {sorted(tuple(k) for k in packed.keys)[:4]}")
+            offset, sha = packed.offsets[key], packed.hashes[key]
+            digest, crc = hashlib.sha256(), 0
             with open(path, "rb") as f:
-                while chunk := f.read(_CHUNK):
+                f.seek(offset)
+                left = self.nbytes
+                while left and (chunk := f.read(min(_CHUNK, left))):
                     digest.update(chunk)
                     crc = zlib.crc32(chunk, crc)
-        except OSError:
+                    left -= len(chunk)
+            if digest.hexdigest() != sha:
+                raise CheckpointError("its bytes do not match its SHA-256")
+        except (OSError, CheckpointError) as exc:
+            logger.warning("received expert %s is unusable (%s): it will be received again", tuple(key),
+                           exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
             return None
-        if digest.hexdigest() != sha:
-            logger.warning("received expert %s does not match its SHA-256: it will be received again", tuple(key))
-            return None
-        return crc
+        return _Sums(sha, crc, offset, path.stat().st_size)
 
     def held(self) -> frozenset[ExpertKey]:
         with self._lock:
@@ -197,12 +207,12 @@ class ReceivedExperts:
         """Those of `keys` not held. A held expert whose file is gone, is no longer a regular file or has another
         size is dropped here, so that it is sent again (a change of content is found when it is read)."""
         with self._lock:
-            held = set(self._held)
-        for key in [k for k in keys if k in held and not self._intact(k)]:
+            held = dict(self._held)
+        for key in [k for k in keys if k in held and not self._intact(k, held[k].size)]:
             logger.warning("received expert %s is missing, not a file, or not %d bytes: it will be received again",
                            tuple(key), self.nbytes)
             self._drop(key)
-            held.discard(key)
+            del held[key]
         return sorted(k for k in keys if k not in held)
 
     def _drop(self, key: ExpertKey) -> None:
@@ -229,49 +239,42 @@ class ReceivedExperts:
         """The state of one push stream; `close()` it when the stream ends, however it ends."""
         return Incoming(self)
 
-    def _commit(self, group: list[tuple[ExpertKey, _Sums, Path | None]]) -> int:
-        """Make verified experts durable and held: each file fsynced and renamed into place, then one append to the
-        log, fsynced. An expert another stream committed first is discarded. Returns how many were placed."""
+    def _commit(self, group: list[tuple[ExpertKey, str, int, PackedWriter | None]]) -> int:
+        """Make verified experts durable and held: each file synced, then all renamed into place. An expert another
+        stream committed first is discarded. Returns how many were placed."""
         with self._commit_lock:
             placed, failed = [], None
-            for key, sums, path in group:
-                if path is None:
+            for key, sha, crc, writer in group:
+                if writer is None:
                     continue  # a copy of an expert held already: verified, nothing to place
                 if self.holds(key):  # another push committed it first
-                    path.unlink(missing_ok=True)
-                    self.disk.release(self.nbytes)
+                    writer.close()
+                    self.disk.release(self.file_bytes)
                     continue
                 target = self._expert_path(key)
                 try:
-                    fd = os.open(path, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    writer.commit(publish=False)
                     _clear(target)
-                    os.replace(path, target)
-                except OSError as exc:
+                    writer.publish()
+                    offset = PackedFile(target, self.nbytes).offsets[key]
+                except (OSError, CheckpointError) as exc:
                     logger.warning("could not place received expert %s at %s: %s", tuple(key), target, exc)
-                    path.unlink(missing_ok=True)
-                    self.disk.release(self.nbytes)
+                    writer.close()
+                    self.disk.release(self.file_bytes)
                     failed = failed or (key, exc)
                     continue
-                self.disk.settle(self.nbytes)
-                placed.append((key, sums))
+                self.disk.settle(self.file_bytes)
+                placed.append((key, _Sums(sha, crc, offset, target.stat().st_size)))
             with self._lock:
                 stale = [self._fds.pop(key) for key, _ in placed if key in self._fds]
                 self._held.update(placed)
-                if placed:
-                    with open(self.folder / LOG_FILE, "ab") as log:
-                        log.write(b"".join(_record(key, sums) for key, sums in placed))
-                        log.flush()
-                        os.fsync(log.fileno())
             for fd in stale:  # a damaged copy that was open for reading
                 os.close(fd)
         if failed is not None:
             key, exc = failed
-            raise CacheError(f"expert {tuple(key)} could not be placed in this worker's cache folder "
-                             f"({exc.strerror or type(exc).__name__}): its log says more")
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise CacheError(f"expert {tuple(key)} could not be placed in this worker's cache folder ({why}): its "
+                             "log says more")
         return len(placed)
 
     # -- reading (the ExpertSource of the worker's store) ----------------------------------------
@@ -297,7 +300,7 @@ class ReceivedExperts:
         try:
             if fd is None:
                 raise FileNotFoundError
-            pread_into(fd, data, 0)
+            pread_into(fd, data, sums.offset)
             intact = zlib.crc32(data) == sums.crc32
         except (OSError, CheckpointError):  # gone, cut short, or a folder now
             intact = False
@@ -328,7 +331,7 @@ class Incoming:
     def __init__(self, store: ReceivedExperts):
         self.store = store
         self._partial: dict[ExpertKey, _Partial] = {}
-        self._verified: list[tuple[ExpertKey, _Sums, Path | None]] = []
+        self._verified: list[tuple[ExpertKey, str, int, PackedWriter | None]] = []  # (key, sha256, crc32, file)
         self._done: set[ExpertKey] = set()  # verified in this stream: a second copy in one push is an error
 
     def write(self, key: ExpertKey, offset: int, data: bytes, sha256: str = "") -> bool:
@@ -341,27 +344,27 @@ class Incoming:
             if offset != inc.received or offset + len(data) > store.nbytes:
                 raise ReceiveError(f"expert {tuple(key)}: chunk at offset {offset} of {len(data)} bytes, expected "
                                    f"offset {inc.received} and at most {store.nbytes} bytes in all")
-            if inc.fd is not None:
-                view, done = memoryview(data), 0
-                while done < len(view):
-                    done += os.pwrite(inc.fd, view[done:], offset + done)
+            if inc.writer is not None:
+                inc.writer.write(key, data)  # hashes as it writes
+            else:
+                inc.digest.update(data)
             inc.received += len(data)
-            inc.digest.update(data)
             inc.crc = zlib.crc32(data, inc.crc)
             if not sha256:
                 return False
-            if inc.received != store.nbytes or inc.digest.hexdigest() != sha256:
-                raise ReceiveError(f"expert {tuple(key)}: {inc.received} bytes with SHA-256 {inc.digest.hexdigest()}, "
-                                   f"expected {store.nbytes} bytes with {sha256}")
+            digest = inc.writer.hashes.get(key, "") if inc.writer is not None else inc.digest.hexdigest()
+            if inc.received != store.nbytes or digest != sha256:
+                raise ReceiveError(f"expert {tuple(key)}: {inc.received} bytes with SHA-256 {digest or '(incomplete)'},"
+                                   f" expected {store.nbytes} bytes with {sha256}")
         except BaseException:
             self._abandon(key)
             raise
         del self._partial[key]
-        if inc.fd is not None:
-            os.close(inc.fd)  # synced at commit: a verified expert holds no descriptor while it waits
-        self._verified.append((key, _Sums(sha256, inc.crc), inc.path))
+        if inc.writer is not None:
+            inc.writer.park()  # synced at commit: a verified expert holds no descriptor while it waits
+        self._verified.append((key, sha256, inc.crc, inc.writer))
         self._done.add(key)
-        waiting = sum(path is not None for _, _, path in self._verified)
+        waiting = sum(writer is not None for *_, writer in self._verified)
         if waiting >= _GROUP_EXPERTS or waiting * store.nbytes >= _GROUP_BYTES:
             self.commit()
         return True
@@ -377,25 +380,24 @@ class Incoming:
                                f"and did not finish: expected at most {MAX_INCOMPLETE}, each sent whole before the "
                                "next")
         if store.holds(key):  # a copy of an expert held already (a retry, another coordinator): checked, not kept
-            inc = _Partial(None, None)
+            inc = _Partial(None)
         else:
-            store.disk.reserve(store.nbytes, store.folder.name, f"expert {tuple(key)}")
+            store.disk.reserve(store.file_bytes, store.folder.name, f"expert {tuple(key)}")
             try:
-                fd, path = tempfile.mkstemp(dir=store.folder, prefix=f"{key.layer}-{key.expert}.", suffix=".part")
+                writer = PackedWriter(store._expert_path(key), [key], store.nbytes, store._metadata())
             except BaseException:
-                store.disk.release(store.nbytes)
+                store.disk.release(store.file_bytes)
                 raise
-            inc = _Partial(fd, Path(path))
+            inc = _Partial(writer)
         self._partial[key] = inc
         return inc
 
     def _abandon(self, key: ExpertKey) -> None:
         inc = self._partial.pop(key, None)
-        if inc is None or inc.fd is None:
+        if inc is None or inc.writer is None:
             return
-        os.close(inc.fd)
-        inc.path.unlink(missing_ok=True)
-        self.store.disk.release(self.store.nbytes)
+        inc.writer.close()
+        self.store.disk.release(self.store.file_bytes)
 
     def incomplete(self) -> list[ExpertKey]:
         return list(self._partial)
@@ -412,7 +414,3 @@ class Incoming:
             self._abandon(key)
         self.commit()
         return incomplete
-
-
-def _record(key: ExpertKey, sums: _Sums) -> bytes:
-    return msgpack.packb({"layer": key.layer, "expert": key.expert, "sha256": sums.sha256}, use_bin_type=True)

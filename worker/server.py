@@ -20,16 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-import msgpack
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .. import __version__
-from ..offload_core.config import is_loopback, resolve_device
+from ..offload_core.config import resolve_device
 from ..offload_core.experts import ExpertKey
 from ..protos import expert_pb2 as pb
+from ..protos.access import is_loopback
 from ..protos import expert_pb2_grpc as pb_grpc
-from ..protos.wire import WireError, WorkerInfo, quote, tensor_from_pb, tensor_to_pb
+from ..protos.wire import WireError, WorkerInfo, description_from_pb, quote, tensor_from_pb, tensor_to_pb
 from .auth import TokenInterceptor
 from .disk import FINGERPRINT, DiskBudget, DiskFull
 from .messages import PUSH, RUN, SERVICE, SESSION, MessageBudget, MessageGuard
@@ -237,12 +237,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             old.check_fingerprint(fingerprint)  # refuses, naming both models
         shard = old
         if old is None or switching:
-            try:
-                description = msgpack.unpackb(request.model, raw=False, strict_map_key=False)
-            except (ValueError, msgpack.UnpackException) as exc:
-                raise ValueError(f"the model description is not valid msgpack ({exc})") from exc
-            if not isinstance(description, dict):
-                raise ValueError("the model description must be a map with config, format and expert_bytes")
+            if not request.HasField("description"):
+                raise ValueError("Join carries no model description, and this worker has no model of its own: "
+                                 "expected the coordinator's config.json and expert format (the same moeshard version "
+                                 "on both sides)")
+            description = description_from_pb(request.description)  # a WireError (a ValueError) when malformed
             shard = ExpertShard.from_push(self.cfg, fingerprint, description, self.disk)
         try:
             self._check_ids("Join", len(request.experts), shard.max_assign)

@@ -97,12 +97,6 @@ def free_memory(device: torch.device) -> int:
     return int(psutil.virtual_memory().available * _MEMORY_HEADROOM)
 
 
-def model_description(config_dict: dict, fmt) -> dict:
-    """What a worker without the checkpoint needs to compute a model's experts: its config.json and the
-    packed expert format (and its size, a check that both sides pack alike)."""
-    return {"config": config_dict, "format": fmt.describe(), "expert_bytes": fmt.layout.nbytes}
-
-
 class ExpertShard:
     def __init__(self, cfg: ShardConfig, layout: FamilyLayout, backend: LocalExperts, fingerprint: str,
                  dtype: torch.dtype, device: torch.device, origin: str, received: ReceivedExperts | None = None):
@@ -281,7 +275,7 @@ class ExpertShard:
         self._check_memory(len(keys), "hosting", k)
         missing = self.received.missing(keys) if self.received is not None else []
         if missing:  # other models' folders are removed if that makes room; each write reserves its own again
-            self.received.disk.room(len(missing) * self.expert_bytes, self.fingerprint, f"{len(missing)} experts")
+            self.received.disk.room(len(missing) * self.received.file_bytes, self.fingerprint, f"{len(missing)} experts")
         self.share = keys
         if k != self.backend.slots_per_layer:
             logger.info("computing with %d slots per layer (the coordinator asked for %d)", k, slots_per_layer)
