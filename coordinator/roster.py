@@ -52,15 +52,14 @@ class Roster:
         self._lock = threading.Lock()  # placement is rewritten whole (copy on write): readers never lock
 
     # -- reads ----------------------------------------------------------------------------------
-    def owners(self, layer: int, expert: int) -> tuple[str, ...]:
-        return self.placement.get(ExpertKey(layer, expert), ())
-
-    def live_owner(self, layer: int, expert: int) -> str | None:
-        """The first live worker hosting the expert, if any."""
-        for name in self.owners(layer, expert):
-            if name not in self.down:
-                return name
-        return None
+    def placed(self, layer: int, experts) -> dict[int, tuple[tuple[str, ...], str | None]]:
+        """For each of `experts` of `layer`: its owners and the first live one (None: none is up), in one call."""
+        placement, down = self.placement, self.down
+        out = {}
+        for e in experts:
+            owners = placement.get(ExpertKey(layer, e), ())
+            out[e] = owners, next((o for o in owners if o not in down), None)
+        return out
 
     def hosted(self, name: str) -> list[ExpertKey]:
         return hosted_by(self.placement, name)

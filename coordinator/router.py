@@ -1,7 +1,7 @@
 """The cluster's expert plane: each layer call's groups to the workers that own them, with failover.
 
 `Router` is what offload_core's `ExpertRuntime` holds once workers join (an `ExpertPlane`). Per layer call it
-decides once who computes each expert (`owner`: reading the roster) and sends each live worker one request
+decides once who computes each expert (`owners`: one read of the roster) and sends each live worker one request
 with all of its groups and its share of the prefetch hint (capped at that worker's own slots); the experts the
 coordinator keeps, or falls back to, go to its `LocalExperts`. A worker whose request fails, or passes its
 deadline, is marked down in the roster and its groups are re-run on the next live replica or, when none is
@@ -64,35 +64,30 @@ class Router:
         self.unavailable = Unavailable(unavailable)
 
     # -- ownership ----------------------------------------------------------------------------
-    def owner(self, layer: int, expert: int) -> str | None:
-        """The first live worker hosting the expert; HERE for the coordinator; None when it is dropped."""
-        owners = self.roster.owners(layer, expert)
-        if not owners:
-            return HERE
-        live = self.roster.live_owner(layer, expert)
-        if live is not None:
-            return live
-        if self.unavailable is Unavailable.LOCAL:
-            return HERE
-        if self.unavailable is Unavailable.DROP:
-            return None
-        raise ExpertUnavailable(f"expert (layer {layer}, expert {expert}) has no live owner: its workers "
-                                f"{list(owners)} are down and local fallback is off (--no-local-fallback)")
-
-    def _hint_owner(self, layer: int, expert: int) -> str | None:
-        """Where a predicted expert would be computed (a hint never raises: None when nobody would)."""
-        owners = self.roster.owners(layer, expert)
-        if not owners:
-            return HERE
-        live = self.roster.live_owner(layer, expert)
-        return live if live is not None else (HERE if self.unavailable is Unavailable.LOCAL else None)
+    def owners(self, layer: int, experts, hint: bool = False) -> dict[int, str | None]:
+        """Who computes each of `experts`, read from the roster once: the first live worker hosting it; HERE for the
+        coordinator; None when it is dropped. With no live owner and no fallback, ExpertUnavailable (a `hint` never
+        raises: None instead)."""
+        out = {}
+        for e, (owners, live) in self.roster.placed(layer, experts).items():
+            if not owners:
+                out[e] = HERE
+            elif live is not None:
+                out[e] = live
+            elif self.unavailable is Unavailable.LOCAL:
+                out[e] = HERE
+            elif self.unavailable is Unavailable.DROP or hint:
+                out[e] = None
+            else:
+                raise ExpertUnavailable(f"expert (layer {layer}, expert {e}) has no live owner: its workers "
+                                        f"{list(owners)} are down and local fallback is off (--no-local-fallback)")
+        return out
 
     def _shares(self, layer: int, ranked: Iterable[int]) -> dict[str, list[int]]:
         """Each owner's share of a ranked prediction, in rank order; a worker's capped at its own slots per layer
         (the coordinator's share is capped by its slots' `prefetch`)."""
         out: dict[str, list[int]] = defaultdict(list)
-        for e in dict.fromkeys(ranked):
-            owner = self._hint_owner(layer, e)
+        for e, owner in self.owners(layer, dict.fromkeys(ranked), hint=True).items():
             if owner == HERE or (owner is not None and len(out[owner]) < self.workers[owner].slots_per_layer):
                 out[owner].append(e)
         return out
@@ -100,8 +95,8 @@ class Router:
     # -- the plane ----------------------------------------------------------------------------
     def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: Hint | None) -> tuple[_Pending, list[int]]:
         by_owner: dict[str | None, dict[int, torch.Tensor]] = defaultdict(dict)
-        for e, x in groups.items():
-            by_owner[self.owner(layer, e)][e] = x
+        for e, owner in self.owners(layer, groups).items():
+            by_owner[owner][e] = groups[e]
         dropped = frozenset(by_owner.pop(None, {}))
         shares = self._shares(*hint) if hint is not None else {}
         parts = []
