@@ -284,11 +284,11 @@ def _round(system: _System, prompt, steps: int, cold: bool) -> dict:
 
 def _empty_round_trip_ms(system: _System, calls: int = 300) -> float | None:
     """Median round trip of an empty message on the system's worker sessions (the floor under RunExperts)."""
-    cluster = getattr(getattr(system.built, "runtime", None), "remote", None)
-    if cluster is None:
+    workers = getattr(getattr(getattr(system.built, "runtime", None), "plane", None), "workers", None)
+    if not workers:  # no cluster joined
         return None
     times = []
-    for backend in cluster.workers.values():
+    for backend in workers.values():
         session = backend.client.session()
         for _ in range(calls):
             start = time.perf_counter()
