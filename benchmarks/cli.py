@@ -122,5 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead: serve each of resident and lru+prefetch (or those of them in --systems) over HTTP "
                         "and decode LIST concurrent streams (e.g. 1,4,8,16) with the official openai client: "
                         "tokens/s together, time to first token, expert bytes per step (needs: pip install openai)")
+    p.add_argument("--shared-prefix", type=_positive, default=None, metavar="N",
+                   help="with --concurrency: instead, every chat starts with the same N-token system prompt (e.g. "
+                        "512) and each system is served with the prefix cache and without: time to first token of "
+                        "repeated requests, prompt tokens reused, tokens computed and expert bytes per request")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the benchmark model is written and reused (default: the system's temp dir)")

@@ -6,13 +6,16 @@ ends (EOS, its `max_tokens`, a stop string, or its caller going away), without w
 step is one forward over the tokens of every sequence in it, so a MoE layer sees them all at once: its
 experts are grouped over the whole batch, loaded once and computed once per step, and each remote worker gets
 one request per layer for the batch. A long prompt is prefilled in chunks of `step_tokens`, with the decoding
-sequences served first in every step, so it never holds the others back by more than one step.
+sequences served first in every step, so it never holds the others back by more than one step. A prompt that begins
+with whole KV pages computed before (a shared system prompt, a conversation that grows) reuses them: transformers'
+prefix sharing, which also saves the experts those tokens would have loaded.
 
 What moeshard adds: admission (a bounded queue, `Overloaded` beyond it), what happens to each step's logits
-(`logits`: logit bias; the choice of each token, greedy as the arg-max of fp32 logits like `generate`, sampled from
-the request's own generator so that its tokens do not depend on what else is in the batch; the model's own
-log-probabilities of new tokens and, for scoring, of the prompt), stop strings and cancellation, text streaming,
-per-request timing, per-step figures, and a restart of the manager after a step fails.
+(`logits`: logit bias; a request's grammar, `grammar`, masking what it does not allow; the choice of each token,
+greedy as the arg-max of fp32 logits like `generate`, sampled from the request's own generator so that its tokens do
+not depend on what else is in the batch; the model's own log-probabilities of new tokens and, for scoring, of the
+prompt), stop strings and cancellation, text streaming, per-request timing, per-step figures, and a restart of the
+manager after a step fails.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedT
 from transformers.generation.continuous_batching.requests import RequestStatus
 
 from .invariant_attention import base_for_batching, is_per_sequence, register
+from .grammar import Grammars
 from .logits import GREEDY, NO_LOGPROBS, ChooseToken, Observe, score_prompt
 from .sampling import GenerationResult, SamplingParams, TokenLogprob
 
@@ -48,6 +52,9 @@ class BatchConfig:
     kv_tokens: int | None = None  # paged KV cache size in tokens; None: max_batch x min(context, 4096)
     page_size: int = 32  # tokens per KV cache page
     batch_invariant: bool = True  # attention per sequence: greedy tokens do not depend on the batch (any dtype)
+    # a prompt starting with whole KV pages already computed (a shared system prompt, a conversation that grows)
+    # reuses them instead of recomputing them: transformers' prefix sharing, on models with full attention only
+    prefix_cache: bool = True
 
     def __post_init__(self):
         for name in ("max_batch", "step_tokens", "page_size"):
@@ -106,8 +113,8 @@ def _install(manager, observe: Observe, choose: ChooseToken) -> None:
 class _TextOut(TextStreamer):
     """transformers' TextStreamer for the new tokens only, handing finished text to a callback."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
-        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None, skip_special_tokens: bool = True):
+        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=skip_special_tokens)
         self.on_text = on_text
 
     def on_finalized_text(self, text: str, stream_end: bool = False):
@@ -126,6 +133,7 @@ class _Request:
     on_first_token: Callable[[], None] | None = None
     interrupt: threading.Event | None = None  # set by the caller: stop at the next step, keep what was decoded
     on_logprobs: Callable[[list[TokenLogprob | None], bool], None] | None = None  # (entries, of the prompt)
+    cached_tokens: int = 0  # prompt tokens whose KV pages were reused, not computed (written on the batching thread)
     token_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
     finish: str | None = None
@@ -186,6 +194,8 @@ class Batcher:
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.num_blocks = max(1, math.ceil(self.cfg.cache_tokens(engine.context_length) / self.cfg.page_size))
+        # requests' grammars (structured output, forced tool calls); llguidance is loaded only when one is used
+        self.grammars = Grammars(engine.tokenizer, int(self.model.config.vocab_size), self.eos_ids)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -229,21 +239,45 @@ class Batcher:
             # moeshard's experts move weights and call workers inside the forward: no graphs, no compile, no
             # double-buffered steps; and no flash attention swapped in behind the user's back
             use_cuda_graph=False, use_async_batching=False, default_compile_level=0, auto_switch_to_flash=False,
-            allow_block_sharing=False)
+            allow_block_sharing=self.cfg.prefix_cache)
         manager = self.model.init_continuous_batching(generation_config=generation,
                                                       continuous_batching_config=batching)
-        observe = Observe()
+        observe = Observe(self.grammars)
         _install(manager, observe, ChooseToken(observe, self._record))
+        # The batch processor decides when it is created whether to build attention masks (for the model's own sdpa or
+        # paged eager only), and the loop reuses one that exists: create it before the switch.
+        manager.batch_processor = manager._create_batch_processor()  # in the mode the loop runs in
+        self._share_prefixes(manager.batch_processor.cache)
         if self.cfg.batch_invariant or ours:
-            # The batch processor decides when it is created whether to build attention masks (for the model's own
-            # sdpa or paged eager only), and the loop reuses one that exists: create it before the switch.
-            manager.batch_processor = manager._create_batch_processor()  # in the mode the loop runs in
             if ours:
                 self.model.set_attn_implementation(current)
             elif self._attention is None:
                 self._use_invariant_attention(current)
         manager.start()
         self.manager = manager
+
+    def _share_prefixes(self, cache) -> None:
+        """Prefix reuse as transformers' scheduler does it (`search_prefix_match` when a request is first scheduled),
+        with two additions: a request that scores its prompt needs every prompt position's hidden states, so it never
+        starts from cached pages (its own are still offered to those after it); every other records how many prompt
+        tokens it reused (usage's cached_tokens). Wraps this manager's cache object only."""
+        if not getattr(cache, "use_prefix_sharing", False):  # off, or a model with sliding-window layers
+            return
+        search = getattr(cache, "search_prefix_match", None)
+        if search is None:
+            raise RuntimeError("this transformers version's paged cache has no search_prefix_match as moeshard "
+                               "expects: install the transformers version pyproject.toml names")
+
+        def search_prefix_match(request_id: str, prompt_ids: list[int]) -> int:  # on the batching thread
+            req = self.live.get(request_id)
+            if req is None or req.params.prompt_logprobs:
+                return 0
+            reused = search(request_id, prompt_ids)
+            if not req.token_ids:  # a request restarted after its first token keeps the count it was reported with
+                req.cached_tokens = reused
+            return reused
+
+        cache.search_prefix_match = search_prefix_match
 
     def _ensure_running(self) -> None:
         """After a step failed (every request in the manager was failed and told), a fresh manager."""
@@ -400,11 +434,17 @@ class Batcher:
                              f"the model's context length of {context} tokens")
         if not held and self.full:
             raise Overloaded(self.full_message(), self.retry_after_s())
+        constraint = None
+        if params.grammar is not None:  # off the event loop: a large schema takes a while to build
+            constraint = await asyncio.to_thread(self.grammars.start, params.grammar)
         loop = asyncio.get_running_loop()
         rid = f"r-{uuid.uuid4().hex}"
-        req = _Request(rid, list(prompt_ids), params, _TextOut(self.engine.tokenizer, on_text), loop.create_future(),
-                       time.perf_counter(), on_first_token, interrupt, on_logprobs)
+        req = _Request(rid, list(prompt_ids), params, _TextOut(self.engine.tokenizer, on_text,
+                                                               params.skip_special_tokens),
+                       loop.create_future(), time.perf_counter(), on_first_token, interrupt, on_logprobs)
         self.live[rid] = req
+        if constraint is not None:
+            self.grammars.active[rid] = constraint
         self._scoring += int(params.prompt_logprobs)
         try:
             self._submit(req)
@@ -413,6 +453,7 @@ class Batcher:
         finally:
             # however it ends (finished, failed, stopped or the caller cancelled): out of the batch, forgotten
             self.live.pop(rid, None)
+            self.grammars.active.pop(rid, None)
             self._scoring -= int(params.prompt_logprobs)
             if req.finish in (None, "stop-string", "interrupted"):
                 self._cancel(rid)
@@ -480,15 +521,21 @@ class Batcher:
             req.done.set_result(None)
 
     def _stopped(self, req: _Request) -> bool:
-        text = self.engine.tokenizer.decode(req.token_ids, skip_special_tokens=True)
+        text = self._text(req)
         return any(s in text for s in req.params.stop)
+
+    def _text(self, req: _Request) -> str:
+        if req.params.skip_special_tokens:
+            return self.engine.tokenizer.decode(req.token_ids, skip_special_tokens=True)
+        # special tokens kept (tool-call markers), but not the EOS that ended the sequence, as the stream shows it
+        return self.engine.tokenizer.decode([t for t in req.token_ids if t not in self.eos_ids])
 
     @staticmethod
     def _prompt_logprobs(req: _Request) -> list[TokenLogprob | None]:
         return [None] + [req.prompt_logprobs[i] for i in range(1, len(req.prompt_ids))]
 
     def _result(self, req: _Request) -> GenerationResult:
-        text = self.engine.tokenizer.decode(req.token_ids, skip_special_tokens=True)
+        text = self._text(req)
         finish = "length" if req.finish in ("length", "scored") else "stop"
         if req.params.stop:
             cut = min((i for i in (text.find(s) for s in req.params.stop) if i >= 0), default=-1)
@@ -497,7 +544,8 @@ class Batcher:
         times = req.token_times
         first = times[0] - req.submitted if times else None
         decode_s = times[-1] - times[0] if len(times) > 1 else 0.0
-        stats = {"prompt_tokens": len(req.prompt_ids), "new_tokens": len(req.token_ids),
+        stats = {"prompt_tokens": len(req.prompt_ids), "cached_tokens": req.cached_tokens,
+                 "new_tokens": len(req.token_ids),
                  "wall_s": (times[-1] if times else time.perf_counter()) - req.submitted, "ttft_s": first,
                  "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None}
         logprobs = req.logprobs[:len(req.token_ids)] if req.params.logprobs is not None else None

@@ -6,6 +6,8 @@ group the real terms differently as the batch changes, so in bfloat16 a sequence
 else was in the step (greedy tokens changed after ~30 steps on the demo model). Here the step's attention is
 split at the sequence boundaries transformers passes (`cu_seq_lens_q`, `cu_seq_lens_k`), and each slice goes
 through the model's own attention (sdpa or eager) with exactly the shapes it has when that sequence runs alone.
+A sequence's key range includes the pages it shares with others (prefix reuse): transformers reads them through
+the same read indices as its own, so they arrive inside its slice, and nothing here depends on who computed them.
 Outside continuous batching (no boundaries) the model's attention runs unchanged. Registered through
 transformers' attention and mask interfaces under one name per base; nothing of transformers is patched.
 """

@@ -1,7 +1,8 @@
 """What moeshard does to each step's logits in the batch, on the batching thread: it adds a request's `logit_bias`,
-chooses its token (the arg-max, or a draw from the request's own seeded generator), and records the model's own
-log-probabilities of the tokens it generates and, for scoring, of its prompt. transformers' sampler then can only
-take the chosen token. Nothing here knows about HTTP or token text.
+masks the tokens its grammar does not allow (structured output, forced tool calls: `grammar`), chooses its token
+(the arg-max, or a draw from the request's own seeded generator) and advances its grammar with it, and records the
+model's own log-probabilities of the tokens it generates and, for scoring, of its prompt. transformers' sampler then
+can only take the chosen token. Nothing here knows about HTTP or token text.
 
 Log-probabilities are the log-softmax of the model's fp32 logits before logit_bias, temperature and top-p (vLLM's
 default, "raw"; OpenAI's do not change with temperature either): what the model predicts, not what was drawn from.
@@ -9,16 +10,19 @@ default, "raw"; OpenAI's do not change with temperature either): what the model 
 The first rows of a step's logits are the requests that get a token in that step, in the order
 `prepare_tensor_args` sees them (a step is prepared and computed on one thread, one at a time: moeshard's manager
 runs synchronously); transformers pads the rest to one row per sequence, and their tokens are never used.
-R = rows, V = vocabulary, Q = a sequence's query tokens in the step, D = hidden size.
+R = rows, V = vocabulary, Q = a sequence's query tokens in the step, D = hidden size, K = constrained rows.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
 from .sampling import TokenLogprob
+
+if TYPE_CHECKING:
+    from .grammar import Constraint, Grammars
 
 GREEDY = -2  # `choose` for the arg-max (first index on ties, as `generate`'s greedy search); >= 0 is a seed
 NO_LOGPROBS = -1  # `logprobs` of a request that asked for none
@@ -33,14 +37,17 @@ def entry(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
 class Observe(ContinuousBatchingLogitsProcessor):
     """The first logits processor of every step: keeps the log-softmax of the model's logits for each row whose
     request asked for log-probabilities (`ChooseToken` completes the record), then adds each request's logit bias,
-    passed as ((token ids), (biases))."""
+    passed as ((token ids), (biases)), then sets to -inf every token that the grammar of a row's request (in
+    `grammars`, by request id) does not allow next: the masks of all constrained rows are computed together."""
 
     supported_kwargs = {"logprobs": int, "logit_bias": tuple}
     ignored_kwargs = ()
 
-    def __init__(self):
+    def __init__(self, grammars: Grammars | None = None):
+        self.grammars = grammars
         self.rows: list = []  # this step's RequestState per row
         self.raw: dict[int, torch.Tensor] = {}  # row -> log-softmax [V] of the model's own logits
+        self.constraints: dict[int, Constraint] = {}  # row -> its request's grammar, this step
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(0)
@@ -62,13 +69,30 @@ class Observe(ContinuousBatchingLogitsProcessor):
                 ids, biases = options["logit_bias"]
                 scores[row, torch.tensor(ids, device=scores.device)] += torch.tensor(biases, dtype=scores.dtype,
                                                                                     device=scores.device)
+        self.constraints = {}
+        if self.grammars is not None and self.grammars.active:
+            for row, state in enumerate(self.rows):
+                constraint = self.grammars.of(state.request_id)
+                if constraint is not None:
+                    self.constraints[row] = constraint
+        if self.constraints:
+            rows = torch.tensor(list(self.constraints), device=scores.device)
+            allowed = self.grammars.allowed(list(self.constraints.values()), scores.size(1))  # [K, V]
+            scores[rows] = scores[rows].masked_fill(~allowed.to(scores.device), float("-inf"))
         return scores
+
+    def chosen(self, row: int, token: int) -> None:
+        """`ChooseToken` chose `token` for `row`: its grammar, if it has one, moves past it."""
+        constraint = self.constraints.get(row)
+        if constraint is not None:
+            constraint.advance(token)
 
 
 class ChooseToken(ContinuousBatchingLogitsProcessor):
     """The last logits processor of every step: a greedy request's row becomes one-hot at its arg-max, any other's
     one-hot at a token drawn from its own generator (seeded by the request's seed and its token's position, so its
-    tokens do not depend on the batch), and `record(request_id, entry)` gets the log-probabilities `observed` kept."""
+    tokens do not depend on the batch); the row's grammar advances past it (`observed.chosen`), and
+    `record(request_id, entry)` gets the log-probabilities `observed` kept."""
 
     supported_kwargs = {"choose": int}
     ignored_kwargs = ()
@@ -100,6 +124,7 @@ class ChooseToken(ContinuousBatchingLogitsProcessor):
                 token = int(torch.multinomial(torch.softmax(scores[row], dim=-1), 1, generator=generator))
             scores[row].fill_(float("-inf"))
             scores[row, token] = 0.0
+            self.observed.chosen(row, token)
             raw = self.observed.raw.get(row)
             if raw is not None:
                 state = self.observed.rows[row]

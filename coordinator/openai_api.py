@@ -7,10 +7,11 @@ refused by `extra="forbid"`, known ones that ask for something unsupported by `_
 from __future__ import annotations
 
 import functools
+import json
 import re
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .sampling import MAX_LOGPROBS, TokenLogprob
@@ -136,9 +137,105 @@ class CompletionRequest(_Sampling):
                   None, "") = None
 
 
+_TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names (they are written into grammars)
+
+
+class FunctionCall(_Request):
+    name: str = Field(pattern=_TOOL_NAME)
+    arguments: str  # JSON text
+
+    @field_validator("arguments")
+    @classmethod
+    def _unicode(cls, value):
+        return _valid_unicode(value)
+
+
+class ToolCall(_Request):
+    """A call the assistant made, sent back in the conversation."""
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Annotated[Any, AfterValidator(_message_text)] = ""
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)  # an assistant's calls
+    tool_call_id: str | None = Field(default=None, max_length=256)  # a tool's reply: to which call
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise PydanticCustomError("tool_calls_role", "tool_calls: only in an assistant's message")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise PydanticCustomError("tool_call_id_role", "tool_call_id: only in a tool's message")
+        return self
+
+    def for_template(self) -> dict:
+        """The message as chat templates take it (transformers' convention): a call's arguments as an object."""
+        out = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:  # not JSON: the template gets the text as the client sent it
+        return text
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=_TOOL_NAME)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments (an object); none: any object
+    strict: bool | None = None  # forced calls (tool_choice required or named) always follow the schema
+
+    @field_validator("description")
+    @classmethod
+    def _unicode(cls, value):
+        return _valid_unicode(value)
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def for_template(self) -> dict:
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
+
+
+class _FunctionName(_Request):
+    name: str = Field(pattern=_TOOL_NAME)
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: _FunctionName
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field(pattern=_TOOL_NAME)
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")  # none: any JSON object
+    strict: bool | None = None  # the output always follows the schema (decoding is constrained), strict or not
+
+
+class ResponseFormat(_Request):
+    """`text`, `json_object` (any JSON object) or `json_schema`."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError("json_schema", "json_schema: expected with type json_schema, and only then")
+        return self
 
 
 class ChatCompletionRequest(_Sampling):
@@ -146,9 +243,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None  # each new token's log-probability in choices[i].logprobs.content
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # and the N likeliest (with logprobs)
-    response_format: _only('null or {"type": "text"}', None, {"type": "text"}) = None
-    tools: _only("null or []", None, []) = None
-    tool_choice: _only('null or "none"', None, "none") = None
+    response_format: ResponseFormat | None = None  # json_object / json_schema: decoding constrained to it
+    tools: list[Tool] | None = None  # given to the model through its chat template
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call per reply
 
 
 class TokenizeRequest(_Request):

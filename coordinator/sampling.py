@@ -19,6 +19,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: none recorded; N: each new token's log-probability and the N likeliest
     prompt_logprobs: bool = False  # also each prompt token's but the first (needs logprobs)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) pairs added to the logits before the choice
+    grammar: str | None = None  # an llguidance grammar (`grammar.Grammars`) that the new tokens must follow
+    skip_special_tokens: bool = True  # the text leaves special tokens out; False keeps them (tool-call markers)
 
     def __post_init__(self):
         if self.max_new_tokens < (0 if self.prompt_logprobs else 1):

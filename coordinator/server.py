@@ -8,6 +8,8 @@ them or none, and beyond the batch and its queue gets 429 with Retry-After. A cl
 not, takes its sequences out of the batch at the next step. Prompts are tokenized on a thread, after a length
 check, so the event loop never waits on one. Bodies and the shapes of log-probabilities are `openai_api`'s (a
 parameter this server does not implement is refused with a 400 naming it); errors use OpenAI's JSON error shape.
+Chat's `tools` go through the model's chat template and its calls are read back by `tools`; `response_format` and
+forced calls constrain decoding with a grammar (`grammar`).
 The door (API key, body limits, timeouts, connection cap) is `http_security`'s.
 """
 from __future__ import annotations
@@ -40,8 +42,10 @@ from .sampling import GenerationResult, SamplingParams, TokenLogprob
 from .http_security import (PROMPT_CHARS_PER_TOKEN, GuardedH11Protocol, HttpGuard, ServeConfig, error_body,
                             log_unexpected)
 from .metrics import ServerMetrics
-from .openai_api import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LegacyLogprobs, TokenizeRequest,
-                         TokenTexts, chat_logprobs)
+from .grammar import GrammarError
+from .openai_api import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LegacyLogprobs, NamedToolChoice,
+                         TokenizeRequest, TokenTexts, chat_logprobs)
+from . import tools as tool_calls
 from .request_body import LIST_LIMITS, BodyError, BodyParser
 
 logger = logging.getLogger(__name__)
@@ -104,6 +108,7 @@ class _Choice:
     params: SamplingParams
     place: Place
     echo: str = ""  # completions with echo: the prompt's text, which the choice's text starts with
+    prompt: int = 0  # which of the request's prompts it continues
 
 
 def _choices(prompts: list[list[int]], params: SamplingParams, n: int, places: list[Place],
@@ -114,7 +119,7 @@ def _choices(prompts: list[list[int]], params: SamplingParams, n: int, places: l
     for i, (ids, echo) in enumerate(zip(prompts, echoes)):
         for j in range(n):
             seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
-            out.append(_Choice(i * n + j, ids, seeded, places[len(out)], echo))
+            out.append(_Choice(i * n + j, ids, seeded, places[len(out)], echo, i))
     return out
 
 
@@ -232,9 +237,16 @@ class OpenAIService:
                            param="max_tokens", code="context_length_exceeded")
 
     @staticmethod
-    def usage(prompt_tokens: int, results) -> dict:
-        n = sum(len(r.token_ids) for r in results)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+    def usage(prompt_tokens: int, done: list[tuple[_Choice, GenerationResult]]) -> dict:
+        """OpenAI's usage. A prompt counts once however many choices continue it, and so do its cached tokens: those
+        that none of its choices computed (reused from the prefix cache by every one)."""
+        n = sum(len(r.token_ids) for _, r in done)
+        cached: dict[int, int] = {}
+        for choice, result in done:
+            reused = result.stats.get("cached_tokens", 0)
+            cached[choice.prompt] = min(cached.get(choice.prompt, reused), reused)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n,
+                "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
     # -- generation ---------------------------------------------------------------------------
     def finished(self, endpoint: str, outcome: str, results: list[GenerationResult] = ()) -> None:
@@ -326,13 +338,13 @@ class OpenAIService:
         return task.result()
 
     def stream(self, choices: list[_Choice], endpoint: str, *, base: dict, prompt_tokens: int,
-               make_chunk: Callable[..., dict], final_chunk: Callable[[_Choice, GenerationResult], dict],
+               make_chunk: Callable[..., dict | None], final_chunk: Callable[[_Choice, GenerationResult], dict],
                include_usage: bool, first_chunk: Callable[[_Choice], dict] | None = None) -> StreamingResponse:
         """Server-sent events, per choice: its echoed prompt (at once, or with the prompt's log-probabilities once
         they exist), `first_chunk` (chat: the assistant's role, as soon as the first token exists), the text as it
         comes with the log-probabilities of the tokens decoded since the last chunk (`make_chunk(choice, text,
-        entries, of_prompt)`), its final chunk; then the usage: alone in a chunk with no choices when
-        `include_usage` (OpenAI's form), else on the last final chunk."""
+        entries, of_prompt)`; None: nothing to send yet), its final chunk; then the usage: alone in a chunk with no
+        choices when `include_usage` (OpenAI's form), else on the last final chunk."""
         events = _Stream()
         stop_filters = {c.index: _StopFilter(c.params.stop) for c in choices}
         pending: dict[int, list[TokenLogprob]] = {c.index: [] for c in choices}  # log-probabilities not yet sent
@@ -350,7 +362,7 @@ class OpenAIService:
 
         async def chunks():
             task = asyncio.ensure_future(produce())
-            finished: list[GenerationResult] = []
+            finished: list[tuple[_Choice, GenerationResult]] = []
             ended = False  # every choice finished, or failed: the producer ends by itself
             try:
                 for choice in choices:
@@ -370,14 +382,14 @@ class OpenAIService:
                     elif kind == "text":
                         choice, text = value
                         text = stop_filters[choice.index].push(text)
-                        if text:
-                            yield _sse(make_chunk(choice, text, take(choice)))
+                        if text and (chunk := make_chunk(choice, text, take(choice))) is not None:
+                            yield _sse(chunk)
                     elif kind == "done":
                         choice, result = value
                         tail = stop_filters[choice.index].flush()
-                        if tail or pending[choice.index]:
-                            yield _sse(make_chunk(choice, tail, take(choice)))
-                        finished.append(result)
+                        if (tail or pending[choice.index]) and (chunk := make_chunk(choice, tail, take(choice))):
+                            yield _sse(chunk)
+                        finished.append((choice, result))
                         if len(finished) < len(choices):
                             yield _sse(final_chunk(choice, result))
                             continue
@@ -498,7 +510,7 @@ class OpenAIService:
             logprobs = await asyncio.to_thread(lambda: [self._legacy_logprobs(c, r) for c, r in zip(choices, results)])
         return {**base, "choices": [{"text": c.echo + r.text, "index": c.index, "logprobs": lp,
                                      "finish_reason": r.finish_reason} for c, r, lp in zip(choices, results, logprobs)],
-                "usage": self.usage(prompt_tokens, results)}
+                "usage": self.usage(prompt_tokens, list(zip(choices, results)))}
 
     async def chat_completions(self, request: Request):
         req = await self.parse(request, ChatCompletionRequest)
@@ -509,39 +521,84 @@ class OpenAIService:
         count = self.check_choices(1, req.n)
         params = self.params_for(req, req.max_completion_tokens or req.max_tokens,
                                  (req.top_logprobs or 0) if report else None)
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
-        self.check_prompt_size(sum(len(m["content"]) for m in messages), "messages")
+        tool_defs = [t.for_template() for t in req.tools or ()]
+        messages = [m.for_template() for m in req.messages]
+        self.check_prompt_size(sum(len(m["content"]) for m in messages) + len(json.dumps(tool_defs)), "messages")
+        tools, grammar = await self.chat_constraints(req, tool_defs)
+        if tools is not None or grammar is not None:  # calls are read from the text with its special tokens
+            params = dataclasses.replace(params, grammar=grammar, skip_special_tokens=tools is None)
         try:
-            prompt_ids = await asyncio.to_thread(self.engine.encode_chat, messages)
+            if tool_defs:
+                prompt_ids = await asyncio.to_thread(tool_calls.encode, self.engine.tokenizer, messages, tool_defs)
+            else:
+                prompt_ids = await asyncio.to_thread(self.engine.encode_chat, messages)
         except TemplateError as exc:  # e.g. roles that do not alternate as the template requires
             raise APIError(400, f"messages: the model's chat template refused them: {exc}", param="messages") from None
         self.check_context(prompt_ids, params, "messages")
         choices = _choices([prompt_ids], params, req.n, self.admit("chat", count), [""])
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": self.engine.name}
+        parsers = {c.index: tools.parser() for c in choices} if tools is not None else {}
         if req.stream:
-            def chunk(choice: _Choice, text: str, entries: list | None, of_prompt: bool = False) -> dict:
+            def chunk(choice: _Choice, text: str, entries: list | None, of_prompt: bool = False) -> dict | None:
                 logprobs = chat_logprobs(entries, self.texts) if report and entries is not None else None
-                return {**base, "choices": [{"index": choice.index, "delta": {"content": text}, "logprobs": logprobs,
+                delta = {"content": text}
+                if parsers:  # text that may be a call is held until it is settled
+                    delta = tool_calls.delta(*parsers[choice.index].push(text))
+                    if not delta and logprobs is None:
+                        return None
+                return {**base, "choices": [{"index": choice.index, "delta": delta, "logprobs": logprobs,
                                              "finish_reason": None}]}
+
+            def final(choice: _Choice, result: GenerationResult) -> dict:
+                delta, finish = {}, result.finish_reason
+                if parsers:
+                    parser = parsers[choice.index]
+                    delta = tool_calls.delta(*parser.finish())
+                    finish = tool_calls.finish_reason(bool(parser.calls), finish)
+                return {**base, "choices": [{"index": choice.index, "delta": delta, "logprobs": None,
+                                             "finish_reason": finish}]}
 
             def role(choice: _Choice) -> dict:  # OpenAI's first chunk: the role, no text yet
                 return {**base, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}]}
 
             return self.stream(choices, "chat", base=base, prompt_tokens=len(prompt_ids), make_chunk=chunk,
-                               include_usage=req.include_usage, first_chunk=role,
-                               final_chunk=lambda c, r: {**base, "choices": [{"index": c.index, "delta": {},
-                                                                              "logprobs": None,
-                                                                              "finish_reason": r.finish_reason}]})
+                               include_usage=req.include_usage, first_chunk=role, final_chunk=final)
         results = await self.run(request, choices, "chat")
         logprobs = [None] * len(choices)
         if report:
             logprobs = await asyncio.to_thread(lambda: [chat_logprobs(r.logprobs, self.texts) for r in results])
+        replies = [tool_calls.reply(parsers[c.index], r.text, r.finish_reason) if parsers else
+                   ({"role": "assistant", "content": r.text}, r.finish_reason) for c, r in zip(choices, results)]
         return {**base, "object": "chat.completion",
-                "choices": [{"index": c.index, "message": {"role": "assistant", "content": r.text}, "logprobs": lp,
-                             "finish_reason": r.finish_reason} for c, r, lp in zip(choices, results, logprobs)],
-                "usage": self.usage(len(prompt_ids), results)}
+                "choices": [{"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish}
+                            for c, (message, finish), lp in zip(choices, replies, logprobs)],
+                "usage": self.usage(len(prompt_ids), list(zip(choices, results)))}
+
+    async def chat_constraints(self, req: ChatCompletionRequest, tool_defs: list[dict]
+                               ) -> tuple[tool_calls.ToolUse | None, str | None]:
+        """What a chat request's tools and response_format ask of its decoding: the tool-call format to read calls
+        back from the reply (`tools`), and the grammar its tokens must follow (a forced call, or JSON)."""
+        named = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+        mode = None if named is not None else req.tool_choice
+        form = req.response_format
+        param = "tools"
+        try:
+            tools = tool_calls.ToolUse.of(tool_defs, mode, named, req.parallel_tool_calls,
+                                          getattr(self.engine.tokenizer, "chat_template", None))
+            if form is not None and form.type != "text":
+                param = "response_format"
+                if tools is not None:
+                    raise APIError(400, 'response_format: not with tools (unless tool_choice is "none")', param=param)
+                schema = form.json_schema.schema_ if form.json_schema is not None else None
+                return None, await asyncio.to_thread(self.batcher.grammars.json_schema, schema)
+            grammar = await asyncio.to_thread(tools.grammar, self.batcher.grammars) if tools is not None else None
+        except tool_calls.ToolError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+        except GrammarError as exc:
+            raise APIError(400, f"{param}: {exc}", param=param) from None
+        return tools, grammar
 
     # -- the tokenizer (vLLM's endpoints) -----------------------------------------------------
     async def tokenize(self, request: Request):
@@ -559,7 +616,7 @@ class OpenAIService:
                 raise APIError(400, "add_special_tokens: messages are tokenized as chat completions tokenizes them "
                                     "(the chat template writes its special tokens): expected null or false",
                                param="add_special_tokens")
-            messages = [{"role": m.role, "content": m.content} for m in req.messages]
+            messages = [m.for_template() for m in req.messages]
             self.check_prompt_size(sum(len(m["content"]) for m in messages), "messages")
             try:
                 ids = await asyncio.to_thread(self.engine.encode_chat, messages, req.add_generation_prompt)

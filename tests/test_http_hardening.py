@@ -466,7 +466,7 @@ def test_an_unexpected_failure_is_an_openai_500_logged_once(open_server, engine,
     ("completions", "presence_penalty", 0.5), ("completions", "frequency_penalty", -1),
     ("completions", "max_completion_tokens", 4), ("completions", "made_up", 1),
     ("chat/completions", "top_logprobs", 3),  # without logprobs: true
-    ("chat/completions", "response_format", {"type": "json_object"}),
+    ("chat/completions", "response_format", {"type": "json_schema"}),  # without its json_schema
     ("chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("chat/completions", "tool_choice", "auto"), ("chat/completions", "parallel_tool_calls", True),
     ("chat/completions", "store", True), ("chat/completions", "echo", True),

@@ -71,7 +71,8 @@ NOT_INSTALLED_HERE = {"llama_cpp": {"llama-cpp-python"}}
 
 def test_every_module_the_code_imports_is_a_declared_dependency(project):
     extras = project["optional-dependencies"]
-    deps = declared(project["dependencies"]) | declared(extras["bench"]) | declared(extras["llamacpp"])
+    deps = (declared(project["dependencies"]) | declared(extras["bench"]) | declared(extras["llamacpp"])
+            | declared(extras["structured"]))
     missing = {m: where for m, where in top_level_imports(CODE).items()
                if not (distributions_of(m) or NOT_INSTALLED_HERE.get(m, set())) & deps}
     assert not missing, f"imported but not declared in pyproject.toml (module: first file): {missing}"
