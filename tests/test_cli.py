@@ -45,6 +45,7 @@ def test_generate_streams_text_and_summary(tiny_tok_ckpt, capsys):
     assert "tok/s" in summary and "expert cache hit rate" in summary and "prefetch recall" in summary
 
 
+@pytest.mark.slow  # seconds: a subprocess, or several generations
 def test_sampling_is_repeatable_with_a_seed(tiny_tok_ckpt, capsys):
     argv = ["generate", "--model", str(tiny_tok_ckpt), "--prompt", PROMPT, "--max-new-tokens", "16", "--json",
             "--quiet", "--temperature", "1.5", "--top-p", "0.9", "--seed", "7"]

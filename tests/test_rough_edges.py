@@ -244,6 +244,7 @@ def test_quantizing_interrupted_resumes_and_an_empty_folder_is_removed(tiny_ckpt
 
 # -- 13. generate's prompts ------------------------------------------------------------------------
 
+@pytest.mark.slow  # seconds: a subprocess, or several generations
 def test_generate_reads_the_prompt_from_stdin_and_a_file(tiny_tok_ckpt, capsys, monkeypatch, tmp_path):
     import io
     import json
@@ -265,6 +266,7 @@ def test_generate_reads_the_prompt_from_stdin_and_a_file(tiny_tok_ckpt, capsys, 
     assert code == 2 and "give a prompt: --prompt TEXT, --prompt - (from stdin), or --prompt-file FILE" in one_line(err)
 
 
+@pytest.mark.slow  # seconds: a subprocess, or several generations
 def test_generate_with_more_prompts_than_the_batch_decodes_them_all_in_order(tiny_tok_ckpt, capsys, tmp_path):
     """Issue 21.1: prompts past --max-batch wait for a place (they crashed with "at capacity"); output in prompt
     order, and each prompt gets the tokens it gets alone (fp32)."""
