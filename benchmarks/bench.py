@@ -653,6 +653,9 @@ def main(args) -> int:
         parse_system(name)  # a clear error for an unknown system or bad bits, before anything loads
     if len(set(args.systems)) != len(args.systems):
         raise ValueError("--systems lists a system twice: rounds already repeat each system (--repeats)")
+    if getattr(args, "shared_prefix", None) and args.concurrency is None:
+        raise ValueError("--shared-prefix is a scenario of the concurrency bench: give --concurrency too (for example "
+                         "--concurrency 1,4 --shared-prefix 512)")
     args.skipped = {}
     if any(base_name(s) == "llama.cpp" for s in args.systems):
         from .llamacpp import missing

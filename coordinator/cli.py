@@ -124,6 +124,9 @@ def add_batching_args(p: argparse.ArgumentParser) -> None:
                    help="attention computed per sequence, so that a greedy request gets the tokens it gets alone in "
                         "any dtype (bf16 too); measured cost: none on Qwen3-30B-A3B's layer shape, 6%% of batched "
                         "throughput on the 5 M-parameter demo model (default on)")
+    g.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="requests that begin with the same tokens (a system prompt, a growing conversation) reuse the "
+                        "KV cache of the whole pages already computed instead of recomputing them (default on)")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:

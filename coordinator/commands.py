@@ -132,7 +132,8 @@ def batch_config(args, max_queue: int = 0):
     step_tokens = args.step_tokens if args.step_tokens is not None else max(256, args.max_batch)
     try:
         return BatchConfig(max_batch=args.max_batch, max_queue=max_queue, step_tokens=step_tokens,
-                           kv_tokens=args.kv_tokens, batch_invariant=args.batch_invariant)
+                           kv_tokens=args.kv_tokens, batch_invariant=args.batch_invariant,
+                           prefix_cache=args.prefix_cache)
     except ValueError as exc:
         names = {"max_batch": "--max-batch", "step_tokens": "--step-tokens", "kv_tokens": "--kv-tokens",
                  "page_size": "the page size"}

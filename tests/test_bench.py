@@ -115,3 +115,10 @@ def test_a_transformers_model_stops_mapping_the_checkpoint_once_it_owns_its_memo
     gc.collect()
     assert mapped_files(files) == []
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_shared_prefix_without_concurrency_is_refused(capsys):
+    from moeshard.cli import main
+
+    assert main(["bench", "--shared-prefix", "64", "--quiet"]) == 2
+    assert "--shared-prefix is a scenario of the concurrency bench: give --concurrency" in capsys.readouterr().err

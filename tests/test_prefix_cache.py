@@ -148,3 +148,19 @@ def test_the_shared_prefix_bench_reuses_the_system_prompt(tmp_path, capsys):
         assert computed["computed_tokens_per_request"] - reused["computed_tokens_per_request"] == 96
     assert set(report["targets"]) == {f"resident_x{n}_ttft_p50_without_vs_with_prefix_cache" for n in (1, 2)}
     assert "no prefix cache" in capsys.readouterr().out
+
+
+def test_no_prefix_cache_recomputes_every_prompt(engine, heldout):
+    from moeshard.coordinator.cli import build_parser
+    from moeshard.coordinator.commands import batch_config
+
+    parser, _ = build_parser()
+    assert batch_config(parser.parse_args(["serve"])).prefix_cache is True
+    off = batch_config(parser.parse_args(["serve", "--no-prefix-cache"]))
+    assert off.prefix_cache is False
+    system = engine.tokenizer.decode(heldout[:90])
+    with serving(engine, BatchConfig(step_tokens=64, prefix_cache=False)) as client:
+        replies = [client.chat.completions.create(
+            model=engine.name, max_tokens=2, temperature=0,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": q}]) for q in ("a", "b")]
+    assert [r.usage.prompt_tokens_details.cached_tokens for r in replies] == [0, 0]
