@@ -45,6 +45,17 @@ def _holdback(text: str, marker: str) -> int:
     return 0
 
 
+def _text_until(text: str, pos: int, marker: str, final: bool, out: list) -> tuple[int, int]:
+    """Appends to `out` the text from `pos` to the next `marker` and returns (its index, that index). With no marker:
+    appends what is settled (all of it when `final`, else all but a possible start of the marker) and returns
+    (-1, where the settled text ends)."""
+    i = text.find(marker, pos)
+    end = i if i >= 0 else len(text) - (0 if final else _holdback(text[pos:], marker))
+    if end > pos:
+        out.append(Text(text[pos:end]))
+    return i, max(end, pos)
+
+
 def _call(value: Any) -> Call | None:
     """{"name": ..., "arguments": {...}} (or "parameters", as some fine-tunes write it) as a call; else None."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
@@ -110,14 +121,9 @@ class Hermes(ToolFormat):
     def scan(self, text, final):
         out, pos = [], 0
         while True:
-            i = text.find(self.OPEN, pos)
+            i, settled = _text_until(text, pos, self.OPEN, final, out)
             if i < 0:
-                end = len(text) - (0 if final else _holdback(text[pos:], self.OPEN))
-                if end > pos:
-                    out.append(Text(text[pos:end]))
-                return out, max(end, pos)
-            if i > pos:
-                out.append(Text(text[pos:i]))
+                return out, settled
             j = text.find(self.CLOSE, i)
             if j < 0:
                 if final:
@@ -145,14 +151,9 @@ class Mistral(ToolFormat):
     def scan(self, text, final):
         out, pos = [], 0
         while True:
-            i = text.find(self.MARK, pos)
+            i, settled = _text_until(text, pos, self.MARK, final, out)
             if i < 0:
-                end = len(text) - (0 if final else _holdback(text[pos:], self.MARK))
-                if end > pos:
-                    out.append(Text(text[pos:end]))
-                return out, max(end, pos)
-            if i > pos:
-                out.append(Text(text[pos:i]))
+                return out, settled
             body = text[i + len(self.MARK):]
             calls, used = self._calls(body)
             if calls is None:
