@@ -21,7 +21,6 @@ from .experts import ExpertKey
 FORMAT = "moeshard-packed-experts/1"
 _ALIGN = 64
 _HASH_PLACEHOLDER = "0" * 64
-_CHUNK = 1 << 22  # bytes hashed per read when hashing a file
 
 
 class DamagedFile(CheckpointError):
@@ -34,14 +33,6 @@ def tensor_name(key: ExpertKey) -> str:
 
 def sha256_hex(data) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -85,7 +76,10 @@ class PackedWriter:
         self._digest, self._written = hashlib.sha256(), 0  # of the expert being written
         self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{id(self):x}.tmp")
         self._file = open(self.tmp, "wb")
-        self._file.write(_header(self.keys, self.nbytes, self.metadata, {}))  # hashes filled in at commit
+        header = _header(self.keys, self.nbytes, self.metadata, {})  # hashes filled in at commit: the same length
+        self._file.write(header)
+        # where each expert's bytes start in the file
+        self.offsets = {k: len(header) + i * self.nbytes for i, k in enumerate(self.keys)}
 
     @property
     def current(self) -> ExpertKey | None:

@@ -256,15 +256,14 @@ class ReceivedExperts:
                     writer.commit(publish=False)
                     _clear(target)
                     writer.publish()
-                    offset = PackedFile(target, self.nbytes).offsets[key]
-                except (OSError, CheckpointError) as exc:
+                except OSError as exc:
                     logger.warning("could not place received expert %s at %s: %s", tuple(key), target, exc)
                     writer.close()
                     self.disk.release(self.file_bytes)
                     failed = failed or (key, exc)
                     continue
                 self.disk.settle(self.file_bytes)
-                placed.append((key, _Sums(sha, crc, offset, target.stat().st_size)))
+                placed.append((key, _Sums(sha, crc, writer.offsets[key], target.stat().st_size)))
             with self._lock:
                 stale = [self._fds.pop(key) for key, _ in placed if key in self._fds]
                 self._held.update(placed)
