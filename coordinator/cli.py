@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..offload_core.config import ALLOWED_BITS, KERNELS, POLICIES
+from ..offload_core.config import ALLOWED_BITS, DEFAULT_POLICY, KERNELS, POLICIES, parse_size
 from .errors import UsageError
 
 logger = logging.getLogger("moeshard")
@@ -36,6 +36,25 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _expert_memory(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or auto)") from None
+
+
+def _bonus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, e.g. 1.0, got {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = off), got {text!r}")
+    return value
+
+
 _positive_int = _int_at_least(1)
 _nonnegative_int = _int_at_least(0)
 
@@ -49,13 +68,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None,
                    help="primary device for attention, routers and expert slots: cpu, cuda, cuda:N "
                         "(default: cuda if available, else cpu)")
-    g.add_argument("--slots-per-layer", type=_positive_int, default=2, metavar="K",
-                   help="experts kept on the device per layer, an LRU cache (1..experts per layer; default 2)")
+    g.add_argument("--expert-memory", type=_expert_memory, default=None, metavar="SIZE",
+                   help="memory for expert slots on the device, e.g. 12GiB, in the format experts are computed in (a "
+                        "4-bit expert takes a quarter of a bf16 one); 'auto' sizes it from the device's free memory, "
+                        "less headroom, stated at start (default auto, unless --slots-per-layer is given)")
+    g.add_argument("--slots-per-layer", type=_positive_int, default=None, metavar="K",
+                   help="instead of --expert-memory: experts kept on the device per layer (1..experts per layer)")
     g.add_argument("--prefetch", type=_nonnegative_int, default=1, metavar="M",
                    help="experts of the next layer to load speculatively per step (0 = off; default 1)")
-    g.add_argument("--policy", choices=list(POLICIES), default="lru",
-                   help="slot eviction: lru (the paper's), router (keep what the router favours; stream the rest), "
-                        "none (naive: reload every expert every step) (default lru)")
+    g.add_argument("--policy", choices=list(POLICIES), default=None,
+                   help="slot eviction: global-lru (one cache for all layers, least recently used goes), global-lfru "
+                        "(one cache, fewest recent uses goes), lru (k slots per layer, the paper's), router (per "
+                        "layer; keep what the router favours, stream the rest), none (naive: reload every expert every "
+                        f"step) (default {DEFAULT_POLICY})")
+    g.add_argument("--cache-aware-routing", type=_bonus, default=0.0, metavar="LAMBDA",
+                   help="add LAMBDA to the router logits of experts already in a slot before top-k, so tokens prefer "
+                        "them (their weights stay the router's): faster offloaded, at some cost in quality, measured "
+                        "in the README; 0 = off, the model's own routing (default 0)")
     g.add_argument("--store", choices=["ram", "disk"], default=None,
                    help="where experts wait when not in a slot (default: ram on CUDA, disk on CPU)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

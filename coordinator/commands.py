@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..offload_core.config import OffloadConfig, QuantConfig, parse_size
+from ..offload_core.config import DEFAULT_POLICY, OffloadConfig, QuantConfig, parse_size
 from ..offload_core.counters import RuntimeStats
 from ..offload_core.demo import demo_model_path
 from ..offload_core.hub import resolve_model
@@ -55,8 +55,15 @@ def tokenizer_folder(path: Path) -> Path:
 
 
 def offload_config(args) -> OffloadConfig:
-    return OffloadConfig(device=args.device or default_device(), slots_per_layer=args.slots_per_layer,
-                         prefetch=args.prefetch, store=args.store, dtype=args.dtype, policy=args.policy,
+    # The memory knob: --expert-memory (default auto) unless --slots-per-layer is given; not both.
+    if args.expert_memory is not None and args.slots_per_layer is not None:
+        raise UsageError("give --expert-memory or --slots-per-layer, not both: one sizes the expert slots in bytes, "
+                         "the other in experts per layer")
+    memory = None if args.slots_per_layer is not None else (args.expert_memory or "auto")
+    return OffloadConfig(device=args.device or default_device(), slots_per_layer=args.slots_per_layer or 2,
+                         expert_memory=memory, cache_aware_routing=args.cache_aware_routing,
+                         prefetch=args.prefetch, store=args.store, dtype=args.dtype,
+                         policy=args.policy or DEFAULT_POLICY,
                          quant=QuantConfig(attn_bits=args.attn_bits, attn_group=args.attn_group,
                                            expert_bits=args.expert_bits, expert_group=args.expert_group,
                                            kernel=args.quant_kernel),
@@ -273,6 +280,8 @@ def cache_tables(engine: Engine, prefetch: int) -> str:
 
 
 def cmd_demo(args) -> int:
+    if args.expert_memory is None and args.slots_per_layer is None:
+        args.slots_per_layer = 2  # the demo model fits anywhere: a small cache shows offloading at work
     offload_config(args)  # bad settings fail before workers start
     model = model_folder(args)
     if args.workers or args.cluster or args.local_workers == 0:

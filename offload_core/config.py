@@ -29,7 +29,13 @@ POLICIES = {
               "counts learnt online); an expert needed now but unlikely next streams through a slot instead of "
               "displacing a likely one",
     "none": "keep nothing between calls: every needed expert is loaded every time (the naive baseline)",
+    "global-lru": "one cache for every layer's experts: evict the least recently used expert of any layer (layers "
+                  "whose routing repeats itself hold fewer slots, the others more)",
+    "global-lfru": "one cache for every layer's experts: evict the expert with the fewest recent uses (a use count "
+                   "that halves every few hundred tokens), the least recently used among equals",
 }
+DEFAULT_POLICY = "lru"  # chosen by measurement: README "Expert memory and cache policies"
+GLOBAL_POLICIES = ("global-lru", "global-lfru")  # one budget of slots shared by all layers; the others: k per layer
 
 
 @dataclass(frozen=True)
@@ -82,13 +88,19 @@ class OffloadConfig:
 
     device: str = "cpu"  # primary device: embeddings, attention, routers, LM head and the expert slots
     slots_per_layer: int = 2  # k experts resident on the device per layer; 1 <= k <= experts per layer
+    # Bytes of device slots for packed experts (in their compute form), shared by all layers under a global policy,
+    # split evenly under a per-layer one; "auto" = sized from the device's free memory; None = slots_per_layer decides.
+    expert_memory: int | str | None = None
     prefetch: int = 1  # m experts per token of the next layer loaded speculatively; 0 turns prefetch off
     store: str | None = None  # host tier (see STORES); None = ram on CUDA, disk on CPU
     dtype: str | None = None  # compute dtype (see DTYPE_NAMES); None = the checkpoint's own (config.json "dtype")
-    policy: str = "lru"  # slot eviction policy (see POLICIES)
+    policy: str = DEFAULT_POLICY  # slot eviction policy (see POLICIES)
     quant: QuantConfig = field(default_factory=QuantConfig)  # HQQ bits for attention and experts; 16/16 = none
     cache_dir: Path | None = None  # quantized caches live under it; None = $MOESHARD_CACHE_DIR or ~/.cache/moeshard
     drop_page_cache: bool = False  # disk tier: tell the kernel to forget what it read (cold-read benchmarks)
+    # Cache-aware routing: this bonus is added to the router logits of experts resident in a slot before top-k (their
+    # weights stay the router's own); 0 = off, routing exactly as the model's.
+    cache_aware_routing: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.slots_per_layer, int) or self.slots_per_layer < 1:
@@ -101,6 +113,14 @@ class OffloadConfig:
             raise ValueError(f"dtype must be one of {sorted(set(DTYPE_NAMES.values()))}, got {self.dtype!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
+        if self.expert_memory is not None and self.expert_memory != "auto" and (
+                isinstance(self.expert_memory, bool) or not isinstance(self.expert_memory, int) or self.expert_memory <= 0):
+            raise SettingError("expert_memory", f"expert memory must be a size in bytes > 0 or 'auto', got "
+                                                f"{self.expert_memory!r}")
+        if isinstance(self.cache_aware_routing, bool) or not isinstance(self.cache_aware_routing, (int, float)) or \
+                not 0.0 <= float(self.cache_aware_routing) < float("inf"):
+            raise SettingError("cache_aware_routing", f"the cache-aware routing bonus must be a finite number >= 0 "
+                                                      f"(0 = off), got {self.cache_aware_routing!r}")
         if not isinstance(self.quant, QuantConfig):
             raise ValueError(f"quant must be a QuantConfig, got {type(self.quant).__name__}")
         check_device_name(self.device)
@@ -114,6 +134,11 @@ class OffloadConfig:
                              f"got {self.slots_per_layer}")
         if self.prefetch > num_experts:
             raise ValueError(f"prefetch must be <= {num_experts} (experts per layer), got {self.prefetch}")
+
+    @property
+    def global_cache(self) -> bool:
+        """One budget of slots shared by every layer (a global policy), rather than k slots per layer."""
+        return self.policy in GLOBAL_POLICIES
 
     def store_for(self, device_type: str) -> str:
         return self.store or ("ram" if device_type == "cuda" else "disk")
