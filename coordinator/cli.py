@@ -208,6 +208,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("--model", default=None, metavar="FOLDER|REPO",
                    help="checkpoint folder or Hugging Face repository id (default: the bundled demo model)")
     p.add_argument("--memory", default=None, metavar="SIZE", help="a memory budget, e.g. 24GiB: what fits in it")
+    p.add_argument("--expert-memory", type=_expert_memory, default=None, metavar="SIZE",
+                   help="an --expert-memory budget, e.g. 4GiB: how many experts it holds at each bit width, and the "
+                        "equivalent slots per layer")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--verbose", action="store_true", help="log details (and tracebacks on errors)")

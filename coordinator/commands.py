@@ -122,7 +122,12 @@ def load_engine(args, extra_workers: list[str] = ()) -> Engine:
     cluster = cluster_config(args, extra_workers)
     path = model_folder(args)
     tokenizer_folder(path)
-    return Engine.load(path, offload, cluster, progress=not args.quiet, name=served_name(args, path))
+    engine = Engine.load(path, offload, cluster, progress=not args.quiet, name=served_name(args, path))
+    budget = getattr(engine.om.runtime.local, "budget", None)
+    if budget is not None and not args.quiet and not getattr(args, "json", False):
+        print(f"moe-coordinator: {budget.line(offload.policy, len(engine.om.runtime.local.layers))}", file=sys.stderr,
+              flush=True)
+    return engine
 
 
 def sampling(args) -> SamplingParams:
@@ -417,7 +422,9 @@ def cmd_info(args) -> int:
             memory = parse_size(args.memory)
         except ValueError as exc:
             raise UsageError(f"--memory: {exc}") from None
-    report = describe_checkpoint(model_folder(args), memory)
+    if args.expert_memory == "auto":
+        raise UsageError("info --expert-memory takes a size (e.g. 4GiB): 'auto' depends on the machine that runs it")
+    report = describe_checkpoint(model_folder(args), memory, args.expert_memory)
     print(json.dumps(report) if args.json else format_info(report))
     return 0
 

@@ -129,7 +129,7 @@ class OffloadConfig:
 
     def check_model(self, num_experts: int) -> None:
         """The bounds that depend on the model: k and m at most the experts per layer."""
-        if self.slots_per_layer > num_experts:
+        if self.expert_memory is None and self.slots_per_layer > num_experts:
             raise ValueError(f"slots_per_layer must be <= {num_experts} (experts per layer in this model), "
                              f"got {self.slots_per_layer}")
         if self.prefetch > num_experts:
@@ -205,3 +205,11 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise ValueError(f"expected a size > 0, got {text!r}")
     return value
+
+
+def human_bytes(n: float) -> str:
+    """A size with the unit that keeps it readable: 11.6 MiB, not 0.01 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"

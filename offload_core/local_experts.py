@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 
 from .checkpoint import Checkpoint
-from .config import OffloadConfig
+from .config import GLOBAL_POLICIES, OffloadConfig, SettingError, human_bytes
 from .counters import ExpertCounters
 from .experts import ExpertMath
 from .formats import expert_format
-from .policies import make_policy
-from .slots import LayerSlots, Loader
+from .slots import LayerSlots, Loader, build_slots
 from .stores import CheckpointSource, DiskStore, ExpertSource, RamStore
 
 logger = logging.getLogger(__name__)
@@ -39,34 +39,52 @@ class _LocalPending:
 
 
 class LocalExperts:
-    """Experts computed on `device`, each layer with its own `slots_per_layer` slots and eviction policy."""
+    """Experts computed on `device` through slots: `slots_per_layer` per layer, or `rows` in all (a byte budget
+    divided by one slot's bytes), shared by every layer under a global policy, split evenly under a per-layer one."""
 
     def __init__(self, source: ExpertSource, fmt, math: ExpertMath, device: torch.device, layers: list[int],
-                 num_experts: int, slots_per_layer: int, store: str = "ram", policy: str = "lru"):
+                 num_experts: int, slots_per_layer: int, store: str = "ram", policy: str = "lru",
+                 rows: int | None = None):
         self.source, self.format, self.math, self.device = source, fmt, math, device
-        self.num_experts, self.slots_per_layer = num_experts, slots_per_layer
+        self.num_experts, self.layers = num_experts, list(layers)
         self.store = RamStore(source, pin_memory=device.type == "cuda") if store == "ram" else DiskStore(source)
         # A slot holds the format's compute form; filling it converts from the stored form where they differ.
         converts = fmt.compute_layout is not fmt.layout
         self.loader = Loader(self.store, device, fill=fmt.fill if converts else None)
         self.slot_bytes = fmt.compute_layout.nbytes
-        self._policy = policy
-        self.slots = {layer: LayerSlots(layer, slots_per_layer, self.loader, self.slot_bytes,
-                                        make_policy(policy, num_experts)) for layer in layers}
+        self.policy = policy
+        self._build(slots_per_layer=None if rows is not None else slots_per_layer, rows=rows)
         # One call per projection for all the resident experts of a layer (dense: grouped matmul over strided
         # views of the slot slab; quantized on CPU: moeshard's kernels), where the device allows.
         self.grouped = fmt.grouped(device)
 
+    def _build(self, slots_per_layer: int | None = None, rows: int | None = None) -> None:
+        self.slots = build_slots(self.layers, self.loader, self.slot_bytes, self.policy, self.num_experts,
+                                 slots_per_layer=slots_per_layer, rows=rows)
+        first = next(iter(self.slots.values()), None)
+        # k: a layer's own slots, or its fair share of a global cache (what a prefetch for it may fill)
+        self.slots_per_layer = first.capacity if first is not None else (slots_per_layer or 1)
+        pools = {id(s.pool): s.pool.rows for s in self.slots.values()}
+        self.rows = sum(pools.values())  # slots in all, on this device
+
+    @property
+    def expert_memory(self) -> int:
+        """Bytes of device slots for experts."""
+        return self.rows * self.slot_bytes
+
     def set_slots(self, slots_per_layer: int) -> None:
-        """Compute with `slots_per_layer` slots per layer from now on (a worker told so by its coordinator): every
-        layer's slots start empty; the store keeps what it holds."""
+        """Compute with `slots_per_layer` slots per layer from now on (a worker told so by its coordinator; a global
+        cache gets as many in all): every layer's slots start empty; the store keeps what it holds."""
         if slots_per_layer < 1 or slots_per_layer > self.num_experts:
             raise ValueError(f"slots per layer must be in 1..{self.num_experts}, got {slots_per_layer}")
         if slots_per_layer == self.slots_per_layer:
             return
-        self.slots_per_layer = slots_per_layer
-        self.slots = {layer: LayerSlots(layer, slots_per_layer, self.loader, self.slot_bytes,
-                                        make_policy(self._policy, self.num_experts)) for layer in self.slots}
+        self._build(slots_per_layer=slots_per_layer)
+
+    def reset_layer(self, layer: int) -> None:
+        """Forget what `layer`'s slots hold (one of its loads failed, which breaks that slot's chain of loads)."""
+        if layer in self.slots:
+            self.slots[layer].clear()
 
     # -- the backend interface ----------------------------------------------------------------
     def submit(self, layer: int, groups: dict[int, torch.Tensor], hint: Hint | None = None) -> _LocalPending:
@@ -97,7 +115,8 @@ class LocalExperts:
     def describe(self) -> dict:
         return {"store": self.store.kind, "store_resident_bytes": self.store.resident_bytes,
                 "loader_busy_s": self.loader.busy_s, "grouped": self.grouped, "compute": self.format.compute,
-                "slot_bytes": self.slot_bytes}
+                "slot_bytes": self.slot_bytes, "slots": self.rows, "expert_memory": self.expert_memory,
+                "policy": self.policy}
 
     # -- compute ------------------------------------------------------------------------------
     def _compute(self, layer: int, groups: dict[int, torch.Tensor], order: list[int]) -> dict[int, torch.Tensor]:
@@ -173,8 +192,82 @@ def open_local_experts(ckpt: Checkpoint, layout, cfg: OffloadConfig, device: tor
         source: ExpertSource = QuantizedCacheSource(cache, drop_page_cache=ckpt.drop_page_cache)
     else:
         source = CheckpointSource(ckpt, layout, fmt)
-    return LocalExperts(source, fmt, layout.math, device, layers if layers is not None else layout.sparse_layers,
-                        layout.num_experts, cfg.slots_per_layer, cfg.store_for(device.type), cfg.policy)
+    layers = layers if layers is not None else layout.sparse_layers
+    store = cfg.store_for(device.type)
+    budget = ExpertMemory.plan(cfg, device, len(layers), layout.num_experts, fmt.compute_layout.nbytes,
+                               fmt.layout.nbytes if store == "ram" and device.type == "cpu" else 0)
+    local = LocalExperts(source, fmt, layout.math, device, layers, layout.num_experts, cfg.slots_per_layer, store,
+                         cfg.policy, rows=budget.rows if budget is not None else None)
+    local.budget = budget
+    return local
+
+
+AUTO_HEADROOM = 0.10  # expert memory "auto": this share of the device's memory (at least AUTO_HEADROOM_MIN) is left
+AUTO_HEADROOM_MIN = 1 << 30  # for activations, the KV cache and the allocator (host RAM: for everything else too)
+
+
+@dataclass(frozen=True)
+class ExpertMemory:
+    """What an expert-memory budget bought on one device: `rows` slots of `slot_bytes`, and how it was sized."""
+
+    rows: int
+    slot_bytes: int
+    all_experts: int  # experts of the layers this device computes
+    how: str  # "asked" or what "auto" saw
+
+    @property
+    def bytes(self) -> int:
+        return self.rows * self.slot_bytes
+
+    def line(self, policy: str, layers: int) -> str:
+        share = self.rows / self.all_experts
+        scope = "one cache for all layers" if policy in GLOBAL_POLICIES else f"{self.rows // layers} per layer"
+        return (f"expert memory {human_bytes(self.bytes)} ({self.how}): {self.rows} slots of "
+                f"{human_bytes(self.slot_bytes)}, {share:.0%} of the {self.all_experts} experts, {scope} ({policy})")
+
+    @classmethod
+    def plan(cls, cfg: OffloadConfig, device: torch.device, layers: int, num_experts: int, slot_bytes: int,
+             host_store_bytes: int = 0) -> ExpertMemory | None:
+        """Slots for `cfg.expert_memory` on `device` (None when `cfg.slots_per_layer` decides). A budget below one
+        slot, or below one per layer for a per-layer policy, is an error naming what would do; more than every
+        expert is trimmed. `host_store_bytes`: one expert in a RAM store on this same memory (CPU), which "auto"
+        leaves room for."""
+        if cfg.expert_memory is None or layers == 0:
+            return None
+        every = layers * num_experts
+        if cfg.expert_memory == "auto":
+            free, total, where = _free_memory(device)
+            headroom = max(AUTO_HEADROOM_MIN, int(total * AUTO_HEADROOM))
+            offered = free - headroom - every * host_store_bytes
+            least = layers if cfg.policy not in GLOBAL_POLICIES else 1
+            rows = max(least, min(every, offered // slot_bytes))
+            how = (f"auto: {human_bytes(free)} free {where}, less {human_bytes(headroom)} headroom"
+                   + (f" and {human_bytes(every * host_store_bytes)} for the RAM store" if host_store_bytes else "")
+                   + (", capped at every expert" if rows == every else "")
+                   + (f"; below one slot per layer, so {least}" if offered // slot_bytes < least else ""))
+            return cls(int(rows), slot_bytes, every, how)
+        asked = int(cfg.expert_memory)
+        rows = asked // slot_bytes
+        if rows < 1:
+            raise SettingError("expert_memory", f"expert memory of {human_bytes(asked)} holds no expert: one takes "
+                                                f"{human_bytes(slot_bytes)} in its compute form")
+        if cfg.policy not in GLOBAL_POLICIES and rows < layers:
+            raise SettingError("expert_memory", f"expert memory of {human_bytes(asked)} holds {rows} experts of "
+                                                f"{human_bytes(slot_bytes)}, fewer than one per MoE layer ({layers}): "
+                                                f"give at least {human_bytes(layers * slot_bytes)}, or a global "
+                                                f"policy (global-lru), which needs only one")
+        return cls(min(rows, every), slot_bytes, every, "asked" if rows <= every else "asked; capped at every expert")
+
+
+def _free_memory(device: torch.device) -> tuple[int, int, str]:
+    """(free, total, where) bytes of the memory the slots would live in."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total), f"on {device}"
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return int(vm.available), int(vm.total), "in RAM"
 
 
 def expert_fingerprint(ckpt: Checkpoint, layout, fmt) -> str:

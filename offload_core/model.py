@@ -17,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel
 
+from .cache_aware import check_supported as check_cache_aware_family
+from .cache_aware import install as install_cache_aware_routing
 from .checkpoint import Checkpoint, CheckpointError
 from .config import OffloadConfig, QuantConfig, resolve_device, resolve_dtype
 from .counters import RuntimeStats
@@ -136,6 +138,8 @@ def load_model(path: str | Path, config: OffloadConfig | None = None, *, progres
     model = build_meta_model(hf_config, dtype=compute_dtype, experts_implementation=IMPLEMENTATION)
     layout = FamilyLayout(model, ckpt, quantization)
     cfg.check_model(layout.num_experts)
+    if cfg.cache_aware_routing > 0:  # refuse a family it cannot serve before the long part of the load
+        check_cache_aware_family(layout.model_type, layout.router(model, layout.sparse_layers[0]))
     layout.validate(ckpt)
     _load_dense_weights(model, ckpt, layout, device, compute_dtype, progress)
     if cfg.quant.attention_quantized:
@@ -147,8 +151,19 @@ def load_model(path: str | Path, config: OffloadConfig | None = None, *, progres
         model.generation_config = GenerationConfig.from_pretrained(ckpt.path)
 
     local = open_local_experts(ckpt, layout, cfg, device, compute_dtype, progress=progress)
+    if local.budget is not None:  # a byte budget: the per-layer k it amounts to (a global cache's fair share)
+        cfg = dataclasses.replace(cfg, slots_per_layer=local.slots_per_layer)
+        logger.info("%s", local.budget.line(cfg.policy, len(local.layers)))
     runtime = ExpertRuntime(local)
     _attach_moe_layers(model, layout, runtime, cfg.prefetch)
+    # Cache-aware routing (opt-in): hooks on the routers that add the bonus to resident experts before top-k; with
+    # a bonus of 0 nothing is installed. The predictors above call the same router modules, so predictions see
+    # the bonus too (they guess what the biased router will choose; see cache_aware.py).
+    try:
+        install_cache_aware_routing(model, layout, runtime, cfg.cache_aware_routing, compute_dtype)
+    except Exception:
+        runtime.close()
+        raise
     om = OffloadedModel(model, runtime, layout, ckpt, expert_fingerprint(ckpt, layout, local.format), cfg)
     logger.info("loaded %s (%s): %d MoE layers x %d experts (top-%d), k=%d slots/layer, prefetch=%d, store=%s, "
                 "device=%s", ckpt.path, layout.model_type, len(layout.sparse_layers), layout.num_experts,

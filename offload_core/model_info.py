@@ -10,12 +10,12 @@ import math
 from pathlib import Path
 
 from .checkpoint import SAFETENSORS_DTYPES, Checkpoint
-from .config import ALLOWED_BITS, QuantConfig, dtype_name, resolve_dtype
+from .config import ALLOWED_BITS, QuantConfig, dtype_name, human_bytes, resolve_dtype
 from .families import VERIFIED_FAMILIES, open_layout
 from .formats import expert_format
 
 
-def describe_checkpoint(path: Path, memory: int | None = None) -> dict:
+def describe_checkpoint(path: Path, memory: int | None = None, expert_memory: int | None = None) -> dict:
     ckpt = Checkpoint(path)
     config, layout = open_layout(ckpt)
     dtype = resolve_dtype(None, config)
@@ -44,7 +44,17 @@ def describe_checkpoint(path: Path, memory: int | None = None) -> dict:
         report["memory"] = memory
         report["fits"] = {bits: _fit(memory, dense_bytes, info["bytes"], len(layout.sparse_layers), layout.num_experts)
                           for bits, info in per_expert.items() if "bytes" in info}
+    if expert_memory is not None:
+        report["expert_memory"] = expert_memory
+        report["buys"] = {bits: _buys(expert_memory, info["bytes"], len(layout.sparse_layers), layout.num_experts)
+                          for bits, info in per_expert.items() if "bytes" in info}
     return report
+
+
+def _buys(budget: int, expert: int, layers: int, experts: int) -> dict:
+    """What `--expert-memory budget` holds of experts of `expert` bytes (their stored form)."""
+    slots = min(budget // expert, layers * experts)
+    return {"slots": int(slots), "share": slots / (layers * experts), "per_layer": int(min(slots // layers, experts))}
 
 
 def _fit(memory: int, dense: int, expert: int, layers: int, experts: int) -> dict:
@@ -53,14 +63,6 @@ def _fit(memory: int, dense: int, expert: int, layers: int, experts: int) -> dic
     slots = max(0, free // (expert * layers)) if free > 0 else 0
     return {"slots_per_layer": int(min(slots, experts)), "all_resident": slots >= experts,
             "fits": slots >= 1, "experts_bytes": expert * layers * experts}
-
-
-def human_bytes(n: float) -> str:
-    """A size with the unit that keeps it readable: 11.6 MiB, not 0.01 GiB."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def format_info(r: dict) -> str:
@@ -88,4 +90,12 @@ def format_info(r: dict) -> str:
             else:
                 what = "every expert resident" if fit["all_resident"] else f"--slots-per-layer {fit['slots_per_layer']}"
                 lines.append(f"    {bits:>2}-bit experts: {what}")
+    if "buys" in r:
+        lines.append(f"  --expert-memory {human_bytes(r['expert_memory'])} holds (one expert per slot):")
+        for bits, buy in r["buys"].items():
+            lines.append(f"    {bits:>2}-bit experts: {buy['slots']} of {r['experts']} ({buy['share']:.0%}); "
+                         + (f"{buy['per_layer']} per layer with a per-layer policy" if buy["per_layer"] else
+                            "fewer than one per layer: only a global policy (global-lru) runs in it"))
+        lines.append("    (a slot holds the compute form: on CPU, 3-bit codes widen to 4 bits; the start-up line says "
+                     "what a run bought)")
     return "\n".join(lines)

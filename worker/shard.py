@@ -25,9 +25,7 @@ from ..offload_core.experts import ExpertKey, check_finite
 from ..offload_core.families import FamilyLayout, build_meta_model, open_layout
 from ..offload_core.formats import expert_format
 from ..offload_core.local_experts import LocalExperts, expert_fingerprint, open_local_experts
-from ..offload_core.policies import make_policy
 from ..offload_core.settings import cache_root_from_env
-from ..offload_core.slots import LayerSlots
 from ..protos.wire import WIRE_DTYPES, WorkerInfo, WorkerStats, quote
 from .disk import DiskBudget
 from .received import Incoming, NotHeld, ReceivedExperts
@@ -367,9 +365,8 @@ class ExpertShard:
                        "coordinator's next Join)", tuple(key))
         self.hosted = self.hosted - {key}
         backend = self.backend
-        for l in {key.layer, layer} & set(backend.slots):  # noqa: E741
-            backend.slots[l] = LayerSlots(l, backend.slots_per_layer, backend.loader, backend.slot_bytes,
-                                          make_policy(self.cfg.offload.policy, self.layout.num_experts))
+        for l in {key.layer, layer}:  # noqa: E741
+            backend.reset_layer(l)
 
     @property
     def max_request_bytes(self) -> int:
