@@ -36,7 +36,10 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def _expert_memory(text: str) -> int | str:
+def _expert_memory(text: str) -> int | str | tuple:
+    """A size or auto; with several devices, one per device, comma-separated (8GiB,6GiB)."""
+    if "," in text:
+        return tuple(_expert_memory(part) for part in text.split(","))
     if text.strip().lower() == "auto":
         return "auto"
     try:
@@ -66,8 +69,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "id (e.g. Qwen/Qwen3-30B-A3B, from the local Hugging Face cache or downloaded); "
                         "default: the bundled demo model")
     g.add_argument("--device", default=None,
-                   help="primary device for attention, routers and expert slots: cpu, cuda, cuda:N "
-                        "(default: cuda if available, else cpu)")
+                   help="primary device for attention, routers and expert slots: cpu, cuda, cuda:N; several GPUs of "
+                        "one machine, comma-separated (cuda:0,cuda:1), share the expert slots, layers placed by each "
+                        "one's --expert-memory (one size for all, or one each) (default: cuda if available, else cpu)")
     g.add_argument("--expert-memory", type=_expert_memory, default=None, metavar="SIZE",
                    help="memory for expert slots on the device, e.g. 12GiB, in the format experts are computed in (a "
                         "4-bit expert takes a quarter of a bf16 one); 'auto' sizes it from the device's free memory, "
@@ -278,11 +282,15 @@ LOADS_A_MODEL = ("generate", "chat", "demo", "perplexity", "serve")
 def precheck(args) -> None:
     """What can be checked before torch is imported (seconds) or a model loads (minutes): the device name, what
     --model names, the files given, and for serve its settings and its port, bound now."""
-    from ..offload_core.config import check_device_name
+    from ..offload_core.config import OffloadConfig, check_device_name
     from ..offload_core.hub import check_model_argument
 
     if getattr(args, "device", None):
-        check_device_name(args.device)
+        devices = [d.strip() for d in args.device.split(",")]
+        for device in devices:
+            check_device_name(device)
+        if len(devices) > 1:
+            OffloadConfig(device=devices[0], expert_devices=tuple(devices))  # several: GPUs of one machine only
     if getattr(args, "model", None) is not None:
         check_model_argument(args.model)
     if args.command == "serve":

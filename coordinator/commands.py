@@ -60,8 +60,9 @@ def offload_config(args) -> OffloadConfig:
         raise UsageError("give --expert-memory or --slots-per-layer, not both: one sizes the expert slots in bytes, "
                          "the other in experts per layer")
     memory = None if args.slots_per_layer is not None else (args.expert_memory or "auto")
-    return OffloadConfig(device=args.device or default_device(), slots_per_layer=args.slots_per_layer or 2,
-                         expert_memory=memory, cache_aware_routing=args.cache_aware_routing,
+    devices = [d.strip() for d in (args.device or default_device()).split(",")]
+    return OffloadConfig(device=devices[0], expert_devices=tuple(devices) if len(devices) > 1 else (),
+                         slots_per_layer=args.slots_per_layer or 2, expert_memory=memory, cache_aware_routing=args.cache_aware_routing,
                          prefetch=args.prefetch, store=args.store, dtype=args.dtype,
                          policy=args.policy or DEFAULT_POLICY,
                          quant=QuantConfig(attn_bits=args.attn_bits, attn_group=args.attn_group,
@@ -123,10 +124,9 @@ def load_engine(args, extra_workers: list[str] = ()) -> Engine:
     path = model_folder(args)
     tokenizer_folder(path)
     engine = Engine.load(path, offload, cluster, progress=not args.quiet, name=served_name(args, path))
-    budget = getattr(engine.om.runtime.local, "budget", None)
-    if budget is not None and not args.quiet and not getattr(args, "json", False):
-        print(f"moe-coordinator: {budget.line(offload.policy, len(engine.om.runtime.local.layers))}", file=sys.stderr,
-              flush=True)
+    if not args.quiet and not getattr(args, "json", False):
+        for line in engine.om.runtime.local.memory_lines():
+            print(f"moe-coordinator: {line}", file=sys.stderr, flush=True)
     return engine
 
 
@@ -422,8 +422,8 @@ def cmd_info(args) -> int:
             memory = parse_size(args.memory)
         except ValueError as exc:
             raise UsageError(f"--memory: {exc}") from None
-    if args.expert_memory == "auto":
-        raise UsageError("info --expert-memory takes a size (e.g. 4GiB): 'auto' depends on the machine that runs it")
+    if args.expert_memory == "auto" or isinstance(args.expert_memory, tuple):
+        raise UsageError("info --expert-memory takes one size (e.g. 4GiB): 'auto' depends on the machine that runs it")
     report = describe_checkpoint(model_folder(args), memory, args.expert_memory)
     print(json.dumps(report) if args.json else format_info(report))
     return 0

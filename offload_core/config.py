@@ -88,6 +88,9 @@ class OffloadConfig:
 
     device: str = "cpu"  # primary device: embeddings, attention, routers, LM head and the expert slots
     slots_per_layer: int = 2  # k experts resident on the device per layer; 1 <= k <= experts per layer
+    # Devices whose memory holds expert slots, when several GPUs of one machine share them (the first is `device`);
+    # () = `device` alone. Layers are placed on them by budget.
+    expert_devices: tuple[str, ...] = ()
     # Bytes of device slots for packed experts (in their compute form), shared by all layers under a global policy,
     # split evenly under a per-layer one; "auto" = sized from the device's free memory; None = slots_per_layer decides.
     expert_memory: int | str | None = None
@@ -113,10 +116,28 @@ class OffloadConfig:
             raise ValueError(f"dtype must be one of {sorted(set(DTYPE_NAMES.values()))}, got {self.dtype!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
-        if self.expert_memory is not None and self.expert_memory != "auto" and (
-                isinstance(self.expert_memory, bool) or not isinstance(self.expert_memory, int) or self.expert_memory <= 0):
-            raise SettingError("expert_memory", f"expert memory must be a size in bytes > 0 or 'auto', got "
-                                                f"{self.expert_memory!r}")
+        memories = self.expert_memory if isinstance(self.expert_memory, tuple) else (self.expert_memory,)
+        for memory in memories:
+            if memory is not None and memory != "auto" and (
+                    isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
+                raise SettingError("expert_memory", f"expert memory must be a size in bytes > 0 or 'auto', got "
+                                                    f"{memory!r}")
+        devices = tuple(str(d) for d in self.expert_devices)
+        object.__setattr__(self, "expert_devices", devices)
+        for d in devices:
+            check_device_name(d)
+        if len(devices) > 1 and not all(d.startswith("cuda") for d in devices):
+            raise SettingError("device", f"several devices ({', '.join(devices)}) spread expert slots over the GPUs of "
+                                         "one machine: each must be cuda:N. A CPU has one memory: use cpu alone (its "
+                                         "slots are RAM), and other machines through moe-worker")
+        if len(set(devices)) < len(devices):
+            raise SettingError("device", f"a device is named twice in {', '.join(devices)}")
+        if devices and devices[0] != str(self.device):
+            raise SettingError("device", f"the first expert device ({devices[0]}) must be the primary device "
+                                         f"({self.device})")
+        if isinstance(self.expert_memory, tuple) and len(self.expert_memory) != max(1, len(devices)):
+            raise SettingError("expert_memory", f"{len(self.expert_memory)} expert memory sizes for "
+                                                f"{max(1, len(devices))} device(s): give one for each, or one for all")
         if isinstance(self.cache_aware_routing, bool) or not isinstance(self.cache_aware_routing, (int, float)) or \
                 not 0.0 <= float(self.cache_aware_routing) < float("inf"):
             raise SettingError("cache_aware_routing", f"the cache-aware routing bonus must be a finite number >= 0 "
@@ -134,6 +155,12 @@ class OffloadConfig:
                              f"got {self.slots_per_layer}")
         if self.prefetch > num_experts:
             raise ValueError(f"prefetch must be <= {num_experts} (experts per layer), got {self.prefetch}")
+
+    def memory_for(self, index: int) -> int | str | None:
+        """The expert memory of the `index`-th expert device (one size may serve them all)."""
+        if isinstance(self.expert_memory, tuple):
+            return self.expert_memory[index]
+        return self.expert_memory
 
     @property
     def global_cache(self) -> bool:

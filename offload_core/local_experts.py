@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
 
 from .checkpoint import Checkpoint
-from .config import GLOBAL_POLICIES, OffloadConfig, SettingError, human_bytes
+from .config import GLOBAL_POLICIES, OffloadConfig, SettingError, human_bytes, resolve_device
 from .counters import ExpertCounters
 from .experts import ExpertMath
 from .formats import expert_format
@@ -38,34 +38,59 @@ class _LocalPending:
         return self.backend._compute(self.layer, self.groups, self.order)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Layers whose expert slots live on one device: `rows` slots in all (a byte budget), or None = k per layer."""
+
+    device: torch.device
+    layers: tuple[int, ...]
+    rows: int | None = None
+    budget: ExpertMemory | None = None  # how `rows` was sized, for the start-up line
+
+
 class LocalExperts:
-    """Experts computed on `device` through slots: `slots_per_layer` per layer, or `rows` in all (a byte budget
-    divided by one slot's bytes), shared by every layer under a global policy, split evenly under a per-layer one."""
+    """Experts computed through slots on this process's device(s): `slots_per_layer` per layer, or `rows` in all (a
+    byte budget divided by one slot's bytes), shared by every layer under a global policy, split evenly under a
+    per-layer one. With several devices (`spread`), each holds the slots of some layers, with its own budget and
+    loader; outputs come back to `device`, the primary one."""
 
     def __init__(self, source: ExpertSource, fmt, math: ExpertMath, device: torch.device, layers: list[int],
                  num_experts: int, slots_per_layer: int, store: str = "ram", policy: str = "lru",
-                 rows: int | None = None):
+                 rows: int | None = None, spread: list[Placement] | None = None):
         self.source, self.format, self.math, self.device = source, fmt, math, device
         self.num_experts, self.layers = num_experts, list(layers)
         self.store = RamStore(source, pin_memory=device.type == "cuda") if store == "ram" else DiskStore(source)
+        self.placements = spread or [Placement(device, tuple(layers), rows)]
         # A slot holds the format's compute form; filling it converts from the stored form where they differ.
         converts = fmt.compute_layout is not fmt.layout
-        self.loader = Loader(self.store, device, fill=fmt.fill if converts else None)
+        self.loaders = {str(p.device): Loader(self.store, p.device, fill=fmt.fill if converts else None)
+                        for p in self.placements}
+        self.loader = self.loaders[str(self.placements[0].device)]
         self.slot_bytes = fmt.compute_layout.nbytes
         self.policy = policy
-        self._build(slots_per_layer=None if rows is not None else slots_per_layer, rows=rows)
+        self.budget = self.placements[0].budget if len(self.placements) == 1 else None
+        self._build(slots_per_layer=None if self.placements[0].rows is not None else slots_per_layer)
         # One call per projection for all the resident experts of a layer (dense: grouped matmul over strided
         # views of the slot slab; quantized on CPU: moeshard's kernels), where the device allows.
         self.grouped = fmt.grouped(device)
 
-    def _build(self, slots_per_layer: int | None = None, rows: int | None = None) -> None:
-        self.slots = build_slots(self.layers, self.loader, self.slot_bytes, self.policy, self.num_experts,
-                                 slots_per_layer=slots_per_layer, rows=rows)
+    def _build(self, slots_per_layer: int | None = None) -> None:
+        self.slots = {}
+        for p in self.placements:
+            self.slots.update(build_slots(list(p.layers), self.loaders[str(p.device)], self.slot_bytes, self.policy,
+                                          self.num_experts, slots_per_layer=slots_per_layer,
+                                          rows=None if slots_per_layer is not None else p.rows))
         first = next(iter(self.slots.values()), None)
         # k: a layer's own slots, or its fair share of a global cache (what a prefetch for it may fill)
         self.slots_per_layer = first.capacity if first is not None else (slots_per_layer or 1)
         pools = {id(s.pool): s.pool.rows for s in self.slots.values()}
-        self.rows = sum(pools.values())  # slots in all, on this device
+        self.rows = sum(pools.values())  # slots in all, on every device
+
+    def memory_lines(self) -> list[str]:
+        """What each device's expert-memory budget bought (none when slots per layer were given)."""
+        return [p.budget.line(self.policy, len(p.layers)) + (f" on {p.device}, layers {p.layers[0]}-{p.layers[-1]}"
+                                                             if len(self.placements) > 1 else "")
+                for p in self.placements if p.budget is not None and p.layers]
 
     @property
     def expert_memory(self) -> int:
@@ -114,7 +139,7 @@ class LocalExperts:
 
     def describe(self) -> dict:
         return {"store": self.store.kind, "store_resident_bytes": self.store.resident_bytes,
-                "loader_busy_s": self.loader.busy_s, "grouped": self.grouped, "compute": self.format.compute,
+                "loader_busy_s": sum(loader.busy_s for loader in self.loaders.values()), "grouped": self.grouped, "compute": self.format.compute,
                 "slot_bytes": self.slot_bytes, "slots": self.rows, "expert_memory": self.expert_memory,
                 "policy": self.policy}
 
@@ -126,8 +151,8 @@ class LocalExperts:
             for expert in order:
                 buf = slots.acquire(expert)
                 start = time.perf_counter()
-                x = groups[expert].to(self.device, non_blocking=True)
-                outputs[expert] = self.format.forward(self.math, buf, x).to(x.dtype)
+                x = groups[expert].to(slots.loader.device, non_blocking=True)
+                outputs[expert] = self.format.forward(self.math, buf, x).to(self.device, x.dtype)
                 slots.counters.compute_s += time.perf_counter() - start
                 slots.release(expert)
             return outputs
@@ -151,8 +176,8 @@ class LocalExperts:
         index = [slots.slot_of(e) for e in wave]
         counts = [int(groups[e].shape[0]) for e in wave]
         dtype = groups[wave[0]].dtype
-        x = torch.cat([groups[e] for e in wave]).to(self.device, non_blocking=True)  # [S, D]
-        y = self.format.forward_grouped(self.math, slots.slab, index, counts, x)  # [S, D]
+        x = torch.cat([groups[e] for e in wave]).to(slots.loader.device, non_blocking=True)  # [S, D]
+        y = self.format.forward_grouped(self.math, slots.slab, index, counts, x).to(self.device)  # [S, D]
         for e, part in zip(wave, y.split(counts)):
             outputs[e] = part.to(dtype)
         slots.counters.compute_s += time.perf_counter() - start
@@ -170,7 +195,8 @@ class LocalExperts:
             slots.counters = ExpertCounters()  # warming is not part of any run's counters
 
     def close(self) -> None:
-        self.loader.close()
+        for loader in self.loaders.values():
+            loader.close()
         close = getattr(self.source, "close", None)
         if close is not None:
             close()
@@ -192,14 +218,62 @@ def open_local_experts(ckpt: Checkpoint, layout, cfg: OffloadConfig, device: tor
         source: ExpertSource = QuantizedCacheSource(cache, drop_page_cache=ckpt.drop_page_cache)
     else:
         source = CheckpointSource(ckpt, layout, fmt)
-    layers = layers if layers is not None else layout.sparse_layers
+    layers = list(layers if layers is not None else layout.sparse_layers)
     store = cfg.store_for(device.type)
-    budget = ExpertMemory.plan(cfg, device, len(layers), layout.num_experts, fmt.compute_layout.nbytes,
-                               fmt.layout.nbytes if store == "ram" and device.type == "cpu" else 0)
-    local = LocalExperts(source, fmt, layout.math, device, layers, layout.num_experts, cfg.slots_per_layer, store,
-                         cfg.policy, rows=budget.rows if budget is not None else None)
-    local.budget = budget
-    return local
+    host_bytes = fmt.layout.nbytes if store == "ram" and device.type == "cpu" else 0
+    devices = [resolve_device(d) for d in cfg.expert_devices] if len(cfg.expert_devices) > 1 else [device]
+    spread = place_layers(cfg, devices, layers, layout.num_experts, fmt.compute_layout.nbytes, host_bytes)
+    return LocalExperts(source, fmt, layout.math, device, layers, layout.num_experts, cfg.slots_per_layer, store,
+                        cfg.policy, spread=spread)
+
+
+def place_layers(cfg: OffloadConfig, devices: list[torch.device], layers: list[int], num_experts: int,
+                 slot_bytes: int, host_bytes: int = 0, memories: list | None = None) -> list[Placement]:
+    """Which layers' slots live on which device, and how many slots each device's budget buys. One device: every
+    layer. Several (the GPUs of one machine): consecutive layers, as many on each as its budget's share (an even split
+    when slots per layer are given), each device's slots sized from its own budget (`memories`: one per device;
+    default the config's)."""
+    if len(devices) == 1:
+        budget = ExpertMemory.plan(cfg, devices[0], len(layers), num_experts, slot_bytes, host_bytes)
+        return [Placement(devices[0], tuple(layers), budget.rows if budget else None, budget)]
+    if cfg.expert_memory is None:
+        shares = [1.0] * len(devices)
+    else:
+        # Each device's budget on its own (checked per device once its layers are known, below)
+        memories = memories or [cfg.memory_for(i) for i in range(len(devices))]
+        plans = [ExpertMemory.plan(replace(cfg, expert_memory=memories[i], expert_devices=(),
+                                           policy=GLOBAL_POLICIES[0]), d, len(layers), num_experts, slot_bytes,
+                                   host_bytes) for i, d in enumerate(devices)]
+        shares = [p.rows for p in plans]
+    counts = _split(len(layers), shares)
+    out, start = [], 0
+    for i, (d, n) in enumerate(zip(devices, counts)):
+        mine = tuple(layers[start:start + n])
+        start += n
+        if cfg.expert_memory is None:
+            out.append(Placement(d, mine))
+            continue
+        rows = min(plans[i].rows, n * num_experts)
+        if mine and cfg.policy not in GLOBAL_POLICIES and rows < n:
+            raise SettingError("expert_memory", f"{d}'s expert memory holds {rows} experts, fewer than one for each of "
+                                                f"its {n} layers")
+        budget = ExpertMemory(rows, slot_bytes, n * num_experts, plans[i].how)
+        out.append(Placement(d, mine, rows if mine else None, budget))
+    return [p for p in out if p.layers]
+
+
+def _split(n: int, shares: list[float]) -> list[int]:
+    """n items in proportion to `shares` (largest remainders), every share > 0 getting at least one while n allows."""
+    total = sum(shares) or 1.0
+    exact = [n * s / total for s in shares]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(shares)), key=lambda i: exact[i] - counts[i], reverse=True)[: n - sum(counts)]:
+        counts[i] += 1
+    for i, c in enumerate(counts):  # a device with a budget gets a layer, taken from the one with the most
+        if c == 0 and shares[i] > 0 and max(counts) > 1:
+            counts[counts.index(max(counts))] -= 1
+            counts[i] = 1
+    return counts
 
 
 AUTO_HEADROOM = 0.10  # expert memory "auto": this share of the device's memory (at least AUTO_HEADROOM_MIN) is left
@@ -232,10 +306,11 @@ class ExpertMemory:
         slot, or below one per layer for a per-layer policy, is an error naming what would do; more than every
         expert is trimmed. `host_store_bytes`: one expert in a RAM store on this same memory (CPU), which "auto"
         leaves room for."""
-        if cfg.expert_memory is None or layers == 0:
+        memory = cfg.memory_for(0)
+        if memory is None or layers == 0:
             return None
         every = layers * num_experts
-        if cfg.expert_memory == "auto":
+        if memory == "auto":
             free, total, where = _free_memory(device)
             headroom = max(AUTO_HEADROOM_MIN, int(total * AUTO_HEADROOM))
             offered = free - headroom - every * host_store_bytes
@@ -246,7 +321,7 @@ class ExpertMemory:
                    + (", capped at every expert" if rows == every else "")
                    + (f"; below one slot per layer, so {least}" if offered // slot_bytes < least else ""))
             return cls(int(rows), slot_bytes, every, how)
-        asked = int(cfg.expert_memory)
+        asked = int(memory)
         rows = asked // slot_bytes
         if rows < 1:
             raise SettingError("expert_memory", f"expert memory of {human_bytes(asked)} holds no expert: one takes "

@@ -191,3 +191,51 @@ def test_cli_refuses_both_knobs_and_a_bad_size(capsys):
     assert main(["generate", "--expert-memory", "1KiB", "--policy", "lru", "--prompt", "x", "--quiet",
                  "--device", "cpu"]) == 2
     assert "--expert-memory" in capsys.readouterr().err
+
+
+def test_layers_are_placed_on_devices_by_their_budgets():
+    from moeshard.offload_core.local_experts import _split, place_layers
+
+    assert _split(4, [1.0, 1.0]) == [2, 2] and _split(5, [3, 1]) == [4, 1] and _split(3, [100, 1]) == [2, 1]
+    assert _split(48, [600, 200]) == [36, 12]
+    cpu = torch.device("cpu")
+    # two devices' budgets (a test stands two CPU "devices" in for two GPUs; the CLI refuses that, below)
+    cfg = OffloadConfig(expert_memory=12_000, policy="global-lru")
+    placed = place_layers(cfg, [cpu, cpu], [0, 1, 2, 3], 8, 1000, memories=[12_000, 4_000])
+    assert [(p.layers, p.rows) for p in placed] == [((0, 1, 2), 12), ((3,), 4)]
+    even = place_layers(OffloadConfig(), [cpu, cpu], [0, 1, 2, 3], 8, 1000)
+    assert [(p.layers, p.rows) for p in even] == [((0, 1), None), ((2, 3), None)]
+    with pytest.raises(SettingError, match="fewer than one for each of its"):
+        place_layers(OffloadConfig(expert_memory=3_000, policy="lru"), [cpu, cpu], [0, 1, 2, 3, 4, 5, 6], 8, 1000,
+                     memories=[3_000, 1_000])
+
+
+def test_experts_spread_over_two_devices_compute_the_same_tokens(demo_reference):
+    """The multi-device path (per-device loaders and slabs, outputs back to the primary device), on two CPU stand-ins."""
+    from moeshard.offload_core.local_experts import LocalExperts, Placement
+
+    ids, expected, _ = demo_reference
+    with load_model(DEMO, slots_per_layer=2, dtype="float32") as om:
+        local = om.runtime.local
+        cpu = torch.device("cpu")
+        spread = [Placement(cpu, (0, 1), rows=3), Placement(cpu, (2, 3), rows=5)]
+        two = LocalExperts(local.source, local.format, local.math, cpu, local.layers, local.num_experts, 2,
+                           "disk", "global-lru", spread=spread)
+        assert len(two.loaders) == 1 or two.rows == 8
+        assert two.slots[0].pool is two.slots[1].pool and two.slots[1].pool is not two.slots[2].pool
+        assert two.rows == 8
+        om.runtime.local = om.runtime.plane.local = two
+        tokens = om.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                             do_sample=False)
+        assert torch.equal(tokens, expected)
+        two.close()
+
+
+def test_several_devices_on_a_cpu_are_refused_with_the_reason(capsys):
+    with pytest.raises(SettingError, match="A CPU has one memory"):
+        OffloadConfig(device="cpu", expert_devices=("cpu", "cpu"))
+    assert main(["generate", "--device", "cpu,cpu", "--prompt", "x", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and "cpu alone" in err
+    with pytest.raises(SettingError, match="2 expert memory sizes for 1 device"):
+        OffloadConfig(expert_memory=(1000, 2000))
