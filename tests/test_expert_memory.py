@@ -239,3 +239,28 @@ def test_several_devices_on_a_cpu_are_refused_with_the_reason(capsys):
     assert "--device" in err and "cpu alone" in err
     with pytest.raises(SettingError, match="2 expert memory sizes for 1 device"):
         OffloadConfig(expert_memory=(1000, 2000))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", ["global-lru", "lru"])
+def test_expert_memory_on_cuda_decodes_transformers_tokens(demo_reference, policy):
+    ids, expected, _ = demo_reference
+    with load_model(DEMO, device="cuda", expert_memory=1 << 20, policy=policy, prefetch=1, dtype="float32") as om:
+        assert om.runtime.local.slots[0].slab.device.type == "cuda"
+        tokens = om.generate(ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), max_new_tokens=NEW,
+                             min_new_tokens=NEW, do_sample=False)
+        assert torch.equal(tokens.cpu(), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_expert_slots_on_two_gpus_decode_transformers_tokens(demo_reference):
+    ids, expected, _ = demo_reference
+    with load_model(DEMO, device="cuda:0", expert_devices=("cuda:0", "cuda:1"), expert_memory=(600_000, 300_000),
+                    policy="global-lru", dtype="float32") as om:
+        devices = {str(s.slab.device) for s in om.runtime.local.slots.values()}
+        assert devices == {"cuda:0", "cuda:1"}
+        tokens = om.generate(ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), max_new_tokens=NEW,
+                             min_new_tokens=NEW, do_sample=False)
+        assert torch.equal(tokens.cpu(), expected)
