@@ -151,9 +151,10 @@ def load_model(path: str | Path, config: OffloadConfig | None = None, *, progres
         model.generation_config = GenerationConfig.from_pretrained(ckpt.path)
 
     local = open_local_experts(ckpt, layout, cfg, device, compute_dtype, progress=progress)
-    if local.budget is not None:  # a byte budget: the per-layer k it amounts to (a global cache's fair share)
+    if cfg.expert_memory is not None:  # a byte budget: the per-layer k it amounts to (a global cache's fair share)
         cfg = dataclasses.replace(cfg, slots_per_layer=local.slots_per_layer)
-        logger.info("%s", local.budget.line(cfg.policy, len(local.layers)))
+        for line in local.memory_lines():
+            logger.info("%s", line)
     runtime = ExpertRuntime(local)
     _attach_moe_layers(model, layout, runtime, cfg.prefetch)
     # Cache-aware routing (opt-in): hooks on the routers that add the bonus to resident experts before top-k; with
