@@ -7,6 +7,16 @@ plus ``heldout.txt`` and ``training_report.json`` so tests can check quality (wi
 without the stdlib.
 
     python -m offload_core.demo.train --out offload_core/demo/model
+
+``--family qwen3_moe`` trains a many-expert variant instead, in the Qwen3-MoE architecture, for
+measurements that need many small experts (expert-cache policies on real routing); ``--experts``,
+``--top-k`` and ``--expert-size`` size its experts (defaults: 64 experts of intermediate size 56, top-8:
+the same active expert width per token as the demo's 2 x 224). Save it outside the repository:
+
+    python -m offload_core.demo.train --family qwen3_moe --experts 64 --top-k 8 --expert-size 56 \\
+        --out /work/many_expert_model --steps 320 --warmup 50 --minutes 15 --threads 1
+
+(~1.4 s a step on one free core, 3-4 s on 2 busy shared ones: --steps 320 keeps a busy run near 15 minutes.)
 """
 
 from __future__ import annotations
@@ -28,7 +38,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     MixtralConfig,
     MixtralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     get_cosine_with_min_lr_schedule_with_warmup,
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
@@ -45,11 +59,17 @@ EXCLUDED_DIRS = frozenset(
      "turtledemo", "__phello__", "__pycache__"}
 )
 PROMPT = "def fibonacci(n):"
+# Per family: model class and the default (experts per layer, experts per token, expert intermediate size).
+FAMILIES: dict[str, tuple[type[PreTrainedModel], tuple[int, int, int]]] = {
+    "mixtral": (MixtralForCausalLM, (8, 2, 224)),
+    "qwen3_moe": (Qwen3MoeForCausalLM, (64, 8, 56)),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "model")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: the bundled demo model's; required with another --family)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1100)
     p.add_argument("--minutes", type=float, default=25.0,
@@ -66,7 +86,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads; use 1 on a busy machine, where 2 threads stall on each other")
     p.add_argument("--log-every", type=int, default=50)
-    return p.parse_args(argv)
+    p.add_argument("--family", choices=sorted(FAMILIES), default="mixtral",
+                   help="architecture: mixtral (the bundled demo) or qwen3_moe (a many-expert variant)")
+    p.add_argument("--experts", type=int, default=None,
+                   help="experts per MoE layer (default: mixtral 8, qwen3_moe 64)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="experts each token is routed to (default: mixtral 2, qwen3_moe 8)")
+    p.add_argument("--expert-size", type=int, default=None,
+                   help="each expert's intermediate size (default: mixtral 224, qwen3_moe 56)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        if args.family != "mixtral":  # never overwrite the bundled demo model with another architecture
+            p.error(f"--family {args.family} needs --out (a folder outside the repository)")
+        args.out = Path(__file__).parent / "model"
+    experts, top_k, size = FAMILIES[args.family][1]
+    args.experts = experts if args.experts is None else args.experts
+    args.top_k = top_k if args.top_k is None else args.top_k
+    args.expert_size = size if args.expert_size is None else args.expert_size
+    if not 1 <= args.top_k <= args.experts or args.expert_size < 1:
+        p.error(f"need 1 <= --top-k <= --experts and --expert-size >= 1, got "
+                f"{args.top_k}, {args.experts}, {args.expert_size}")
+    return args
 
 
 def load_stdlib_sources(max_bytes: int) -> list[tuple[str, str]]:
@@ -102,17 +142,22 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, seq_len: int) -> MixtralConfig:
-    return MixtralConfig(
+def build_config(tokenizer: PreTrainedTokenizerFast, seq_len: int, family: str = "mixtral",
+                 experts: int | None = None, top_k: int | None = None,
+                 expert_size: int | None = None) -> PretrainedConfig:
+    """The demo's shape (hidden 192, 4 layers, 6 heads); only the experts differ between variants."""
+    default_experts, default_top_k, default_size = FAMILIES[family][1]
+    experts = default_experts if experts is None else experts
+    top_k = default_top_k if top_k is None else top_k
+    expert_size = default_size if expert_size is None else expert_size
+    common = dict(
         vocab_size=len(tokenizer),
         hidden_size=192,
-        intermediate_size=224,
         num_hidden_layers=4,
         num_attention_heads=6,
         num_key_value_heads=2,
         max_position_embeddings=2 * seq_len,
-        num_local_experts=8,
-        num_experts_per_tok=2,
+        num_experts_per_tok=top_k,
         output_router_logits=True,
         router_aux_loss_coef=0.02,
         tie_word_embeddings=True,
@@ -120,6 +165,12 @@ def build_config(tokenizer: PreTrainedTokenizerFast, seq_len: int) -> MixtralCon
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if family == "mixtral":
+        return MixtralConfig(intermediate_size=expert_size, num_local_experts=experts, **common)
+    # Every layer sparse (no mlp_only_layers); intermediate_size (the dense MLP's) is then unused.
+    # norm_topk_prob as in the released Qwen3-MoE checkpoints.
+    return Qwen3MoeConfig(moe_intermediate_size=expert_size, intermediate_size=top_k * expert_size,
+                          num_experts=experts, head_dim=192 // 6, norm_topk_prob=True, **common)
 
 
 def heldout_sample(texts: list[str], max_chars: int) -> str:
@@ -133,7 +184,7 @@ def heldout_sample(texts: list[str], max_chars: int) -> str:
     return "\n".join(head for head in heads if head.strip())
 
 
-def train(model: MixtralForCausalLM, stream: torch.Tensor, args: argparse.Namespace) -> dict:
+def train(model: PreTrainedModel, stream: torch.Tensor, args: argparse.Namespace) -> dict:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -185,7 +236,8 @@ def train(model: MixtralForCausalLM, stream: torch.Tensor, args: argparse.Namesp
 
 
 @torch.no_grad()
-def expert_load(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, text: str, seq_len: int) -> list[list[float]]:
+def expert_load(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, text: str,
+                seq_len: int) -> list[list[float]]:
     """Per layer, the share of top-k routing slots each expert receives on ``text``."""
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
     usable = len(ids) // seq_len * seq_len
@@ -198,7 +250,7 @@ def expert_load(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, t
     return loads
 
 
-def generate_samples(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, seed: int) -> dict[str, str]:
+def generate_samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, seed: int) -> dict[str, str]:
     inputs = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(seed)
     samples = {}
@@ -230,8 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     stream = torch.tensor([t for enc in encoded for t in (*enc.ids, tokenizer.eos_token_id)])
     logger.info("tokenizer: %d tokens; training stream: %d tokens", len(tokenizer), len(stream))
 
-    config = build_config(tokenizer, args.seq_len)
-    model = MixtralForCausalLM(config)
+    config = build_config(tokenizer, args.seq_len, args.family, args.experts, args.top_k, args.expert_size)
+    model_class = FAMILIES[args.family][0]
+    model = model_class(config)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %d parameters, experts implementation %r",
                 n_params, model.config._experts_implementation)
@@ -250,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "heldout.txt").write_text(heldout_text, encoding="utf-8")
 
     # Score what was actually shipped: the bf16 weights, upcast to float32 on load.
-    reloaded = MixtralForCausalLM.from_pretrained(args.out, dtype=torch.float32)
+    reloaded = model_class.from_pretrained(args.out, dtype=torch.float32)
     heldout_loss = cross_entropy(reloaded, tokenizer, heldout_text, args.seq_len)["loss"]
     load = expert_load(reloaded, tokenizer, heldout_text, args.seq_len)
     logger.info("held-out expert load per layer (uniform = %.3f): %s", 1 / config.num_local_experts, load)
