@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import platform
 import statistics
 import tempfile
@@ -26,6 +27,8 @@ from typing import Callable
 import psutil
 import torch
 
+from ..offload_core.config import DEFAULT_POLICY, GLOBAL_POLICIES
+from ..offload_core.counters import ExpertCounters
 from .bench_model import BenchModelSpec, make_bench_checkpoint
 from .cli import DEFAULT_SYSTEMS, HF_SYSTEMS, OFFLOADED, REAL_LAYERS, base_name, parse_system
 from .protocol import (data_files, drop_page_cache, h2d_bandwidth, mapped_files, memory_bandwidth, own_memory,
@@ -78,6 +81,10 @@ class _System:
     resident_bytes: int | None = None  # resident moeshard systems: weight bytes read from memory per token
     quantize_s_per_layer: float | None = None  # when building it quantized the experts (the cache was new)
     slots_per_layer: int | None = None  # moeshard: the slots its budget bought
+    misses_since_load: int | None = None  # budget sweep: every miss since it was built (warm-up included)
+    policy: str | None = None  # budget sweep: the cache policy
+    expert_memory: int | None = None  # budget sweep: the bytes of expert slots asked for
+    rows: int | None = None  # budget sweep: the slots (rows of slab) those bytes bought, all layers together
 
     @property
     def base(self) -> str:
@@ -267,10 +274,28 @@ def _cpu_s(procs: dict[str, psutil.Process]) -> dict[str, float]:
     return out
 
 
+def _after_prefill(system: _System, then: Callable | None, out: list) -> Callable:
+    """A before-step hook that takes the counters as the first decode step starts (into `out`), then calls `then`:
+    the hooks run outside the timed part of each step."""
+    calls = 0
+
+    def hook():
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first call comes before the prefill, the second before the first decode step
+            out.append(system.built.stats().total)
+        if then is not None:
+            then()
+    return hook
+
+
 def _round(system: _System, prompt, steps: int, cold: bool) -> dict:
     files = _cold_files(system)
     drop = (lambda: drop_page_cache(files)) if cold and files else None
     before = system.built.stats().total if system.is_moeshard else None
+    after_prefill = []
+    if system.is_moeshard:
+        drop = _after_prefill(system, drop, after_prefill)
     procs = {"coordinator": psutil.Process(), **(system.processes() if system.processes else {})}
     if system.activate is not None:
         system.activate()
@@ -279,6 +304,7 @@ def _round(system: _System, prompt, steps: int, cold: bool) -> dict:
     result["disk_read_bytes"] = psutil.Process().io_counters().read_bytes - io_before
     result["cpu_s"] = {name: t - cpu_before[name] for name, t in _cpu_s(procs).items()}
     result["counters"] = system.built.stats().total - before if system.is_moeshard else None
+    result["decode_counters"] = system.built.stats().total - after_prefill[0] if after_prefill else None
     return result
 
 
@@ -352,13 +378,17 @@ def _summarise(system: _System, prompt_len: int, steps: int, bandwidth: float, m
     }
 
 
+def _workdir(args) -> Path:
+    return Path(args.workdir or Path(tempfile.gettempdir()) / "moeshard-bench")
+
+
 def bench_checkpoint(args) -> tuple[BenchModelSpec, Path, Path]:
     """The benchmark model's spec, checkpoint folder (written once) and work folder; sets the default budget."""
     spec = BenchModelSpec.of_kind(args.model_kind, hidden_size=args.hidden, intermediate_size=args.intermediate,
                                   num_hidden_layers=args.layers, dtype=args.model_dtype)
     if args.slots_per_layer is None:  # the budget: half the experts (the paper's setting), a quarter of many
         args.slots_per_layer = spec.num_local_experts // (2 if spec.num_local_experts <= 8 else 4)
-    workdir = Path(args.workdir or Path(tempfile.gettempdir()) / "moeshard-bench")
+    workdir = _workdir(args)
     ckpt = make_bench_checkpoint(workdir / f"model-{spec.family}-{spec.hidden_size}x{spec.num_hidden_layers}"
                                            f"x{spec.num_local_experts}", spec)
     return spec, ckpt, workdir
@@ -431,16 +461,20 @@ def run_benchmark(args) -> dict:
         "method": {"repeats": args.repeats, "warmup_steps": args.warmup, "order": "interleaved, alternating direction",
                    "figure": "median over rounds of each round's median step time; spread = min..max over rounds"},
         "prompt_tokens": args.prompt_tokens, "decode_tokens": args.tokens,
-        "machine": {"cpu_count": psutil.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
-                    "platform": platform.platform(), "processor": _processor(), "device": args.device,
-                    "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "machine": _machine(args),
         "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
         "skipped": getattr(args, "skipped", {}),
         "push": push,
         "targets": _targets(runs, spec.num_hidden_layers, push),
     }
+
+
+def _machine(args) -> dict:
+    return {"cpu_count": psutil.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
+            "platform": platform.platform(), "processor": _processor(), "device": args.device,
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _processor() -> str:
@@ -646,7 +680,327 @@ def plot(report: dict, path: Path) -> bool:
     return True
 
 
+# -- the budget sweep: what memory buys, per cache policy ----------------------------------------------------------
+
+SWEEP_VERDICT_AT = 0.25  # the budget the issue's targets are read at: a quarter of the experts' bytes
+SWEEP_TARGETS = {"hit_rate_gain": 0.05, "speed_ratio": 1.3}  # the default policy against per-layer lru, at that budget
+
+
+def _rows_bought(om) -> int:
+    """Expert slots the model holds, all layers together: the rows of its slot pools (one per layer, or one shared)."""
+    pools, rows = {}, 0
+    for slots in om.runtime.local.slots.values():
+        pool = getattr(slots, "pool", None)
+        if pool is None:
+            rows += slots.capacity
+        else:
+            pools[id(pool)] = pool
+    return rows + sum(pool.rows for pool in pools.values())
+
+
+def _expected_rows(policy: str, memory: int, slot_bytes: int, layers: int, experts: int) -> int:
+    """The slots `memory` bytes buy: bytes // slot_bytes in one shared cache (a global policy), or that split evenly
+    over the layers, at most every expert of a layer (a per-layer policy)."""
+    rows = memory // slot_bytes
+    return min(rows, layers * experts) if policy in GLOBAL_POLICIES else layers * min(experts, rows // layers)
+
+
+def _sweep_summary(system: _System, fraction: float, steps: int, prompt_len: int, layers: int,
+                   reference: list[int]) -> dict:
+    rounds = system.rounds
+    tok_s = [1.0 / statistics.median(r["step_s"]) for r in rounds]
+    step_s = statistics.median(statistics.median(r["step_s"]) for r in rounds)
+    decode = ExpertCounters.total(r["decode_counters"] for r in rounds)
+    whole = ExpertCounters.total(r["counters"] for r in rounds)
+    per_round = [r["decode_counters"].hit_rate for r in rounds if r["decode_counters"].hit_rate is not None]
+    decoded = steps * len(rounds)
+    return {
+        "name": system.name, "policy": system.policy, "fraction": fraction, "expert_memory": system.expert_memory,
+        "rows": system.rows,
+        "slots_per_layer": None if system.policy in GLOBAL_POLICIES else system.rows // layers,
+        "expert_bits": system.expert_bits, "attn_bits": system.attn_bits,
+        "decode_tok_s": 1.0 / step_s, "decode_tok_s_spread": _spread(tok_s), "decode_s_per_token": step_s,
+        "prefill_tok_s": prompt_len / statistics.median(r["prefill_s"] for r in rounds),
+        # decode steps only (the prefill's burst of experts is in the *_with_prefill figures)
+        "hit_rate": decode.hit_rate, "hit_rate_spread": _spread(per_round) if per_round else None,
+        "hits": decode.hits, "misses": decode.misses, "prefetch_used": decode.prefetch_used,
+        # needed experts the cache had kept from an earlier use (hits that a prefetch did not bring): the policy's part
+        "kept_rate": (decode.hits - decode.prefetch_used) / (decode.hits + decode.misses)
+        if decode.hits + decode.misses else None,
+        "prefetch_recall": decode.prefetch_recall, "prefetch_precision": decode.prefetch_precision,
+        "bytes_per_token": decode.bytes_loaded / decoded,
+        "hit_rate_with_prefill": whole.hit_rate, "misses_with_prefill": whole.misses,
+        "misses_since_load": system.misses_since_load,
+        "disk_read_bytes_per_token": sum(r["disk_read_bytes"] for r in rounds) / decoded,
+        "tokens_match_reference": all(r["tokens"] == reference for r in rounds),
+    }
+
+
+def _sweep_verdict(runs: list[dict], default_policy: str) -> dict:
+    """At the 25% budget: each policy's hit rate minus per-layer lru's and its speed over lru's, and the issue's two
+    targets for the default policy."""
+    at = {r["policy"]: r for r in runs if abs(r["fraction"] - SWEEP_VERDICT_AT) < 1e-9}
+    if not at:
+        return {"fraction": SWEEP_VERDICT_AT, "note": f"no {SWEEP_VERDICT_AT:.0%} budget in this sweep"}
+    if "lru" not in at:
+        return {"fraction": SWEEP_VERDICT_AT,
+                "note": "per-layer lru was not among the policies: nothing to compare with"}
+    lru = at["lru"]
+    policies = {}
+    for name, r in at.items():
+        gain = (r["hit_rate"] - lru["hit_rate"]) if r["hit_rate"] is not None and lru["hit_rate"] is not None else None
+        kept = r.get("kept_rate"), lru.get("kept_rate")
+        policies[name] = {"hit_rate": r["hit_rate"], "hit_rate_minus_lru": gain, "decode_tok_s": r["decode_tok_s"],
+                          "speed_vs_lru": r["decode_tok_s"] / lru["decode_tok_s"],
+                          "kept_minus_lru": kept[0] - kept[1] if None not in kept else None,
+                          "bytes_vs_lru": (r["bytes_per_token"] / lru["bytes_per_token"]
+                                           if lru["bytes_per_token"] else None)}
+    out = {"fraction": SWEEP_VERDICT_AT, "expert_memory": lru["expert_memory"], "against": "lru",
+           "policies": policies, "default_policy": default_policy, "targets": dict(SWEEP_TARGETS)}
+    if default_policy in policies:
+        d = policies[default_policy]
+        out["default_hit_rate_gain_met"] = d["hit_rate_minus_lru"] is not None and \
+            d["hit_rate_minus_lru"] >= SWEEP_TARGETS["hit_rate_gain"]
+        out["default_speed_ratio_met"] = d["speed_vs_lru"] >= SWEEP_TARGETS["speed_ratio"]
+    return out
+
+
+def run_budget_sweep(args) -> dict:
+    """Decode at each budget (a fraction of all experts' bytes, in their compute form) with each policy. Within a
+    budget the policies are built, warmed up and timed in interleaved rounds as `run_benchmark` times systems; then
+    they are closed before the next budget is built (so memory holds one budget's caches at a time)."""
+    from ..offload_core import OffloadConfig, QuantConfig, load_model
+    from ..offload_core.model import planned_format
+
+    spec, ckpt, workdir = bench_checkpoint(args)
+    layers, experts = spec.num_hidden_layers, spec.num_local_experts
+    quant = QuantConfig(expert_bits=args.expert_bits, attn_bits=args.attn_bits)
+    slot_bytes = planned_format(ckpt, OffloadConfig(device=args.device, dtype=args.dtype, quant=quant)) \
+        .compute_layout.nbytes
+    total = slot_bytes * layers * experts  # every expert resident, in the form it is computed in
+    quant_cache = workdir / "quant-cache"
+    files = [quant_cache] if quant.experts_quantized else data_files(ckpt)
+    cold = args.protocol == "cold"
+    prompt = torch.randint(3, spec.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
+
+    def build(system: _System):
+        def go():
+            return load_model(ckpt, expert_memory=system.expert_memory, policy=system.policy, prefetch=args.prefetch,
+                              store=args.store, drop_page_cache=cold, device=args.device, dtype=args.dtype,
+                              quant=quant, cache_dir=quant_cache)
+        return go
+
+    runs, notes, reference, load = [], [], None, {}
+    for fraction in args.budget_sweep:
+        memory = round(fraction * total)
+        load[fraction] = _load_average()  # other work on the machine slows every policy of a budget alike
+        systems = []
+        for policy in args.policies:
+            system = _System(f"{policy} {fraction:.0%}", None, files=files, expert_bits=args.expert_bits,
+                             attn_bits=args.attn_bits, policy=policy, expert_memory=memory)
+            system.build = build(system)
+            systems.append(system)
+        need = sum(_expected_rows(s.policy, memory, slot_bytes, layers, experts) for s in systems) * slot_bytes
+        available = psutil.virtual_memory().available
+        if need > 0.8 * available:
+            raise RuntimeError(f"the {fraction:.0%} budget's {len(systems)} caches need {need / 2**30:.1f} GiB and "
+                               f"{available / 2**30:.1f} GiB is available: sweep fewer policies or lower budgets")
+        try:
+            for system in systems:
+                logger.info("building %s", system.name)
+                system.built = system.build()
+                system.rows = _rows_bought(system.built)
+                expected = _expected_rows(system.policy, memory, slot_bytes, layers, experts)
+                if system.rows * slot_bytes > memory:
+                    raise RuntimeError(f"{system.name}: {system.rows} slots of {slot_bytes} bytes exceed the budget "
+                                       f"of {memory} bytes: load_model did not size the slots from expert_memory")
+                if system.rows != expected:
+                    notes.append(f"{system.name}: {system.rows} slots where {expected} were expected")
+                system.decode(prompt, args.warmup)
+            gc.collect()
+            if cold:
+                mapped = mapped_files(_cold_files(systems[0]))
+                if mapped:
+                    raise RuntimeError(f"the cold protocol cannot hold: this process maps {len(mapped)} offloaded "
+                                       f"file(s), e.g. {mapped[0]}")
+            for r in range(args.repeats):
+                for system in systems if r % 2 == 0 else systems[::-1]:
+                    system.rounds.append(_round(system, prompt, args.tokens, cold=cold))
+                print(f"budget {fraction:.0%} ({memory / 2**20:.1f} MiB), round {r + 1}/{args.repeats}: " + ", ".join(
+                    f"{s.policy} {1 / statistics.median(s.rounds[-1]['step_s']):.2f} tok/s "
+                    f"hit {s.rounds[-1]['decode_counters'].hit_rate or 0:.3f}" for s in systems), flush=True)
+            for system in systems:
+                system.misses_since_load = system.built.stats().total.misses
+        finally:
+            for system in systems:
+                if system.built is not None:
+                    system.shutdown()
+        if reference is None:  # every policy computes the same experts: the cache must not change the tokens
+            reference = systems[0].rounds[0]["tokens"]
+        runs += [_sweep_summary(s, fraction, args.tokens, args.prompt_tokens, layers, reference) for s in systems]
+    return {
+        "kind": "budget-sweep",
+        "model": {**asdict(spec), "kind": args.model_kind, "expert_bytes": slot_bytes, "experts": layers * experts,
+                  "total_expert_bytes": total},
+        "quantization": {"expert_bits": args.expert_bits, "attn_bits": args.attn_bits,
+                         "dtype": args.dtype or spec.dtype},
+        "budgets": [{"fraction": f, "expert_memory": round(f * total), "load_average_at_start": load[f]}
+                    for f in args.budget_sweep],
+        "load_average_at_end": _load_average(),
+        "budget_note": "expert_memory = fraction x bytes of every expert in its compute form; per-layer policies "
+                       "(lru, router) split it evenly over the layers, global ones share it",
+        "policies": list(args.policies), "prefetch": args.prefetch, "store": args.store,
+        "protocol": {"name": args.protocol, "description": "page cache of offloaded files dropped before each decode "
+                                                           "step" if cold else "page cache allowed"},
+        "method": {"repeats": args.repeats, "warmup_steps": args.warmup, "decode_tokens": args.tokens,
+                   "prompt_tokens": args.prompt_tokens,
+                   "order": "per budget: every policy built and warmed up, then interleaved rounds (alternating "
+                            "direction); budgets one after the other",
+                   "figure": "median over rounds of each round's median step time; spread = min..max over rounds; "
+                             "hit rate over the timed decode steps (prefill excluded)"},
+        "machine": _machine(args),
+        "date": time.strftime("%Y-%m-%d"),
+        "runs": runs,
+        "notes": notes,
+        "verdict": _sweep_verdict(runs, DEFAULT_POLICY),
+    }
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average (runnable processes), where the system reports one."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _memory_unit(total: int) -> tuple[str, int]:
+    return ("GiB", 2**30) if total >= 2**30 else ("MiB", 2**20)
+
+
+def format_sweep(report: dict) -> str:
+    m = report["model"]
+    unit, scale = _memory_unit(m["total_expert_bytes"])
+    lines = [f"budget sweep: {m['kind']}, {m['experts']} experts of {m['expert_bytes'] / 2**20:.2f} MiB "
+             f"({m['total_expert_bytes'] / scale:.2f} {unit} in all), prefetch {report['prefetch']}, "
+             f"{report['protocol']['name']} protocol, store {report['store']}, {report['method']['repeats']} rounds of "
+             f"{report['method']['decode_tokens']} tokens",
+             f"{'budget':>6} {unit:>7} {'policy':>12} {'slots':>10} {'decode tok/s':>12} {'spread':>13} "
+             f"{'hit rate':>8} {'spread':>11} {'kept':>5} {'MB/token':>8} {'same tokens':>11}"]
+    for r in report["runs"]:
+        s, h = r["decode_tok_s_spread"], r["hit_rate_spread"]
+        slots = f"{r['slots_per_layer']}/layer" if r["slots_per_layer"] is not None else f"{r['rows']} shared"
+        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+        hs = "-" if h is None else f"{h['min']:.3f}-{h['max']:.3f}"
+        lines.append(f"{r['fraction']:6.0%} {r['expert_memory'] / scale:7.2f} {r['policy']:>12} {slots:>10} "
+                     f"{r['decode_tok_s']:12.2f} {s['min']:6.2f}-{s['max']:<6.2f} {hit:>8} {hs:>11} "
+                     f"{'-' if r['kept_rate'] is None else format(r['kept_rate'], '.3f'):>5} "
+                     f"{r['bytes_per_token'] / 1e6:8.1f} {str(r['tokens_match_reference']):>11}")
+    lines.append("hit rate: needed experts resident or loading when a decode step asked (prefill excluded); kept: "
+                 "those the cache had kept from an earlier use (not brought by a prefetch); MB/token: expert bytes "
+                 "loaded per decoded token")
+    loads = [b["load_average_at_start"] for b in report["budgets"]] + [report["load_average_at_end"]]
+    if None not in loads:
+        lines.append(f"load average (1 min) at each budget's start, then at the end: "
+                     f"{', '.join(f'{x:.1f}' for x in loads)} ({report['machine']['cpu_count']} CPUs)")
+    lines += [f"note: {n}" for n in report["notes"]]
+    v = report["verdict"]
+    if "note" in v:
+        lines.append(f"verdict: {v['note']}")
+        return "\n".join(lines)
+    lines.append(f"at the {v['fraction']:.0%} budget ({v['expert_memory'] / scale:.2f} {unit}), against per-layer lru "
+                 f"(default policy: {v['default_policy']}):")
+    t = v["targets"]
+    for name, d in v["policies"].items():
+        if name == "lru":
+            continue
+        gain = d["hit_rate_minus_lru"]
+        lines.append(f"  {name}{' (the default)' if name == v['default_policy'] else ''}: hit rate "
+                     + ("-" if gain is None else f"{d['hit_rate']:.3f}, {gain:+.3f} vs lru (target >= "
+                        f"+{t['hit_rate_gain']:.2f}: {'met' if gain >= t['hit_rate_gain'] else 'not met'})")
+                     + f"; decode {d['speed_vs_lru']:.2f}x lru's (target >= {t['speed_ratio']:.1f}x: "
+                       f"{'met' if d['speed_vs_lru'] >= t['speed_ratio'] else 'not met'})"
+                     + (f"; kept {d['kept_minus_lru']:+.3f}" if d["kept_minus_lru"] is not None else "")
+                     + (f", bytes loaded {d['bytes_vs_lru']:.2f}x lru's" if d["bytes_vs_lru"] is not None else ""))
+    if v["default_policy"] == "lru":
+        lines.append("  the default policy (offload_core/config.py DEFAULT_POLICY) is per-layer lru itself: the "
+                     "targets are read for the policies above")
+    elif v["default_policy"] not in v["policies"]:
+        lines.append(f"  the default policy ({v['default_policy']}) was not swept")
+    return "\n".join(lines)
+
+
+def plot_sweep(report: dict, path: Path) -> bool:
+    """Two panels against expert memory (bottom axis in MiB or GiB, top in % of every expert): decode tokens/s
+    (median, min..max) and hit rate, one line per policy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG written (pip install 'moeshard[bench]'); the table and JSON are",
+              flush=True)
+        return False
+    total = report["model"]["total_expert_bytes"]
+    unit, scale = _memory_unit(total)
+    fig, (speed, hits) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for policy in report["policies"]:
+        runs = [r for r in report["runs"] if r["policy"] == policy]
+        x = [r["expert_memory"] / scale for r in runs]
+        y = [r["decode_tok_s"] for r in runs]
+        err = [[v - r["decode_tok_s_spread"]["min"] for v, r in zip(y, runs)],
+               [r["decode_tok_s_spread"]["max"] - v for v, r in zip(y, runs)]]
+        speed.errorbar(x, y, yerr=err, marker="o", capsize=3, label=policy)
+        hits.plot(x, [r["hit_rate"] for r in runs], marker="o", label=policy)
+    for ax, label in ((speed, "decode tokens/s (median, min..max)"), (hits, "expert-cache hit rate (decode)")):
+        ax.set_xlabel(f"expert memory ({unit})")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.set_xlim(0, total / scale * 1.05)
+        top = ax.secondary_xaxis("top", functions=(lambda v: 100 * v * scale / total,
+                                                   lambda p: p * total / scale / 100))
+        top.set_xlabel("% of every expert's bytes")
+        ax.legend()
+    hits.set_ylim(0, 1.02)
+    m = report["model"]
+    q = report["quantization"]
+    bits = f"{q['dtype']}" + (f", experts {q['expert_bits']}-bit" if q["expert_bits"] != 16 else "")
+    fig.suptitle(f"{m['kind']} ({bits}): {report['protocol']['name']} protocol, prefetch {report['prefetch']}, "
+                 f"{report['machine']['device']}, {report['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _main_sweep(args) -> int:
+    from .cli import SWEEP_POLICIES
+
+    given = [flag for flag, value in (("--systems", args.systems), ("--concurrency", args.concurrency),
+                                      ("--slots-per-layer", args.slots_per_layer), ("--push", args.push or None),
+                                      ("--shared-prefix", getattr(args, "shared_prefix", None))) if value is not None]
+    if given:
+        raise ValueError(f"--budget-sweep sets the memory itself and compares cache policies (--policies): it does "
+                         f"not take {', '.join(given)}")
+    args.policies = args.policies or SWEEP_POLICIES
+    report = run_budget_sweep(args)
+    stem = f"budget-sweep-{args.model_kind}"
+    json_path = args.json or _workdir(args) / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    print(format_sweep(report))
+    print(f"wrote {json_path}", flush=True)
+    png = args.plot or _workdir(args) / f"{stem}.png"
+    if plot_sweep(report, png):
+        print(f"wrote {png}", flush=True)
+    return 0
+
+
 def main(args) -> int:
+    if getattr(args, "budget_sweep", None) is not None:
+        return _main_sweep(args)
+    if getattr(args, "policies", None) is not None:
+        raise ValueError("--policies chooses the policies of a budget sweep: give --budget-sweep too")
     explicit = args.systems is not None
     args.systems = [s.strip() for s in (args.systems or ",".join(DEFAULT_SYSTEMS)).split(",") if s.strip()]
     for name in args.systems:

@@ -15,6 +15,9 @@ OFFLOADED = ("lru", "lru+prefetch", "naive", "accelerate-offload")
 MOESHARD = ("resident", "lru", "lru+prefetch", "naive", "worker", "workers")  # take @E[/A] bits
 LLAMA_CPP_TYPES = ("BF16", "F32", "Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M")
 REAL_LAYERS = {"qwen3-30b-a3b": 48}  # the real model's layer count, to project per-layer rates to
+# --budget-sweep: fractions of all experts' bytes (in the form they are computed in), and the policies compared
+DEFAULT_SWEEP = (0.1, 0.25, 0.5, 0.75, 1.0)
+SWEEP_POLICIES = ("lru", "global-lru", "global-lfru")
 
 
 def base_name(system: str) -> str:
@@ -62,6 +65,57 @@ def _positive(text: str) -> int:
 
 def _nonnegative(text: str) -> int:
     return 0 if text.strip() == "0" else _positive(text)
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """'0.1,0.25,1' or '10%,25%,100%' -> (0.1, 0.25, 1.0): budgets as fractions of all experts' bytes, each in (0, 1],
+    ascending, none twice."""
+    out = []
+    for item in (t.strip() for t in str(text).split(",")):
+        if not item:
+            continue
+        try:
+            value = float(item[:-1]) / 100 if item.endswith("%") else float(item)
+        except ValueError:
+            raise ValueError(f"--budget-sweep: expected fractions of the experts' bytes such as 0.1,0.25,1.0 (or "
+                             f"10%,25%,100%), got {item!r}") from None
+        if not 0.0 < value <= 1.0:  # also refuses nan and inf
+            raise ValueError(f"--budget-sweep: a budget is a fraction of all experts' bytes in (0, 1] (1.0 = every "
+                             f"expert resident), got {item!r}")
+        out.append(value)
+    if not out:
+        raise ValueError("--budget-sweep: expected at least one fraction, e.g. 0.1,0.25,0.5,0.75,1.0")
+    if len(set(out)) != len(out):
+        raise ValueError(f"--budget-sweep lists a budget twice: {text!r}")
+    return tuple(sorted(out))
+
+
+def parse_policies(text: str) -> tuple[str, ...]:
+    """'lru,global-lru' -> the policies the sweep compares, each known and keeping experts between steps."""
+    from ..offload_core.config import POLICIES
+
+    names = tuple(dict.fromkeys(t.strip() for t in str(text).split(",") if t.strip()))
+    if not names:
+        raise ValueError(f"--policies: expected a comma-separated list, e.g. {','.join(SWEEP_POLICIES)}")
+    for name in names:
+        if name == "none":
+            raise ValueError("--policies: 'none' keeps no expert between steps, so a budget means nothing to it")
+        if name not in POLICIES:
+            raise ValueError(f"--policies: unknown policy {name!r}: expected some of "
+                             f"{[p for p in POLICIES if p != 'none']}")
+    return names
+
+
+def _argparse_type(parse):
+    def wrapped(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            message = str(e)  # argparse names the flag itself: drop ours
+            raise argparse.ArgumentTypeError(message.split(" ", 1)[1].removeprefix(": ") if message.startswith("--")
+                                             else message) from None
+    wrapped.__name__ = parse.__name__.removeprefix("parse_")  # argparse names the type in its messages
+    return wrapped
 
 
 def add_bench_command(commands: argparse._SubParsersAction) -> None:
@@ -126,5 +180,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --concurrency: instead, every chat starts with the same N-token system prompt (e.g. "
                         "512) and each system is served with the prefix cache and without: time to first token of "
                         "repeated requests, prompt tokens reused, tokens computed and expert bytes per request")
+    p.add_argument("--budget-sweep", type=_argparse_type(parse_fractions), nargs="?", default=None,
+                   const=DEFAULT_SWEEP, metavar="FRACTIONS",
+                   help="instead: decode at several expert-memory budgets, as fractions of all experts' bytes in the "
+                        "form they are computed in (10%%,25%% also read), with each of --policies, interleaved "
+                        "within each budget; prints tokens/s and hit rate per budget and policy, the 25%% budget's "
+                        "verdict against per-layer lru, and writes JSON and a two-panel PNG (default fractions: "
+                        f"{','.join(map(str, DEFAULT_SWEEP))}; --json / --plot default to the work folder)")
+    p.add_argument("--policies", type=_argparse_type(parse_policies), default=None, metavar="LIST",
+                   help=f"with --budget-sweep: the cache policies compared (default {','.join(SWEEP_POLICIES)}); "
+                        "lru and router split the bytes evenly over the layers, global-* share them; each prefetches "
+                        "--prefetch experts")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the benchmark model is written and reused (default: the system's temp dir)")

@@ -122,3 +122,79 @@ def test_shared_prefix_without_concurrency_is_refused(capsys):
 
     assert main(["bench", "--shared-prefix", "64", "--quiet"]) == 2
     assert "--shared-prefix is a scenario of the concurrency bench: give --concurrency" in capsys.readouterr().err
+
+
+# four tiny models, two rounds of three tokens each: ~2 s (plus transformers' import when it runs first)
+def test_budget_sweep_small(tmp_path, capsys):
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    code = main(["bench", "--budget-sweep", "25%,1.0", "--policies", "lru,global-lru", "--prefetch", "0",
+                 "--hidden", "64", "--intermediate", "128", "--layers", "2", "--tokens", "3", "--prompt-tokens", "6",
+                 "--warmup", "1", "--repeats", "2", "--workdir", str(tmp_path / "work"), "--json", str(out),
+                 "--plot", str(png)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    experts = report["model"]["experts"]  # 2 layers x 8
+    assert experts == 16 and report["policies"] == ["lru", "global-lru"]
+    by = {(r["policy"], r["fraction"]): r for r in report["runs"]}
+    assert set(by) == {("lru", 0.25), ("global-lru", 0.25), ("lru", 1.0), ("global-lru", 1.0)}
+    # the bytes buy slots: a quarter of 16 experts is 4, two per layer for per-layer lru, 4 shared for global-lru
+    assert by["lru", 0.25]["slots_per_layer"] == 2 and by["global-lru", 0.25]["rows"] == 4
+    assert by["lru", 1.0]["slots_per_layer"] == 8 and by["global-lru", 1.0]["rows"] == 16
+    for run in report["runs"]:
+        assert 0.0 <= run["hit_rate"] <= 1.0 and 0.0 <= run["hit_rate_with_prefill"] <= 1.0
+        assert run["rows"] * report["model"]["expert_bytes"] <= run["expert_memory"]
+        assert run["tokens_match_reference"] is True, run["name"]  # a cache never changes the tokens
+        spread = run["decode_tok_s_spread"]
+        assert spread["n"] == 2 and spread["min"] <= run["decode_tok_s"] <= spread["max"]
+    for policy in ("lru", "global-lru"):
+        full, quarter = by[policy, 1.0], by[policy, 0.25]
+        # every expert resident: nothing is ever evicted, so each misses at most once, on its first use
+        assert full["misses_since_load"] <= experts and full["bytes_per_token"] <= quarter["bytes_per_token"]
+        # without prefetch, whatever hits in a smaller cache was used before, so it is resident in the full one
+        assert full["hit_rate"] >= quarter["hit_rate"]
+    verdict = report["verdict"]
+    assert verdict["fraction"] == 0.25 and verdict["policies"]["lru"]["speed_vs_lru"] == 1.0
+    gain = verdict["policies"]["global-lru"]["hit_rate_minus_lru"]
+    assert gain == pytest.approx(by["global-lru", 0.25]["hit_rate"] - by["lru", 0.25]["hit_rate"])
+    assert png.stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "decode tok/s" in printed and "at the 25% budget" in printed and "global-lru" in printed
+
+
+@pytest.mark.parametrize("bad, why", [("0", "in (0, 1]"), ("1.5", "in (0, 1]"), ("120%", "in (0, 1]"),
+                                      ("0.1,-0.5", "in (0, 1]"), ("nan", "in (0, 1]"), ("many", "expected fractions"),
+                                      ("0.5,50%", "lists a budget twice")])
+def test_budget_sweep_refuses_a_bad_fraction(bad, why, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", f"--budget-sweep={bad}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --budget-sweep" in err and why in err, err
+
+
+def test_budget_sweep_fractions_and_policies_parse():
+    from moeshard.benchmarks.cli import DEFAULT_SWEEP, parse_fractions, parse_policies
+
+    assert parse_fractions("1,10%, 0.25") == (0.1, 0.25, 1.0)
+    assert DEFAULT_SWEEP == (0.1, 0.25, 0.5, 0.75, 1.0)
+    assert parse_policies("lru, global-lfru") == ("lru", "global-lfru")
+    for bad in ("none", "mru", ""):
+        with pytest.raises(ValueError, match="--policies"):
+            parse_policies(bad)
+
+
+def test_budget_sweep_refuses_flags_it_sets_itself(capsys):
+    assert main(["bench", "--budget-sweep", "--slots-per-layer", "2", "--quiet"]) == 2
+    assert "--budget-sweep sets the memory itself" in capsys.readouterr().err
+    assert main(["bench", "--policies", "lru", "--quiet"]) == 2
+    assert "give --budget-sweep too" in capsys.readouterr().err
+
+
+def test_budget_sweep_without_matplotlib_says_which_extra(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from moeshard.benchmarks.bench import plot_sweep
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert plot_sweep({}, tmp_path / "sweep.png") is False
+    assert "pip install 'moeshard[bench]'" in capsys.readouterr().out and not (tmp_path / "sweep.png").exists()
