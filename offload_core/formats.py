@@ -17,6 +17,9 @@ from .quant import HQQExpertFormat, compute_kernels
 __all__ = ["DenseFormat", "PackedLayout", "expert_format"]
 
 
+SPARSE_SPAN = 8  # a grouped call spanning more slots than this many per expert computed runs one call per expert
+
+
 class DenseFormat:
     """Experts kept in a floating-point dtype (no quantization): bit-exact with transformers."""
 
@@ -57,7 +60,13 @@ class DenseFormat:
     def forward_grouped(self, math: ExpertMath, slab: torch.Tensor, index: list[int], counts: list[int],
                         x: torch.Tensor) -> torch.Tensor:
         """Rows `x` [S, D] grouped by expert, `counts[i]` of them for the expert in slot `index[i]` of `slab`:
-        one grouped matmul per projection over strided views of the slots (nothing is copied)."""
+        one grouped matmul per projection over strided views of the slots (nothing is copied), over the rows from the
+        first slot used to the last. A grouped matmul pays for every group in that span, empty or not: where a
+        cache shared by every layer scatters a layer's experts over a large slab, one call per expert is cheaper."""
+        lo, hi = index[0], index[-1]  # ascending: the caller sorts the wave by slot
+        if hi - lo + 1 > SPARSE_SPAN * len(index):
+            return torch.cat([self.forward(math, slab[i], part) for i, part in zip(index, x.split(counts))])
+        slab, index = slab[lo:hi + 1], [i - lo for i in index]
         k = slab.shape[0]
         per_slot = [0] * k
         for i, c in zip(index, counts):
