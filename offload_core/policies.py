@@ -67,7 +67,9 @@ class RouterPolicy:
         self.scores = [0.0] * num_experts  # P(next) per expert, from the last plan(); all equal before the first
         self._last: list[int] = []
 
-    def plan(self, needed: list[int], resident: list[int], capacity: int) -> set[int]:
+    def plan(self, needed: list[int], resident: list[int], capacity: int) -> set[int] | None:
+        if capacity >= len(self.scores):  # every expert fits: nothing to choose, nothing to learn for it
+            return None
         counts = self.transitions
         counts.mul_(self.decay)
         for a in self._last:
