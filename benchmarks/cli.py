@@ -17,7 +17,7 @@ LLAMA_CPP_TYPES = ("BF16", "F32", "Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M")
 REAL_LAYERS = {"qwen3-30b-a3b": 48}  # the real model's layer count, to project per-layer rates to
 # --budget-sweep: fractions of all experts' bytes (in the form they are computed in), and the policies compared
 DEFAULT_SWEEP = (0.1, 0.25, 0.5, 0.75, 1.0)
-SWEEP_POLICIES = ("lru", "global-lru", "global-lfru")
+SWEEP_POLICIES = ("lru", "router", "global-lru", "global-lfru")
 
 
 def base_name(system: str) -> str:

@@ -34,7 +34,7 @@ POLICIES = {
     "global-lfru": "one cache for every layer's experts: evict the expert with the fewest recent uses (a use count "
                    "that halves every few hundred tokens), the least recently used among equals",
 }
-DEFAULT_POLICY = "lru"  # chosen by measurement: README "Expert memory and cache policies"
+DEFAULT_POLICY = "router"  # chosen by measurement: README "Expert memory and cache policies"
 GLOBAL_POLICIES = ("global-lru", "global-lfru")  # one budget of slots shared by all layers; the others: k per layer
 
 

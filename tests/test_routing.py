@@ -219,8 +219,8 @@ def test_cache_report_budgets_and_gaps():
 @pytest.fixture(scope="module")
 def tiny_qwen3(tmp_path_factory):
     """A tiny random Qwen3-MoE checkpoint (layer 1 dense) with a tokenizer and a held-out text."""
-    from tests.conftest import TOKENIZER_TEXT, save_tiny_tokenizer
-    from tests.families import make_family_checkpoint
+    from .conftest import TOKENIZER_TEXT, save_tiny_tokenizer
+    from .families import make_family_checkpoint
 
     path = make_family_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3_moe", seed=3, vocab_size=300)
     save_tiny_tokenizer(path)
