@@ -152,6 +152,7 @@ def test_a_bad_expert_memory_is_refused_by_name(bad):
     assert err.value.setting == "expert_memory"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["global-lru", "global-lfru", "lru"])
 def test_byte_budgets_on_the_demo_model_decode_transformers_tokens(demo_reference, policy):
     ids, expected, experts = demo_reference
