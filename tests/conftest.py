@@ -2,6 +2,7 @@
 a tiny tokenizer, and the cleanup of any child process a test left running."""
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,6 +61,21 @@ def reference():
 
 TOKENIZER_TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"
                   "        self.x = x\n        self.y = y\n\nfor i in range(10):\n    print(i)\n") * 20
+
+
+@functools.lru_cache(maxsize=4)
+def demo_greedy(prompt: str, new_tokens: int):
+    """(prompt ids, transformers' greedy tokens after them in fp32, experts per layer) on the bundled demo model."""
+    from transformers import AutoTokenizer
+
+    from moeshard.offload_core.demo import demo_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ref = MixtralForCausalLM.from_pretrained(demo_model_path(), dtype=torch.float32).eval()
+    tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False)
+    return ids, tokens, ref.config.num_local_experts
 
 
 def save_tiny_tokenizer(path, vocab_size: int = 300, chat_template: str | None = None) -> None:

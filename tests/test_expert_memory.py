@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, MixtralForCausalLM
 
 from moeshard.cli import main
 from moeshard.offload_core import load_model
@@ -14,6 +13,7 @@ from moeshard.offload_core.policies import GlobalLFRUPolicy
 from moeshard.offload_core.slots import Loader, build_slots
 from moeshard.offload_core.stores import DiskStore
 
+from .conftest import demo_greedy
 from .test_cache import NBYTES, StampSource
 
 DEMO = demo_model_path()
@@ -23,12 +23,7 @@ NEW = 12
 
 @pytest.fixture(scope="module")
 def demo_reference():
-    tokenizer = AutoTokenizer.from_pretrained(DEMO)
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    ref = MixtralForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
-    tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
-                          do_sample=False)
-    return ids, tokens, ref.config.num_local_experts
+    return demo_greedy(PROMPT, NEW)
 
 
 def make_global(rows, layers=(0, 1, 2), policy="global-lru", experts=8):

@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, MixtralForCausalLM
 
 from moeshard.cli import main
 from moeshard.offload_core import load_model
 from moeshard.offload_core.config import POLICIES
 from moeshard.offload_core.demo import demo_model_path
+
+from .conftest import demo_greedy
 
 DEMO = demo_model_path()
 PROMPT = "def fibonacci(n):"
@@ -18,12 +19,7 @@ NEW = 32
 
 @pytest.fixture(scope="module")
 def demo_reference():
-    tokenizer = AutoTokenizer.from_pretrained(DEMO)
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    ref = MixtralForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
-    tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
-                          do_sample=False)
-    return ids, tokens, ref.config.num_local_experts
+    return demo_greedy(PROMPT, NEW)
 
 
 @pytest.mark.slow
