@@ -215,6 +215,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     p.add_argument("--expert-memory", type=_expert_memory, default=None, metavar="SIZE",
                    help="an --expert-memory budget, e.g. 4GiB: how many experts it holds at each bit width, and the "
                         "equivalent slots per layer")
+    p.add_argument("--routing", type=Path, default=None, metavar="JSON",
+                   help="with --expert-memory: routing statistics of this model (the JSON `python -m "
+                        "moeshard.benchmarks.routing --model M --json FILE` writes) to read each policy's expected hit "
+                        "rate at that budget from")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--verbose", action="store_true", help="log details (and tracebacks on errors)")

@@ -424,7 +424,16 @@ def cmd_info(args) -> int:
             raise UsageError(f"--memory: {exc}") from None
     if args.expert_memory == "auto" or isinstance(args.expert_memory, tuple):
         raise UsageError("info --expert-memory takes one size (e.g. 4GiB): 'auto' depends on the machine that runs it")
-    report = describe_checkpoint(model_folder(args), memory, args.expert_memory)
+    if args.routing is not None and args.expert_memory is None:
+        raise UsageError("--routing needs --expert-memory: the hit rates it holds are read at that budget")
+    routing = None
+    if args.routing is not None:
+        try:
+            routing = json.loads(args.routing.read_text())["cache"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--routing {str(args.routing)!r}: expected the JSON report of moeshard.benchmarks.routing "
+                             f"(with its \"cache\" section): {exc}") from None
+    report = describe_checkpoint(model_folder(args), memory, args.expert_memory, routing)
     print(json.dumps(report) if args.json else format_info(report))
     return 0
 

@@ -10,12 +10,15 @@ import math
 from pathlib import Path
 
 from .checkpoint import SAFETENSORS_DTYPES, Checkpoint
-from .config import ALLOWED_BITS, QuantConfig, dtype_name, human_bytes, resolve_dtype
+from .config import ALLOWED_BITS, GLOBAL_POLICIES, QuantConfig, dtype_name, human_bytes, resolve_dtype
 from .families import VERIFIED_FAMILIES, open_layout
 from .formats import expert_format
 
 
-def describe_checkpoint(path: Path, memory: int | None = None, expert_memory: int | None = None) -> dict:
+def describe_checkpoint(path: Path, memory: int | None = None, expert_memory: int | None = None,
+                        routing: dict | None = None) -> dict:
+    """The report behind `info`; `routing`: the "cache" section of a routing benchmark's report on this model (hit
+    rates per budget share and policy), read at each bit width's share of `expert_memory`."""
     ckpt = Checkpoint(path)
     config, layout = open_layout(ckpt)
     dtype = resolve_dtype(None, config)
@@ -48,7 +51,28 @@ def describe_checkpoint(path: Path, memory: int | None = None, expert_memory: in
         report["expert_memory"] = expert_memory
         report["buys"] = {bits: _buys(expert_memory, info["bytes"], len(layout.sparse_layers), layout.num_experts)
                           for bits, info in per_expert.items() if "bytes" in info}
+        if routing:
+            for buy in report["buys"].values():  # a per-layer policy uses only whole slots per layer
+                per_layer = expected_hit_rates(routing, buy["per_layer"] / layout.num_experts)
+                shared = expected_hit_rates(routing, buy["share"])
+                buy["expected_hit_rate"] = {p: (shared if p in GLOBAL_POLICIES else per_layer)[p] for p in shared}
     return report
+
+
+def expected_hit_rates(routing: dict, share: float) -> dict[str, float]:
+    """Each policy's hit rate at `share` of the experts, interpolated linearly between the measured budgets of a routing
+    report's "cache" section ({"25%": {"hit_rate": {policy: rate}}}), from 0 at none to 1 at every expert."""
+    points = sorted((float(name.rstrip("%")) / 100, budget["hit_rate"]) for name, budget in routing.items())
+    policies = [p for p in points[0][1] if all(p in rates for _, rates in points)]
+    out = {}
+    for policy in policies:
+        xs = [0.0] + [x for x, _ in points] + [1.0]
+        ys = [0.0] + [rates[policy] for _, rates in points] + [1.0]
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if x0 <= share <= x1:
+                out[policy] = y0 + (y1 - y0) * (share - x0) / (x1 - x0) if x1 > x0 else y1
+                break
+    return out
 
 
 def _buys(budget: int, expert: int, layers: int, experts: int) -> dict:
@@ -96,6 +120,10 @@ def format_info(r: dict) -> str:
             lines.append(f"    {bits:>2}-bit experts: {buy['slots']} of {r['experts']} ({buy['share']:.0%}); "
                          + (f"{buy['per_layer']} per layer with a per-layer policy" if buy["per_layer"] else
                             "fewer than one per layer: only a global policy (global-lru) runs in it"))
+            if buy.get("expected_hit_rate"):
+                lines.append("       expected hit rate without prefetch: " + ", ".join(
+                    f"{policy} {rate:.2f}" for policy, rate in buy["expected_hit_rate"].items()
+                    if policy in ("lru", "router", "global-lru", "global-lfru")))
         lines.append("    (a slot holds the compute form: on CPU, 3-bit codes widen to 4 bits; the start-up line says "
                      "what a run bought)")
     return "\n".join(lines)

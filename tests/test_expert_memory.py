@@ -260,3 +260,25 @@ def test_expert_slots_on_two_gpus_decode_transformers_tokens(demo_reference):
         tokens = om.generate(ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), max_new_tokens=NEW,
                              min_new_tokens=NEW, do_sample=False)
         assert torch.equal(tokens.cpu(), expected)
+
+
+def test_info_reads_expected_hit_rates_from_routing_statistics(tmp_path, capsys):
+    from moeshard.offload_core.model_info import expected_hit_rates
+
+    cache = {"25%": {"hit_rate": {"lru": 0.4, "global-lru": 0.3}}, "50%": {"hit_rate": {"lru": 0.6, "global-lru": 0.7}}}
+    rates = expected_hit_rates(cache, 0.375)
+    assert rates == pytest.approx({"lru": 0.5, "global-lru": 0.5})
+    assert expected_hit_rates(cache, 0.125) == pytest.approx({"lru": 0.2, "global-lru": 0.15})
+    assert expected_hit_rates(cache, 0.75) == pytest.approx({"lru": 0.8, "global-lru": 0.85})
+    report = tmp_path / "routing.json"
+    report.write_text(json.dumps({"cache": cache}))
+    # the demo model's 16-bit expert is 252 KiB: 16 of its 32 experts = 4 per layer, 50% for either kind of policy
+    assert main(["info", "--expert-memory", f"{16 * 252}KiB", "--routing", str(report), "--json"]) == 0
+    buys = json.loads(capsys.readouterr().out)["buys"]["16"]
+    assert buys["slots"] == 16 and buys["per_layer"] == 4
+    assert buys["expected_hit_rate"] == pytest.approx({"lru": 0.6, "global-lru": 0.7})
+    report.write_text("{}")
+    assert main(["info", "--expert-memory", "1MiB", "--routing", str(report)]) == 2
+    assert "expected the JSON report of moeshard.benchmarks.routing" in capsys.readouterr().err
+    assert main(["info", "--routing", str(report)]) == 2
+    assert "--routing needs --expert-memory" in capsys.readouterr().err
