@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HOST:PORT to listen on (default 127.0.0.1:50051, loopback only; port 0 picks a free one)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--memory", type=parse_size, default=None, metavar="SIZE",
-                   help="memory offered for hosted experts, e.g. 12GiB (default: 80%% of what is free)")
+                   help="memory for the experts this worker hosts, e.g. 12GiB: their copies in RAM (--store ram), "
+                        "and with the rest its expert slots, in bytes of the form they are computed in, as the "
+                        "coordinator's --expert-memory (default: 80%% of what is free)")
     p.add_argument("--disk", type=parse_size, default=None, metavar="SIZE",
                    help="disk offered for received experts, every model's together, e.g. 100GiB (default: no limit "
                         "but the disk's)")
@@ -52,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let a coordinator of another model take this worker over (default: the first coordinator "
                         "to join keeps it until the worker restarts; received experts of other models stay on disk)")
     p.add_argument("--slots-per-layer", type=_positive_int, default=None, metavar="K",
-                   help="the most experts kept on the device per layer (the LRU cache) a coordinator may ask for "
-                        "(default: as many as it asks, within --memory)")
+                   help="at most this many expert slots per layer (default: as many as --memory buys, at most the "
+                        "experts it hosts in a layer)")
     p.add_argument("--store", choices=["ram", "disk"], default="ram",
                    help="hosted experts in RAM (default) or read from disk on every miss")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

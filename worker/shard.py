@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,11 +257,14 @@ class ExpertShard:
                                f"{mib(self.capacity_bytes)} (raise its --memory, lower its --slots-per-layer, or give "
                                "it fewer experts)")
 
-    def slots_for(self, count: int, wanted: int) -> int:
-        """The slots per layer to compute `count` hosted experts with when a coordinator asks for `wanted`: as many,
-        within this worker's --slots-per-layer, the experts per layer, and its memory (at least 1)."""
-        k = min(wanted, self.cfg.max_slots_per_layer or wanted, self.layout.num_experts)
-        held, per_slot = self._memory_needed(count, 1)
+    def slots_for(self, keys, wanted: int) -> int:
+        """The slots per layer to compute hosted `keys` with: the memory left once their RAM copies are counted buys
+        slots, bytes not a count, as the coordinator's --expert-memory does (a coordinator's `wanted` is what it
+        planned room for: a worker with more memory computes with more, one with less with fewer); never more than
+        it hosts in a layer, nor its --slots-per-layer, and at least 1."""
+        most = max(Counter(key.layer for key in keys).values(), default=1)
+        k = min(self.cfg.max_slots_per_layer or most, most)
+        held, per_slot = self._memory_needed(len(keys), 1)
         room = (self.capacity_bytes - held) // max(per_slot, 1)
         return max(1, min(k, room))
 
@@ -269,14 +273,15 @@ class ExpertShard:
         checked against memory (and disk, for what must still be received) before anything moves. Returns
         (experts to receive, bytes already held, slots per layer computed with from now on)."""
         keys = frozenset(self.check_key(*k) for k in keys)
-        k = self.slots_for(len(keys), slots_per_layer) if slots_per_layer > 0 else self.backend.slots_per_layer
+        k = self.slots_for(keys, slots_per_layer) if slots_per_layer > 0 else self.backend.slots_per_layer
         self._check_memory(len(keys), "hosting", k)
         missing = self.received.missing(keys) if self.received is not None else []
         if missing:  # other models' folders are removed if that makes room; each write reserves its own again
             self.received.disk.room(len(missing) * self.received.file_bytes, self.fingerprint, f"{len(missing)} experts")
         self.share = keys
         if k != self.backend.slots_per_layer:
-            logger.info("computing with %d slots per layer (the coordinator asked for %d)", k, slots_per_layer)
+            logger.info("computing with %d slots per layer, what its --memory buys (the coordinator planned for %d)", k,
+                        slots_per_layer)
             with self._lock:
                 self.backend.set_slots(k)
         return missing, (len(keys) - len(missing)) * self.expert_bytes, k
