@@ -161,7 +161,9 @@ def test_a_damaged_expert_is_never_served_and_a_join_asks_for_it_again(om, pushe
 
 
 def test_a_coordinator_keeps_its_tokens_while_damaged_experts_are_sent_again(tiny_ckpt, tmp_path):
-    cfg = ShardConfig(offload=OffloadConfig(store="disk", prefetch=0, cache_dir=tmp_path), memory_bytes=256 << 20)
+    # Two slots a layer (its memory would buy one for every expert it hosts, which are then never read again)
+    cfg = ShardConfig(offload=OffloadConfig(store="disk", prefetch=0, cache_dir=tmp_path), memory_bytes=256 << 20,
+                      max_slots_per_layer=2)
     prompt = torch.tensor([[1, 17, 42, 5, 88, 23, 61, 9]])
     with InProcessWorker(cfg) as w, load_model(tiny_ckpt, slots_per_layer=2, prefetch=0) as model:
         cluster = join_workers(model, ClusterConfig(ClusterSpec((w.address,), local_share=0.0), FAST, probe_max_s=0.5))
