@@ -125,6 +125,7 @@ def test_shared_prefix_without_concurrency_is_refused(capsys):
 
 
 # four tiny models, two rounds of three tokens each: ~2 s (plus transformers' import when it runs first)
+@pytest.mark.slow
 def test_budget_sweep_small(tmp_path, capsys):
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     code = main(["bench", "--budget-sweep", "25%,1.0", "--policies", "lru,global-lru", "--prefetch", "0",

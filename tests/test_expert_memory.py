@@ -166,7 +166,7 @@ def test_byte_budgets_on_the_demo_model_decode_transformers_tokens(demo_referenc
                     assert total.misses <= layers * experts
 
 
-@pytest.mark.parametrize("policy", ["global-lru", "global-lfru"])
+@pytest.mark.parametrize("policy", ["global-lru", pytest.param("global-lfru", marks=pytest.mark.slow)])
 def test_cli_expert_memory_with_each_global_policy(demo_reference, capsys, policy):
     ids, expected, _ = demo_reference
     code = main(["generate", "--policy", policy, "--expert-memory", "600KiB", "--prompt", PROMPT,

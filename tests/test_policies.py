@@ -7,7 +7,7 @@ import torch
 
 from moeshard.cli import main
 from moeshard.offload_core import load_model
-from moeshard.offload_core.config import POLICIES
+from moeshard.offload_core.config import DEFAULT_POLICY, POLICIES
 from moeshard.offload_core.demo import demo_model_path
 
 from .conftest import demo_greedy
@@ -42,7 +42,8 @@ def test_every_policy_k_and_prefetch_on_the_demo_model(demo_reference, policy):
                     assert total.predicted > 0
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("policy", [p if p == DEFAULT_POLICY else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in POLICIES])  # the default in the fast subset, every one in the suite
 @pytest.mark.parametrize("k, m", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_cli_generate_with_each_policy_on_the_demo_model(demo_reference, capsys, policy, k, m):
     """`moe-coordinator generate --policy router --slots-per-layer 2 --prefetch 1` crashed with an IndexError
