@@ -36,6 +36,7 @@ class Membership:
         self.expert_bytes = fmt.layout.nbytes
         self.slot_bytes = om.slot_bytes  # a worker on the same kind of device computes alike
         self.slots_per_layer = om.config.slots_per_layer
+        self.policy = om.config.policy  # workers evict as the coordinator does
         self.num_experts, self.num_layers = om.layout.num_experts, len(om.layout.sparse_layers)
         self.hidden_size = om.layout.hidden_size
         self.source = om.expert_source()
@@ -86,7 +87,7 @@ class Membership:
         client = backend.client
         asked = self.slots_per_layer
         try:
-            missing, held, slots = client.join(self.description, owned, asked)
+            missing, held, slots = client.join(self.description, owned, asked, self.policy)
         except grpc.RpcError as exc:
             raise ClusterError(f"worker {name} refused to join: {describe_error(exc)}") from exc
         backend.slots_per_layer = slots or backend.slots_per_layer  # prefetch hints to it are capped at its slots

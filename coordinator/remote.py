@@ -208,12 +208,13 @@ class WorkerClient:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    def join(self, description: dict, keys, slots_per_layer: int = 0) -> tuple[list[ExpertKey], int, int]:
-        """Tell the worker the model, its share and the slots per layer to compute with (0: its own); returns
-        (experts it lacks, bytes of the share it holds, the slots per layer it computes with)."""
+    def join(self, description: dict, keys, slots_per_layer: int = 0, policy: str = "") -> tuple[list[ExpertKey], int,
+                                                                                                int]:
+        """Tell the worker the model, its share, the slots per layer planned (0: its own) and the eviction policy
+        ("": its own); returns (experts it lacks, bytes of the share it holds, the slots per layer it computes with)."""
         req = pb.JoinRequest(fingerprint=self.fingerprint, description=description_to_pb(description),
                              experts=[pb.ExpertId(layer=k.layer, expert=k.expert) for k in sorted(keys)],
-                             slots_per_layer=slots_per_layer)
+                             slots_per_layer=slots_per_layer, policy=policy)
         reply = self.stub.Join(req, timeout=self.cfg.control_timeout_s, metadata=self.metadata)
         return [ExpertKey(e.layer, e.expert) for e in reply.missing], reply.held_bytes, reply.slots_per_layer
 

@@ -106,6 +106,12 @@ class LocalExperts:
             return
         self._build(slots_per_layer=slots_per_layer)
 
+    def set_policy(self, policy: str) -> None:
+        """Evict by `policy` from now on (a worker told so by its coordinator), with as many slots: they start empty."""
+        if policy != self.policy:
+            self.policy = policy
+            self._build(slots_per_layer=self.slots_per_layer)
+
     def reset_layer(self, layer: int) -> None:
         """Forget what `layer`'s slots hold (one of its loads failed, which breaks that slot's chain of loads)."""
         if layer in self.slots:

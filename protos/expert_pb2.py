@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoeshard/protos/expert.proto\x12\x0bmoeshard.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\")\n\x08\x45xpertId\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\"\r\n\x0bInfoRequest\"\xe4\x02\n\x0cInfoResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12%\n\x06hosted\x18\x02 \x03(\x0b\x32\x15.moeshard.v1.ExpertId\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x03\x12\x14\n\x0c\x65xpert_bytes\x18\x05 \x01(\x03\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nnum_layers\x18\x07 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x08 \x01(\x05\x12\x13\n\x0bhidden_size\x18\t \x01(\x05\x12\x17\n\x0fslots_per_layer\x18\n \x01(\x05\x12\x15\n\rexpert_format\x18\x0b \x01(\t\x12\x12\n\nmax_tokens\x18\x0c \x01(\x05\x12\x16\n\x0eown_checkpoint\x18\r \x01(\x08\x12\x12\n\ndisk_bytes\x18\x0e \x01(\x03\x12\x1b\n\x13max_slots_per_layer\x18\x0f \x01(\x05\"h\n\x10ModelDescription\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\x12)\n\x06\x66ormat\x18\x02 \x01(\x0b\x32\x19.moeshard.v1.ExpertFormat\x12\x14\n\x0c\x65xpert_bytes\x18\x03 \x01(\x03\"\x91\x01\n\x0c\x45xpertFormat\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x62its\x18\x03 \x01(\x05\x12\x12\n\ngroup_size\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\x05\x12\x0c\n\x04\x61xis\x18\x06 \x01(\x05\x12\x0f\n\x07packing\x18\x07 \x01(\t\x12\x12\n\nmeta_dtype\x18\x08 \x01(\t\"\x9d\x01\n\x0bJoinRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x32\n\x0b\x64\x65scription\x18\x05 \x01(\x0b\x32\x1d.moeshard.v1.ModelDescription\x12&\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x15.moeshard.v1.ExpertId\x12\x17\n\x0fslots_per_layer\x18\x04 \x01(\x05J\x04\x08\x02\x10\x03\"c\n\x0cJoinResponse\x12&\n\x07missing\x18\x01 \x03(\x0b\x32\x15.moeshard.v1.ExpertId\x12\x12\n\nheld_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fslots_per_layer\x18\x03 \x01(\x05\"w\n\x0b\x45xpertChunk\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12%\n\x06\x65xpert\x18\x02 \x01(\x0b\x32\x15.moeshard.v1.ExpertId\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\".\n\x0cPushResponse\x12\x0f\n\x07\x65xperts\x18\x01 \x01(\x05\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\"\x85\x01\n\x0eSessionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12-\n\x03run\x18\x02 \x01(\x0b\x32\x1e.moeshard.v1.RunExpertsRequestH\x00\x12\x30\n\x08prefetch\x18\x03 \x01(\x0b\x32\x1c.moeshard.v1.PrefetchRequestH\x00\x42\x06\n\x04kind\"j\n\x0fSessionResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12,\n\x03run\x18\x02 \x01(\x0b\x32\x1f.moeshard.v1.RunExpertsResponse\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"L\n\rAssignRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12&\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x15.moeshard.v1.ExpertId\"7\n\x0e\x41ssignResponse\x12%\n\x06hosted\x18\x01 \x03(\x0b\x32\x15.moeshard.v1.ExpertId\"\xaf\x01\n\x11RunExpertsRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x04 \x03(\x05\x12#\n\x06hidden\x18\x05 \x01(\x0b\x32\x13.moeshard.v1.Tensor\x12\x16\n\x0eprefetch_layer\x18\x06 \x01(\x05\x12\x18\n\x10prefetch_experts\x18\x07 \x03(\x05\"W\n\x12RunExpertsResponse\x12#\n\x06output\x18\x01 \x01(\x0b\x32\x13.moeshard.v1.Tensor\x12\x0c\n\x04hits\x18\x02 \x01(\x05\x12\x0e\n\x06misses\x18\x03 \x01(\x05\"F\n\x0fPrefetchRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\x05\"\"\n\x10PrefetchResponse\x12\x0e\n\x06issued\x18\x01 \x01(\x05\"\x0e\n\x0cStatsRequest\"\xb5\x01\n\rStatsResponse\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x0c\n\x04hits\x18\x03 \x01(\x03\x12\x0e\n\x06misses\x18\x04 \x01(\x03\x12\x17\n\x0fprefetch_issued\x18\x05 \x01(\x03\x12\x15\n\rprefetch_used\x18\x06 \x01(\x03\x12\x14\n\x0c\x62ytes_loaded\x18\x07 \x01(\x03\x12\x0e\n\x06\x62usy_s\x18\x08 \x01(\x01\x12\x0e\n\x06\x65rrors\x18\t \x01(\x03\x32\xb4\x04\n\rExpertService\x12;\n\x04Info\x12\x18.moeshard.v1.InfoRequest\x1a\x19.moeshard.v1.InfoResponse\x12;\n\x04Join\x12\x18.moeshard.v1.JoinRequest\x1a\x19.moeshard.v1.JoinResponse\x12\x44\n\x0bPushExperts\x12\x18.moeshard.v1.ExpertChunk\x1a\x19.moeshard.v1.PushResponse(\x01\x12\x41\n\x06\x41ssign\x12\x1a.moeshard.v1.AssignRequest\x1a\x1b.moeshard.v1.AssignResponse\x12M\n\nRunExperts\x12\x1e.moeshard.v1.RunExpertsRequest\x1a\x1f.moeshard.v1.RunExpertsResponse\x12H\n\x07Session\x12\x1b.moeshard.v1.SessionRequest\x1a\x1c.moeshard.v1.SessionResponse(\x01\x30\x01\x12G\n\x08Prefetch\x12\x1c.moeshard.v1.PrefetchRequest\x1a\x1d.moeshard.v1.PrefetchResponse\x12>\n\x05Stats\x12\x19.moeshard.v1.StatsRequest\x1a\x1a.moeshard.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoeshard/protos/expert.proto\x12\x0bmoeshard.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\")\n\x08\x45xpertId\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\"\r\n\x0bInfoRequest\"\xe4\x02\n\x0cInfoResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12%\n\x06hosted\x18\x02 \x03(\x0b\x32\x15.moeshard.v1.ExpertId\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x03\x12\x14\n\x0c\x65xpert_bytes\x18\x05 \x01(\x03\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nnum_layers\x18\x07 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x08 \x01(\x05\x12\x13\n\x0bhidden_size\x18\t \x01(\x05\x12\x17\n\x0fslots_per_layer\x18\n \x01(\x05\x12\x15\n\rexpert_format\x18\x0b \x01(\t\x12\x12\n\nmax_tokens\x18\x0c \x01(\x05\x12\x16\n\x0eown_checkpoint\x18\r \x01(\x08\x12\x12\n\ndisk_bytes\x18\x0e \x01(\x03\x12\x1b\n\x13max_slots_per_layer\x18\x0f \x01(\x05\"h\n\x10ModelDescription\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\x12)\n\x06\x66ormat\x18\x02 \x01(\x0b\x32\x19.moeshard.v1.ExpertFormat\x12\x14\n\x0c\x65xpert_bytes\x18\x03 \x01(\x03\"\x91\x01\n\x0c\x45xpertFormat\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x62its\x18\x03 \x01(\x05\x12\x12\n\ngroup_size\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\x05\x12\x0c\n\x04\x61xis\x18\x06 \x01(\x05\x12\x0f\n\x07packing\x18\x07 \x01(\t\x12\x12\n\nmeta_dtype\x18\x08 \x01(\t\"\xad\x01\n\x0bJoinRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x32\n\x0b\x64\x65scription\x18\x05 \x01(\x0b\x32\x1d.moeshard.v1.ModelDescription\x12&\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x15.moeshard.v1.ExpertId\x12\x17\n\x0fslots_per_layer\x18\x04 \x01(\x05\x12\x0e\n\x06policy\x18\x06 \x01(\tJ\x04\x08\x02\x10\x03\"c\n\x0cJoinResponse\x12&\n\x07missing\x18\x01 \x03(\x0b\x32\x15.moeshard.v1.ExpertId\x12\x12\n\nheld_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fslots_per_layer\x18\x03 \x01(\x05\"w\n\x0b\x45xpertChunk\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12%\n\x06\x65xpert\x18\x02 \x01(\x0b\x32\x15.moeshard.v1.ExpertId\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\".\n\x0cPushResponse\x12\x0f\n\x07\x65xperts\x18\x01 \x01(\x05\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\"\x85\x01\n\x0eSessionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12-\n\x03run\x18\x02 \x01(\x0b\x32\x1e.moeshard.v1.RunExpertsRequestH\x00\x12\x30\n\x08prefetch\x18\x03 \x01(\x0b\x32\x1c.moeshard.v1.PrefetchRequestH\x00\x42\x06\n\x04kind\"j\n\x0fSessionResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12,\n\x03run\x18\x02 \x01(\x0b\x32\x1f.moeshard.v1.RunExpertsResponse\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"L\n\rAssignRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12&\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x15.moeshard.v1.ExpertId\"7\n\x0e\x41ssignResponse\x12%\n\x06hosted\x18\x01 \x03(\x0b\x32\x15.moeshard.v1.ExpertId\"\xaf\x01\n\x11RunExpertsRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x04 \x03(\x05\x12#\n\x06hidden\x18\x05 \x01(\x0b\x32\x13.moeshard.v1.Tensor\x12\x16\n\x0eprefetch_layer\x18\x06 \x01(\x05\x12\x18\n\x10prefetch_experts\x18\x07 \x03(\x05\"W\n\x12RunExpertsResponse\x12#\n\x06output\x18\x01 \x01(\x0b\x32\x13.moeshard.v1.Tensor\x12\x0c\n\x04hits\x18\x02 \x01(\x05\x12\x0e\n\x06misses\x18\x03 \x01(\x05\"F\n\x0fPrefetchRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\x05\"\"\n\x10PrefetchResponse\x12\x0e\n\x06issued\x18\x01 \x01(\x05\"\x0e\n\x0cStatsRequest\"\xb5\x01\n\rStatsResponse\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x0c\n\x04hits\x18\x03 \x01(\x03\x12\x0e\n\x06misses\x18\x04 \x01(\x03\x12\x17\n\x0fprefetch_issued\x18\x05 \x01(\x03\x12\x15\n\rprefetch_used\x18\x06 \x01(\x03\x12\x14\n\x0c\x62ytes_loaded\x18\x07 \x01(\x03\x12\x0e\n\x06\x62usy_s\x18\x08 \x01(\x01\x12\x0e\n\x06\x65rrors\x18\t \x01(\x03\x32\xb4\x04\n\rExpertService\x12;\n\x04Info\x12\x18.moeshard.v1.InfoRequest\x1a\x19.moeshard.v1.InfoResponse\x12;\n\x04Join\x12\x18.moeshard.v1.JoinRequest\x1a\x19.moeshard.v1.JoinResponse\x12\x44\n\x0bPushExperts\x12\x18.moeshard.v1.ExpertChunk\x1a\x19.moeshard.v1.PushResponse(\x01\x12\x41\n\x06\x41ssign\x12\x1a.moeshard.v1.AssignRequest\x1a\x1b.moeshard.v1.AssignResponse\x12M\n\nRunExperts\x12\x1e.moeshard.v1.RunExpertsRequest\x1a\x1f.moeshard.v1.RunExpertsResponse\x12H\n\x07Session\x12\x1b.moeshard.v1.SessionRequest\x1a\x1c.moeshard.v1.SessionResponse(\x01\x30\x01\x12G\n\x08Prefetch\x12\x1c.moeshard.v1.PrefetchRequest\x1a\x1d.moeshard.v1.PrefetchResponse\x12>\n\x05Stats\x12\x19.moeshard.v1.StatsRequest\x1a\x1a.moeshard.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,33 +44,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTFORMAT']._serialized_start=623
   _globals['_EXPERTFORMAT']._serialized_end=768
   _globals['_JOINREQUEST']._serialized_start=771
-  _globals['_JOINREQUEST']._serialized_end=928
-  _globals['_JOINRESPONSE']._serialized_start=930
-  _globals['_JOINRESPONSE']._serialized_end=1029
-  _globals['_EXPERTCHUNK']._serialized_start=1031
-  _globals['_EXPERTCHUNK']._serialized_end=1150
-  _globals['_PUSHRESPONSE']._serialized_start=1152
-  _globals['_PUSHRESPONSE']._serialized_end=1198
-  _globals['_SESSIONREQUEST']._serialized_start=1201
-  _globals['_SESSIONREQUEST']._serialized_end=1334
-  _globals['_SESSIONRESPONSE']._serialized_start=1336
-  _globals['_SESSIONRESPONSE']._serialized_end=1442
-  _globals['_ASSIGNREQUEST']._serialized_start=1444
-  _globals['_ASSIGNREQUEST']._serialized_end=1520
-  _globals['_ASSIGNRESPONSE']._serialized_start=1522
-  _globals['_ASSIGNRESPONSE']._serialized_end=1577
-  _globals['_RUNEXPERTSREQUEST']._serialized_start=1580
-  _globals['_RUNEXPERTSREQUEST']._serialized_end=1755
-  _globals['_RUNEXPERTSRESPONSE']._serialized_start=1757
-  _globals['_RUNEXPERTSRESPONSE']._serialized_end=1844
-  _globals['_PREFETCHREQUEST']._serialized_start=1846
-  _globals['_PREFETCHREQUEST']._serialized_end=1916
-  _globals['_PREFETCHRESPONSE']._serialized_start=1918
-  _globals['_PREFETCHRESPONSE']._serialized_end=1952
-  _globals['_STATSREQUEST']._serialized_start=1954
-  _globals['_STATSREQUEST']._serialized_end=1968
-  _globals['_STATSRESPONSE']._serialized_start=1971
-  _globals['_STATSRESPONSE']._serialized_end=2152
-  _globals['_EXPERTSERVICE']._serialized_start=2155
-  _globals['_EXPERTSERVICE']._serialized_end=2719
+  _globals['_JOINREQUEST']._serialized_end=944
+  _globals['_JOINRESPONSE']._serialized_start=946
+  _globals['_JOINRESPONSE']._serialized_end=1045
+  _globals['_EXPERTCHUNK']._serialized_start=1047
+  _globals['_EXPERTCHUNK']._serialized_end=1166
+  _globals['_PUSHRESPONSE']._serialized_start=1168
+  _globals['_PUSHRESPONSE']._serialized_end=1214
+  _globals['_SESSIONREQUEST']._serialized_start=1217
+  _globals['_SESSIONREQUEST']._serialized_end=1350
+  _globals['_SESSIONRESPONSE']._serialized_start=1352
+  _globals['_SESSIONRESPONSE']._serialized_end=1458
+  _globals['_ASSIGNREQUEST']._serialized_start=1460
+  _globals['_ASSIGNREQUEST']._serialized_end=1536
+  _globals['_ASSIGNRESPONSE']._serialized_start=1538
+  _globals['_ASSIGNRESPONSE']._serialized_end=1593
+  _globals['_RUNEXPERTSREQUEST']._serialized_start=1596
+  _globals['_RUNEXPERTSREQUEST']._serialized_end=1771
+  _globals['_RUNEXPERTSRESPONSE']._serialized_start=1773
+  _globals['_RUNEXPERTSRESPONSE']._serialized_end=1860
+  _globals['_PREFETCHREQUEST']._serialized_start=1862
+  _globals['_PREFETCHREQUEST']._serialized_end=1932
+  _globals['_PREFETCHRESPONSE']._serialized_start=1934
+  _globals['_PREFETCHRESPONSE']._serialized_end=1968
+  _globals['_STATSREQUEST']._serialized_start=1970
+  _globals['_STATSREQUEST']._serialized_end=1984
+  _globals['_STATSRESPONSE']._serialized_start=1987
+  _globals['_STATSRESPONSE']._serialized_end=2168
+  _globals['_EXPERTSERVICE']._serialized_start=2171
+  _globals['_EXPERTSERVICE']._serialized_end=2735
 # @@protoc_insertion_point(module_scope)

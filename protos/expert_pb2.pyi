@@ -93,16 +93,18 @@ class ExpertFormat(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., dtype: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., version: _Optional[int] = ..., axis: _Optional[int] = ..., packing: _Optional[str] = ..., meta_dtype: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("fingerprint", "description", "experts", "slots_per_layer")
+    __slots__ = ("fingerprint", "description", "experts", "slots_per_layer", "policy")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     description: ModelDescription
     experts: _containers.RepeatedCompositeFieldContainer[ExpertId]
     slots_per_layer: int
-    def __init__(self, fingerprint: _Optional[str] = ..., description: _Optional[_Union[ModelDescription, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., slots_per_layer: _Optional[int] = ...) -> None: ...
+    policy: str
+    def __init__(self, fingerprint: _Optional[str] = ..., description: _Optional[_Union[ModelDescription, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertId, _Mapping]]] = ..., slots_per_layer: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("missing", "held_bytes", "slots_per_layer")

@@ -364,3 +364,35 @@ def test_a_worker_started_with_defaults_computes_with_the_coordinators_slots(tmp
     assert slots == 32 and followed >= alone - 0.02, (alone, followed)  # every hosted expert of a layer: 32
     capped, slots = hit_rate(ShardConfig(model=None, max_slots_per_layer=4))
     assert slots == 4 and capped < alone - 0.05, (alone, capped)  # the cap holds, and it shows
+
+
+@pytest.mark.parametrize("policy", ["global-lru", "lru"])
+def test_a_worker_evicts_as_its_coordinator_does(tiny_ckpt, tmp_path, policy):
+    """Issue 24: the coordinator's --policy reaches its workers at Join (a global cache there too), and tokens stay."""
+    from moeshard.offload_core.config import DEFAULT_POLICY, OffloadConfig
+    from moeshard.worker.shard import ShardConfig
+
+    from .workers import InProcessWorker
+
+    prompt = torch.tensor([[1, 17, 42, 5, 88, 23, 61, 9]])
+    with load_model(tiny_ckpt, slots_per_layer=2, prefetch=1, policy=policy) as om:
+        expected = om.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        cfg = ShardConfig(offload=OffloadConfig(prefetch=0, cache_dir=tmp_path), max_slots_per_layer=2)
+        with InProcessWorker(cfg) as worker:
+            assert worker.shard is None or worker.shard.backend.policy == DEFAULT_POLICY
+            join_workers(om, ClusterConfig(ClusterSpec((worker.address,), local_share=0.0), FAST))
+            backend = worker.shard.backend
+            assert backend.policy == policy
+            pools = {id(s.pool) for s in backend.slots.values()}
+            assert len(pools) == (1 if policy.startswith("global") else len(backend.slots))
+            assert torch.equal(om.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False), expected)
+            assert sum(c.hits + c.misses for c in backend.counters().values()) > 0  # the worker computed
+            # a policy the worker does not know is refused, by name
+            client = WorkerClient(worker.address, om.fingerprint, FAST)
+            from moeshard.protos.wire import model_description
+
+            with pytest.raises(grpc.RpcError) as err:
+                client.join(model_description(om.checkpoint.config_dict, om.runtime.local.format), [ExpertKey(0, 0)],
+                            2, "fifo")
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "policy 'fifo'" in err.value.details()
+            client.close()

@@ -24,7 +24,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .. import __version__
-from ..offload_core.config import resolve_device
+from ..offload_core.config import POLICIES, resolve_device
 from ..offload_core.experts import ExpertKey
 from ..protos import expert_pb2 as pb
 from ..protos.access import is_loopback
@@ -247,7 +247,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             self._check_ids("Join", len(request.experts), shard.max_assign)
             if request.slots_per_layer < 0:
                 raise ValueError(f"slots_per_layer {request.slots_per_layer}: expected >= 0 (0: the worker's own)")
-            answer = shard.join([ExpertKey(e.layer, e.expert) for e in request.experts], request.slots_per_layer)
+            if request.policy and request.policy not in POLICIES:
+                raise ValueError(f"policy {quote(request.policy)}: expected one of {list(POLICIES)} (or none: the "
+                                 "worker's own)")
+            answer = shard.join([ExpertKey(e.layer, e.expert) for e in request.experts], request.slots_per_layer,
+                                request.policy)
         except BaseException:
             if shard is not old:
                 shard.close()

@@ -268,7 +268,8 @@ class ExpertShard:
         room = (self.capacity_bytes - held) // max(per_slot, 1)
         return max(1, min(k, room))
 
-    def join(self, keys: list[ExpertKey], slots_per_layer: int = 0) -> tuple[list[ExpertKey], int, int]:
+    def join(self, keys: list[ExpertKey], slots_per_layer: int = 0, policy: str = "") -> tuple[list[ExpertKey], int,
+                                                                                                  int]:
         """A coordinator's share for this worker, and the slots per layer it asks for (0: keep this worker's):
         checked against memory (and disk, for what must still be received) before anything moves. Returns
         (experts to receive, bytes already held, slots per layer computed with from now on)."""
@@ -279,6 +280,10 @@ class ExpertShard:
         if missing:  # other models' folders are removed if that makes room; each write reserves its own again
             self.received.disk.room(len(missing) * self.received.file_bytes, self.fingerprint, f"{len(missing)} experts")
         self.share = keys
+        if policy and policy != self.backend.policy:
+            logger.info("evicting as the coordinator does: %s (was %s)", policy, self.backend.policy)
+            with self._lock:
+                self.backend.set_policy(policy)
         if k != self.backend.slots_per_layer:
             logger.info("computing with %d slots per layer, what its --memory buys (the coordinator planned for %d)", k,
                         slots_per_layer)
