@@ -686,25 +686,6 @@ SWEEP_VERDICT_AT = 0.25  # the budget the issue's targets are read at: a quarter
 SWEEP_TARGETS = {"hit_rate_gain": 0.05, "speed_ratio": 1.3}  # the default policy against per-layer lru, at that budget
 
 
-def _rows_bought(om) -> int:
-    """Expert slots the model holds, all layers together: the rows of its slot pools (one per layer, or one shared)."""
-    pools, rows = {}, 0
-    for slots in om.runtime.local.slots.values():
-        pool = getattr(slots, "pool", None)
-        if pool is None:
-            rows += slots.capacity
-        else:
-            pools[id(pool)] = pool
-    return rows + sum(pool.rows for pool in pools.values())
-
-
-def _expected_rows(policy: str, memory: int, slot_bytes: int, layers: int, experts: int) -> int:
-    """The slots `memory` bytes buy: bytes // slot_bytes in one shared cache (a global policy), or that split evenly
-    over the layers, at most every expert of a layer (a per-layer policy)."""
-    rows = memory // slot_bytes
-    return min(rows, layers * experts) if policy in GLOBAL_POLICIES else layers * min(experts, rows // layers)
-
-
 def _sweep_summary(system: _System, fraction: float, steps: int, prompt_len: int, layers: int,
                    reference: list[int]) -> dict:
     rounds = system.rounds
@@ -790,7 +771,7 @@ def run_budget_sweep(args) -> dict:
                               quant=quant, cache_dir=quant_cache)
         return go
 
-    runs, notes, reference, load = [], [], None, {}
+    runs, reference, load = [], None, {}
     for fraction in args.budget_sweep:
         memory = round(fraction * total)
         load[fraction] = _load_average()  # other work on the machine slows every policy of a budget alike
@@ -800,7 +781,7 @@ def run_budget_sweep(args) -> dict:
                              attn_bits=args.attn_bits, policy=policy, expert_memory=memory)
             system.build = build(system)
             systems.append(system)
-        need = sum(_expected_rows(s.policy, memory, slot_bytes, layers, experts) for s in systems) * slot_bytes
+        need = memory * len(systems)  # at most: each policy's slots fit in the budget (checked once built)
         available = psutil.virtual_memory().available
         if need > 0.8 * available:
             raise RuntimeError(f"the {fraction:.0%} budget's {len(systems)} caches need {need / 2**30:.1f} GiB and "
@@ -809,13 +790,10 @@ def run_budget_sweep(args) -> dict:
             for system in systems:
                 logger.info("building %s", system.name)
                 system.built = system.build()
-                system.rows = _rows_bought(system.built)
-                expected = _expected_rows(system.policy, memory, slot_bytes, layers, experts)
+                system.rows = system.built.runtime.local.rows
                 if system.rows * slot_bytes > memory:
                     raise RuntimeError(f"{system.name}: {system.rows} slots of {slot_bytes} bytes exceed the budget "
                                        f"of {memory} bytes: load_model did not size the slots from expert_memory")
-                if system.rows != expected:
-                    notes.append(f"{system.name}: {system.rows} slots where {expected} were expected")
                 system.decode(prompt, args.warmup)
             gc.collect()
             if cold:
@@ -861,7 +839,6 @@ def run_budget_sweep(args) -> dict:
         "machine": _machine(args),
         "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
-        "notes": notes,
         "verdict": _sweep_verdict(runs, DEFAULT_POLICY),
     }
 
@@ -903,7 +880,6 @@ def format_sweep(report: dict) -> str:
     if None not in loads:
         lines.append(f"load average (1 min) at each budget's start, then at the end: "
                      f"{', '.join(f'{x:.1f}' for x in loads)} ({report['machine']['cpu_count']} CPUs)")
-    lines += [f"note: {n}" for n in report["notes"]]
     v = report["verdict"]
     if "note" in v:
         lines.append(f"verdict: {v['note']}")
