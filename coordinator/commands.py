@@ -62,9 +62,9 @@ def offload_config(args) -> OffloadConfig:
     memory = None if args.slots_per_layer is not None else (args.expert_memory or "auto")
     devices = [d.strip() for d in (args.device or default_device()).split(",")]
     return OffloadConfig(device=devices[0], expert_devices=tuple(devices) if len(devices) > 1 else (),
-                         slots_per_layer=args.slots_per_layer or 2, expert_memory=memory, cache_aware_routing=args.cache_aware_routing,
-                         prefetch=args.prefetch, store=args.store, dtype=args.dtype,
-                         policy=args.policy or DEFAULT_POLICY,
+                         slots_per_layer=args.slots_per_layer or 2, expert_memory=memory,
+                         cache_aware_routing=args.cache_aware_routing, prefetch=args.prefetch, store=args.store,
+                         dtype=args.dtype, policy=args.policy or DEFAULT_POLICY,
                          quant=QuantConfig(attn_bits=args.attn_bits, attn_group=args.attn_group,
                                            expert_bits=args.expert_bits, expert_group=args.expert_group,
                                            kernel=args.quant_kernel),

@@ -31,7 +31,6 @@ loading, so holds a slot, so gets the bonus when its layer routes. That is the p
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -240,11 +239,8 @@ class CacheAwareRouting:
 
 def install(model: nn.Module, layout, runtime, bonus: float, dtype: torch.dtype) -> CacheAwareRouting | None:
     """Hook every sparse layer's router of `model` (None, and nothing installed, when `bonus` is 0)."""
-    if not bonus:
+    if not bonus:  # checked by OffloadConfig: a finite number >= 0
         return None
-    if not math.isfinite(bonus) or bonus < 0:
-        raise SettingError("cache_aware_routing", f"the cache-aware routing bonus must be a finite number >= 0, "
-                                                  f"got {bonus!r}")
     first = layout.router(model, layout.sparse_layers[0])
     rule = check_supported(layout.model_type, first)
     verify_rule(layout.model_type, rule, first, dtype)

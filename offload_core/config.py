@@ -4,7 +4,6 @@ No torch or hqq import at module level: the CLIs build and check these before lo
 """
 from __future__ import annotations
 
-
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,11 +160,6 @@ class OffloadConfig:
         if isinstance(self.expert_memory, tuple):
             return self.expert_memory[index]
         return self.expert_memory
-
-    @property
-    def global_cache(self) -> bool:
-        """One budget of slots shared by every layer (a global policy), rather than k slots per layer."""
-        return self.policy in GLOBAL_POLICIES
 
     def store_for(self, device_type: str) -> str:
         return self.store or ("ram" if device_type == "cuda" else "disk")

@@ -68,7 +68,6 @@ class LocalExperts:
         self.loader = self.loaders[str(self.placements[0].device)]
         self.slot_bytes = fmt.compute_layout.nbytes
         self.policy = policy
-        self.budget = self.placements[0].budget if len(self.placements) == 1 else None
         self._build(slots_per_layer=None if self.placements[0].rows is not None else slots_per_layer)
         # One call per projection for all the resident experts of a layer (dense: grouped matmul over strided
         # views of the slot slab; quantized on CPU: moeshard's kernels), where the device allows.
@@ -97,20 +96,16 @@ class LocalExperts:
         """Bytes of device slots for experts."""
         return self.rows * self.slot_bytes
 
-    def set_slots(self, slots_per_layer: int) -> None:
-        """Compute with `slots_per_layer` slots per layer from now on (a worker told so by its coordinator; a global
-        cache gets as many in all): every layer's slots start empty; the store keeps what it holds."""
+    def set_slots(self, slots_per_layer: int, policy: str | None = None) -> None:
+        """Compute with `slots_per_layer` slots per layer (a global cache: as many in all), evicted by `policy` (None:
+        the current one), from now on (a worker told so by its coordinator): when either changes, every layer's slots
+        start empty; the store keeps what it holds."""
         if slots_per_layer < 1 or slots_per_layer > self.num_experts:
             raise ValueError(f"slots per layer must be in 1..{self.num_experts}, got {slots_per_layer}")
-        if slots_per_layer == self.slots_per_layer:
+        if slots_per_layer == self.slots_per_layer and policy in (None, self.policy):
             return
+        self.policy = policy or self.policy
         self._build(slots_per_layer=slots_per_layer)
-
-    def set_policy(self, policy: str) -> None:
-        """Evict by `policy` from now on (a worker told so by its coordinator), with as many slots: they start empty."""
-        if policy != self.policy:
-            self.policy = policy
-            self._build(slots_per_layer=self.slots_per_layer)
 
     def reset_layer(self, layer: int) -> None:
         """Forget what `layer`'s slots hold (one of its loads failed, which breaks that slot's chain of loads)."""

@@ -166,16 +166,16 @@ class SlotPool:
         if self._free:
             return self._free.pop()
 
-        def evictable(key: tuple[int, int]) -> bool:
-            layer, expert = key
-            return expert not in self._members[layer].pinned and not (layer == asking.layer and expert in protect)
-
         if self.policy is None:  # one layer's own slots: its policy decides among them, LRU first
-            candidates = [e for (_, e) in self._order if evictable((asking.layer, e))]
+            candidates = [e for (_, e) in self._order if e not in asking.pinned and e not in protect]
             if not candidates:
                 return None
             key = (asking.layer, asking.policy.victim(candidates))
         else:
+            def evictable(key: tuple[int, int]) -> bool:
+                layer, expert = key
+                return expert not in self._members[layer].pinned and not (layer == asking.layer and expert in protect)
+
             key = self.policy.victim(k for k in self._order if evictable(k))
             if key is None:
                 return None

@@ -257,11 +257,11 @@ class ExpertShard:
                                f"{mib(self.capacity_bytes)} (raise its --memory, lower its --slots-per-layer, or give "
                                "it fewer experts)")
 
-    def slots_for(self, keys, wanted: int) -> int:
+    def slots_for(self, keys) -> int:
         """The slots per layer to compute hosted `keys` with: the memory left once their RAM copies are counted buys
-        slots, bytes not a count, as the coordinator's --expert-memory does (a coordinator's `wanted` is what it
-        planned room for: a worker with more memory computes with more, one with less with fewer); never more than
-        it hosts in a layer, nor its --slots-per-layer, and at least 1."""
+        slots, bytes not a count, as the coordinator's --expert-memory does (whatever the coordinator planned room
+        for: a worker with more memory computes with more, one with less with fewer); never more than it hosts in a
+        layer, nor its --slots-per-layer, and at least 1."""
         most = max(Counter(key.layer for key in keys).values(), default=1)
         k = min(self.cfg.max_slots_per_layer or most, most)
         held, per_slot = self._memory_needed(len(keys), 1)
@@ -274,21 +274,18 @@ class ExpertShard:
         checked against memory (and disk, for what must still be received) before anything moves. Returns
         (experts to receive, bytes already held, slots per layer computed with from now on)."""
         keys = frozenset(self.check_key(*k) for k in keys)
-        k = self.slots_for(keys, slots_per_layer) if slots_per_layer > 0 else self.backend.slots_per_layer
+        k = self.slots_for(keys) if slots_per_layer > 0 else self.backend.slots_per_layer
         self._check_memory(len(keys), "hosting", k)
         missing = self.received.missing(keys) if self.received is not None else []
         if missing:  # other models' folders are removed if that makes room; each write reserves its own again
             self.received.disk.room(len(missing) * self.received.file_bytes, self.fingerprint, f"{len(missing)} experts")
         self.share = keys
-        if policy and policy != self.backend.policy:
-            logger.info("evicting as the coordinator does: %s (was %s)", policy, self.backend.policy)
+        policy = policy or self.backend.policy
+        if (k, policy) != (self.backend.slots_per_layer, self.backend.policy):
+            logger.info("computing with %d slots per layer, what its --memory buys (the coordinator planned for %d), "
+                        "evicting by %s as the coordinator does", k, slots_per_layer, policy)
             with self._lock:
-                self.backend.set_policy(policy)
-        if k != self.backend.slots_per_layer:
-            logger.info("computing with %d slots per layer, what its --memory buys (the coordinator planned for %d)", k,
-                        slots_per_layer)
-            with self._lock:
-                self.backend.set_slots(k)
+                self.backend.set_slots(k, policy)
         return missing, (len(keys) - len(missing)) * self.expert_bytes, k
 
     def incoming(self) -> Incoming:
