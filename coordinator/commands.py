@@ -292,7 +292,9 @@ def cmd_demo(args) -> int:
     if args.workers or args.cluster or args.local_workers == 0:
         return _run_demo(args, load_engine(args))
     print(f"starting {args.local_workers} local moe-worker processes on 127.0.0.1 ...", flush=True)
-    with LocalWorkers(args.local_workers, model, extra_args=("--slots-per-layer", str(args.slots_per_layer))) as w:
+    # The workers' slots: as many per layer as the coordinator's, or (with --expert-memory) what their memory buys
+    cap = ("--slots-per-layer", str(args.slots_per_layer)) if args.slots_per_layer is not None else ()
+    with LocalWorkers(args.local_workers, model, extra_args=cap) as w:
         args.local_share = args.local_share or 1.0 / (args.local_workers + 1)
         return _run_demo(args, load_engine(args, extra_workers=w.addresses))
 
@@ -303,7 +305,8 @@ def _run_demo(args, engine: Engine) -> int:
         if engine.cluster is not None:
             hosted = {name: d["hosted"] for name, d in engine.cluster.describe().items()}
             where = "; " + ", ".join(f"{n} experts on worker {name}" for name, n in hosted.items()) + ", the rest local"
-        print(f"moeshard demo: {engine.name} on {engine.device}, {args.slots_per_layer} expert slots per layer, "
+        print(f"moeshard demo: {engine.name} on {engine.device}, {engine.om.config.slots_per_layer} expert slots per "
+              f"layer ({engine.om.config.policy}), "
               f"prefetch {args.prefetch}{where}\n")
         sys.stdout.write(args.prompt)
         sys.stdout.flush()

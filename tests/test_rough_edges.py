@@ -338,3 +338,13 @@ def test_demo_reports_each_place_of_this_run_with_the_recall_ceiling(capsys):
         table = out.split(f"On worker {address}")[1].split("\n\n")[0]
         total = next(line for line in table.splitlines() if line.startswith("total")).split()
         assert (total[1], total[2]) == (hits, misses)  # the same run's counts in both places
+
+
+@pytest.mark.slow  # one worker process
+def test_demo_with_an_expert_memory_budget_and_a_global_policy(capsys):
+    """Issue 24: `demo --expert-memory` passed `--slots-per-layer None` to its workers, which refused to start; now the
+    workers buy their slots from their memory and evict by the coordinator's policy."""
+    code, out, err = run_cli(capsys, "demo", "--expert-memory", "2MiB", "--policy", "global-lru", "--local-workers",
+                             "1", "--max-new-tokens", "8", "--quiet")
+    assert code == 0, err
+    assert "2 expert slots per layer (global-lru)" in out and out.count("On worker ") == 1
